@@ -1,0 +1,209 @@
+"""`lpgw run | device | send | pin | status | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+from gateway import __version__, certs, config, logs
+
+EXIT_CONFIG = 2
+
+
+def _load_config(path: str | None) -> config.Config:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        print(f"lpgw: bad configuration:\n{exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway import service
+
+    cfg = _load_config(args.config)
+    logs.setup(args.log_level or cfg.log.level)
+    try:
+        asyncio.run(service.run(cfg))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"lpgw: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    _load_config(args.config)
+    print(f"{args.config or '(embedded defaults)'}: ok")
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    if not cfg.cert_path.exists():
+        print(f"lpgw: no certificate at {cfg.cert_path} yet; `lpgw run` makes one",
+              file=sys.stderr)
+        return 1
+    print(f"sha256/{certs.spki_pin(certs.load_cert(cfg.cert_path))}")
+    return 0
+
+
+def _control(args: argparse.Namespace, message: dict) -> dict:
+    from gateway.transport import control
+
+    path = Path(args.socket) if args.socket else _load_config(args.config).control_path
+    try:
+        return asyncio.run(control.request(path, message))
+    except (OSError, TimeoutError) as exc:
+        print(f"lpgw: cannot reach the gateway at {path}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        print(f"lpgw: --payload is not JSON: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    reply = _control(args, {"op": "send", "token": args.token, "push_type": args.type,
+                            "payload": payload, "priority": args.priority,
+                            "expiration": args.expiration, "collapse_id": args.collapse_id,
+                            "push_id": args.id, "topic": args.topic})
+    print(json.dumps(reply))
+    return 0 if reply.get("ok") else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = _control(args, {"op": "status"})
+    print(json.dumps(reply.get("status", reply), indent=2))
+    return 0 if reply.get("ok") else 1
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from gateway.client import DeviceClient, DeviceOptions
+
+    options = DeviceOptions(
+        host=args.host, port=args.port, pin=args.pin, transport=args.transport,
+        topic=args.topic, push_types=tuple(args.push_types.split(",")),
+        assertion=args.assertion, ack=not args.no_ack, reconnect=not args.once,
+        auto_call=args.auto_call, state_file=Path(args.state) if args.state else None)
+    if args.install_id:
+        options.install_id = args.install_id
+
+    def emit(event: dict) -> None:
+        print(json.dumps(event), flush=True)
+
+    async def main() -> str:
+        client = DeviceClient(options, emit)
+        runner = asyncio.create_task(client.run())
+        commands = asyncio.create_task(_device_commands(client))
+        done, _ = await asyncio.wait({runner, commands}, return_when=asyncio.FIRST_COMPLETED)
+        if commands in done and not runner.done():
+            client.stop()
+        reason = await runner
+        commands.cancel()
+        return reason
+
+    with contextlib.suppress(KeyboardInterrupt):
+        reason = asyncio.run(main())
+        return {"pin_mismatch": 4, "unauthorized": 3}.get(reason, 0)
+    return 0
+
+
+USAGE = "ring|decline|busy CALL_ID, ack SEQ, unregister, migrate, quit"
+
+
+async def _device_commands(client) -> None:
+    """Lines on stdin: ring|decline|busy CALL_ID, ack SEQ, unregister, migrate, quit."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    mode = os.fstat(sys.stdin.fileno()).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or sys.stdin.isatty()):
+        await asyncio.Event().wait()  # /dev/null or a file: run until the gateway ends it
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        words = line.decode().split()
+        if not words:
+            continue
+        verb = words[0]
+        if verb in ("ring", "ringing", "decline", "busy") and len(words) == 2:
+            client.call("ringing" if verb == "ring" else verb, words[1])
+        elif verb == "ack" and len(words) == 2 and words[1].isdigit():
+            client.ack(int(words[1]))
+        elif verb == "unregister":
+            client.unregister()
+        elif verb == "migrate":
+            await client.migrate()
+        elif verb == "quit":
+            return
+        else:
+            client.emit({"event": "usage", "message": USAGE})
+    await asyncio.Event().wait()  # stdin closed: keep running until the gateway ends it
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lpgw", description="local push gateway")
+    p.add_argument("--version", action="version", version=f"lpgw {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-c", "--config", help="YAML config file (default: embedded defaults)")
+        return sp
+
+    run = with_config(sub.add_parser("run", help="run the gateway"))
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.set_defaults(func=cmd_run)
+
+    with_config(sub.add_parser("check-config", help="validate a config file")).set_defaults(
+        func=cmd_check_config)
+    with_config(sub.add_parser("pin", help="print the gateway's public-key pin")).set_defaults(
+        func=cmd_pin)
+
+    send = with_config(sub.add_parser("send", help="push to a device through the gateway"))
+    send.add_argument("token")
+    send.add_argument("--type", default="alert", help="push type (alert, voip, ...)")
+    send.add_argument("--payload", required=True, help="JSON object")
+    send.add_argument("--priority", type=int, default=10)
+    send.add_argument("--expiration", type=int, help="epoch seconds; 0 = now or never")
+    send.add_argument("--collapse-id")
+    send.add_argument("--id", help="push id (a UUID); made when absent")
+    send.add_argument("--topic")
+    send.add_argument("--socket", help="control socket (default: from the config)")
+    send.set_defaults(func=cmd_send)
+
+    status = with_config(sub.add_parser("status", help="the running gateway's status"))
+    status.add_argument("--socket", help="control socket (default: from the config)")
+    status.set_defaults(func=cmd_status)
+
+    dev = sub.add_parser("device", help="run a reference device")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=4433)
+    dev.add_argument("--pin", required=True, help="sha256/<base64> from `lpgw pin`")
+    dev.add_argument("--transport", choices=("quic", "tls"), default="quic")
+    dev.add_argument("--topic", default="com.example.lpgw")
+    dev.add_argument("--push-types", default="alert,voip,background,pushtotalk")
+    dev.add_argument("--install-id", help="a UUID (default: new, or from --state)")
+    dev.add_argument("--state", help="file that keeps install id, last ack and seen ids")
+    dev.add_argument("--assertion", help="user assertion JWT")
+    dev.add_argument("--no-ack", action="store_true", help="never ack (to test redelivery)")
+    dev.add_argument("--once", action="store_true", help="do not reconnect")
+    dev.add_argument("--auto-call", choices=("ringing", "decline", "busy"),
+                     help="answer incoming-call pushes with this action")
+    dev.set_defaults(func=cmd_device)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

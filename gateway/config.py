@@ -1,0 +1,261 @@
+"""One YAML file, every key defaulted and checked; errors name the key path.
+
+A bad value stops the start (exit 2) before anything is bound or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__("\n".join(f"{where}{p}" for p in problems))
+
+
+def _k(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+       choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = _k("::", "address to bind; '::' is every IPv4 and IPv6 address")
+    port: int = _k(4433, "UDP (QUIC) and TCP (TLS) port; 0 picks a free one", lo=0, hi=65535)
+    quic: bool = _k(True, "accept devices over QUIC")
+    tls: bool = _k(True, "accept devices over TLS 1.3 on TCP")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str = _k("", "PEM certificate; empty: <state_dir>/gateway.crt, made on first start")
+    key: str = _k("", "PEM private key (P-256); empty: <state_dir>/gateway.key")
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    heartbeat: float = _k(10.0, "seconds between gateway pings", lo=0.05, hi=300)
+    heartbeat_misses: int = _k(3, "unanswered pings before a device is dropped", lo=1, hi=20)
+    hello_timeout: float = _k(10.0, "seconds a new connection has to say hello", lo=0.05,
+                              hi=120)
+    max_frame: int = _k(16384, "largest frame in bytes", lo=8192, hi=1048576)
+    frame_rate: float = _k(50.0, "frames per second a device may send, sustained", lo=1)
+    frame_burst: int = _k(200, "frames a device may send in a burst", lo=1)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    queue_limit: int = _k(256, "stored pushes per device; the oldest goes first", lo=1,
+                          hi=100000)
+    default_ttl: int = _k(2592000, "seconds a push without expiration is kept", lo=1)
+    expire_interval: float = _k(60.0, "seconds between sweeps for expired pushes", lo=0.05)
+
+
+@dataclass(frozen=True)
+class AssertionsConfig:
+    required: bool = _k(False, "refuse devices whose hello has no valid user assertion")
+    hs256_secret: str = _k("", "shared HS256 secret (prefer hs256_secret_file)", secret=True)
+    hs256_secret_file: str = _k("", "file holding the HS256 secret")
+    es256_public_key_file: str = _k("", "PEM public key of the backend that signs ES256")
+    audience: str = _k("", "required 'aud' claim; empty: not checked")
+    issuer: str = _k("", "required 'iss' claim; empty: not checked")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = _k("", "SQLite database; empty: <state_dir>/lpgw.sqlite3")
+    synchronous: str = _k("FULL", "FULL survives power loss; NORMAL only process crashes",
+                          choices=("FULL", "NORMAL"))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _k("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = _k("lpgw", "this gateway's name, shown to operators and in Bonjour")
+    state_dir: str = _k("", "where state lives; empty: $STATE_DIRECTORY, /var/lib/lpgw as "
+                            "root, else ~/.local/state/lpgw")
+    control_socket: str = _k("", "local socket for `lpgw send`; empty: <state_dir>/control.sock")
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    assertions: AssertionsConfig = field(default_factory=AssertionsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    # resolved paths
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        if os.geteuid() == 0:
+            return Path("/var/lib/lpgw")
+        base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+        return Path(base) / "lpgw"
+
+    @property
+    def cert_path(self) -> Path:
+        return Path(self.tls.cert) if self.tls.cert else self.state_path / "gateway.crt"
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.tls.key) if self.tls.key else self.state_path / "gateway.key"
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.path) if self.store.path else self.state_path / "lpgw.sqlite3"
+
+    @property
+    def control_path(self) -> Path:
+        return (Path(self.control_socket) if self.control_socket
+                else self.state_path / "control.sock")
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and check a config file; None means the embedded defaults."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"],
+                          source) from None
+    return from_dict(data if data is not None else {}, source)
+
+
+def from_dict(data: Any, source: str = "") -> Config:
+    problems: list[str] = []
+    config = _build(Config, data, "", problems)
+    if not problems:
+        problems.extend(_cross_checks(config))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or '(top level)'}: must be a mapping of keys")
+        return cls()
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        f = fields[key]
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = _build(kind, value if value is not None else {}, f"{path}.", problems)
+            continue
+        checked = _check(path, value, kind, f.metadata, problems)
+        if checked is not None:
+            values[key] = checked
+    return cls(**values)
+
+
+def _check(path: str, value: Any, kind: type, meta: Any, problems: list[str]) -> Any:
+    shown = "(hidden)" if meta.get("secret") else repr(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: must be true or false (got {shown})")
+            return None
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: must be a whole number (got {shown})")
+            return None
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{path}: must be a number (got {shown})")
+            return None
+        value = float(value)
+    elif kind is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            problems.append(f"{path}: must be a string (got {shown})")
+            return None
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if lo is not None and value < lo:
+        problems.append(f"{path}: must be at least {lo} (got {shown})")
+        return None
+    if hi is not None and value > hi:
+        problems.append(f"{path}: must be at most {hi} (got {shown})")
+        return None
+    if choices and value not in choices:
+        problems.append(f"{path}: must be one of {', '.join(choices)} (got {shown})")
+        return None
+    return value
+
+
+def _cross_checks(c: Config) -> list[str]:
+    problems = []
+    if not (c.listen.quic or c.listen.tls):
+        problems.append("listen: at least one of quic and tls must be true")
+    if bool(c.tls.cert) != bool(c.tls.key):
+        problems.append("tls: set both cert and key, or neither")
+    for key, value in (("tls.cert", c.tls.cert), ("tls.key", c.tls.key),
+                       ("assertions.hs256_secret_file", c.assertions.hs256_secret_file),
+                       ("assertions.es256_public_key_file", c.assertions.es256_public_key_file)):
+        if value and not os.access(value, os.R_OK):
+            problems.append(f"{key}: cannot read {value}")
+    if c.assertions.hs256_secret and c.assertions.hs256_secret_file:
+        problems.append("assertions: set hs256_secret or hs256_secret_file, not both")
+    if c.assertions.required and not (c.assertions.hs256_secret or
+                                      c.assertions.hs256_secret_file or
+                                      c.assertions.es256_public_key_file):
+        problems.append("assertions.required: true needs a key (hs256_secret_file or "
+                        "es256_public_key_file)")
+    secret = hs256_secret(c) if not problems else None
+    if secret is not None and len(secret) < 32:
+        problems.append("assertions.hs256_secret: must be at least 32 bytes")
+    return problems
+
+
+def hs256_secret(c: Config) -> bytes | None:
+    if c.assertions.hs256_secret_file:
+        return Path(c.assertions.hs256_secret_file).read_bytes().strip()
+    if c.assertions.hs256_secret:
+        return c.assertions.hs256_secret.encode()
+    return None
+
+
+def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every key path, for the documentation check."""
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(schema_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys

@@ -1,0 +1,1 @@
+"""The domain: devices and tokens, store-and-forward delivery. No sockets, no clocks."""

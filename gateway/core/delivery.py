@@ -1,0 +1,279 @@
+"""Store-and-forward delivery with APNs semantics, and the registry of connected devices.
+
+The shells hand in `DeviceLink`s (anything that can carry a push to one connection) and the
+current time; this module decides what is stored, sent, re-sent, collapsed and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
+from gateway.core.metrics import Metrics
+from gateway.core.model import PushRequest, StoredPush
+from gateway.core.tokens import derive_token, is_token, short
+from gateway.protocol.messages import PUSH_TYPES, ByeReason, CallAction, Hello, Push
+from gateway.store import Store
+
+log = logging.getLogger("lpgw.delivery")
+
+PRIORITIES = (10, 5, 1)
+MAX_COLLAPSE_ID = 64
+
+
+class DeviceLink(Protocol):
+    """One live connection to a device, as the core sees it."""
+
+    transport: str
+
+    def welcome(self, token: str, user: str | None) -> None: ...
+    def send_push(self, push: Push) -> None: ...
+    def close(self, reason: str, code: str | None = None, message: str | None = None) -> None: ...
+
+
+class Refused(Exception):
+    """A hello the gateway will not admit; `reason` goes into `bye`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Rejected(Exception):
+    """A push request refused; `reason` is the APNs reason string."""
+
+    def __init__(self, reason: str, message: str = "", timestamp: float | None = None) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+        self.timestamp = timestamp
+
+
+@dataclass(frozen=True)
+class Accepted:
+    push_id: str
+    seq: int | None  # None when the push was dropped at once (expired)
+    sent: bool  # written to a connected device now
+    stored: bool
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    queue_limit: int = 256
+    default_ttl: int = 30 * 86400
+    max_payload: int = 4096
+    max_payload_voip: int = 5120
+
+
+@dataclass
+class _Live:
+    link: DeviceLink
+    since: float
+    sent_through: int = 0
+    ephemeral: dict[int, float] = field(default_factory=dict)  # seq -> accepted_at
+
+
+class Delivery:
+    def __init__(self, store: Store, token_secret: bytes, gateway_id: str,
+                 settings: DeliverySettings, policy: AssertionPolicy, metrics: Metrics) -> None:
+        self.store = store
+        self.gateway_id = gateway_id
+        self.settings = settings
+        self.policy = policy
+        self.metrics = metrics
+        self._secret = token_secret
+        self._live: dict[str, _Live] = {}
+        self.call_listeners: list[Callable[[str, CallAction, float], None]] = []
+
+    # --- devices ---------------------------------------------------------------------
+
+    def admit(self, link: DeviceLink, hello: Hello, now: float) -> str:
+        """Admit a hello: welcome the link, replace an older one, send what is waiting."""
+        user = None
+        if hello.assertion is not None:
+            try:
+                user = verify_assertion(self.policy, hello.assertion, now)
+            except AssertionRejected as exc:
+                self.metrics.handshakes.labels(link.transport, "unauthorized").inc()
+                raise Refused(ByeReason.UNAUTHORIZED, str(exc)) from None
+        elif self.policy.required:
+            self.metrics.handshakes.labels(link.transport, "unauthorized").inc()
+            raise Refused(ByeReason.UNAUTHORIZED, "this gateway requires a user assertion")
+        token = derive_token(self._secret, hello.install_id, hello.topic)
+        old = self._live.pop(token, None)
+        if old is not None:
+            self._count_connected(old.link, -1)
+            old.link.close(ByeReason.REPLACED, "replaced",
+                           "another connection of this install took over")
+            log.info("device %s replaced its %s connection", short(token), old.link.transport)
+        self.store.upsert_device(token, hello.topic, hello.push_types, user, now)
+        if hello.last_ack and hello.gateway_id == self.gateway_id:
+            self._ack_stored(token, hello.last_ack, now)
+        live = _Live(link=link, since=now, sent_through=0)
+        self._live[token] = live
+        self._count_connected(link, +1)
+        self.metrics.handshakes.labels(link.transport, "welcome").inc()
+        link.welcome(token, user)
+        log.info("device %s connected over %s (topic %s%s), %d queued", short(token),
+                 link.transport, hello.topic, f", user {user}" if user else "",
+                 self.store.count_pending(token))
+        self._flush(token, live, now)
+        return token
+
+    def detach(self, token: str, link: DeviceLink, now: float, reason: str) -> None:
+        live = self._live.get(token)
+        if live is None or live.link is not link:
+            return
+        del self._live[token]
+        self._count_connected(link, -1)
+        self.store.touch(token, now)
+        if live.ephemeral:
+            self.metrics.expired.inc(len(live.ephemeral))
+        log.info("device %s disconnected from %s: %s", short(token), link.transport, reason)
+
+    def unregister(self, token: str, link: DeviceLink, now: float) -> None:
+        self.store.unregister(token, now)
+        log.info("device %s unregistered", short(token))
+        link.close(ByeReason.UNREGISTERED, None, "pushes to this token are now refused")
+
+    def ack(self, token: str, link: DeviceLink, seq: int, now: float) -> None:
+        live = self._live.get(token)
+        if live is None or live.link is not link:
+            return
+        for eseq in [s for s in live.ephemeral if s <= seq]:
+            self.metrics.delivered.inc()
+            self.metrics.latency.observe(max(0.0, now - live.ephemeral.pop(eseq)))
+        self._ack_stored(token, seq, now)
+
+    def _ack_stored(self, token: str, seq: int, now: float) -> None:
+        for accepted_at in self.store.ack(token, seq, now):
+            self.metrics.delivered.inc()
+            self.metrics.latency.observe(max(0.0, now - accepted_at))
+
+    def call_action(self, token: str, action: CallAction, now: float) -> None:
+        self.metrics.call_actions.labels(action.action).inc()
+        log.info("device %s: call %s %s", short(token), action.call_id, action.action)
+        for listener in self.call_listeners:
+            listener(token, action, now)
+
+    def is_connected(self, token: str) -> bool:
+        return token in self._live
+
+    def connected(self) -> dict[str, str]:
+        """token -> transport of every connected device."""
+        return {token: live.link.transport for token, live in self._live.items()}
+
+    def shutdown(self) -> None:
+        for token, live in list(self._live.items()):
+            live.link.close(ByeReason.SHUTDOWN, None, "the gateway is stopping")
+            self._live.pop(token, None)
+            self._count_connected(live.link, -1)
+
+    # --- pushes ----------------------------------------------------------------------
+
+    def submit(self, token: str, req: PushRequest, now: float) -> Accepted:
+        """Validate, make durable, then send if the device is here. Raises Rejected."""
+        try:
+            return self._submit(token, req, now)
+        except Rejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            raise
+
+    def _submit(self, token: str, req: PushRequest, now: float) -> Accepted:
+        if not is_token(token):
+            raise Rejected("BadDeviceToken", "a device token is 64 lowercase hex characters")
+        device = self.store.get_device(token)
+        if device is None:
+            raise Rejected("BadDeviceToken", "no device has this token")
+        if device.unregistered_at is not None:
+            raise Rejected("Unregistered", "the device unregistered",
+                           timestamp=device.unregistered_at)
+        if req.topic is not None and req.topic != device.topic:
+            raise Rejected("DeviceTokenNotForTopic", f"the token is not for topic {req.topic}")
+        if req.push_type not in PUSH_TYPES:
+            raise Rejected("InvalidPushType", f"push type must be one of {PUSH_TYPES}")
+        if req.push_type not in device.push_types:
+            raise Rejected("DeviceTokenNotForTopic",
+                           f"the device does not take {req.push_type} pushes")
+        if req.priority not in PRIORITIES:
+            raise Rejected("BadPriority", "priority must be 10, 5 or 1")
+        if req.collapse_id is not None and len(req.collapse_id.encode()) > MAX_COLLAPSE_ID:
+            raise Rejected("BadCollapseId", "a collapse id is at most 64 bytes")
+        if req.expiration is not None and req.expiration < 0:
+            raise Rejected("BadExpirationDate", "expiration is epoch seconds, or 0")
+        push_id = req.push_id or str(uuid.uuid4())
+        try:
+            push_id = str(uuid.UUID(push_id))
+        except ValueError:
+            raise Rejected("BadMessageId", "a push id is a UUID") from None
+        if not req.payload:
+            raise Rejected("PayloadEmpty", "the payload is empty")
+        payload_json = json.dumps(req.payload, separators=(",", ":"), ensure_ascii=False)
+        limit = (self.settings.max_payload_voip if req.push_type == "voip"
+                 else self.settings.max_payload)
+        if len(payload_json.encode()) > limit:
+            raise Rejected("PayloadTooLarge", f"payload over {limit} bytes")
+
+        self.metrics.accepted.labels(req.push_type).inc()
+        live = self._live.get(token)
+        expiration = req.expiration
+        if expiration is None:
+            expiration = int(now) + self.settings.default_ttl
+        if expiration != 0 and expiration < now:
+            self.metrics.expired.inc()
+            log.info("push %s to %s expired on arrival", push_id, short(token))
+            return Accepted(push_id, None, sent=False, stored=False)
+        if expiration == 0:
+            if live is None:
+                self.metrics.expired.inc()
+                return Accepted(push_id, None, sent=False, stored=False)
+            seq = self.store.next_seq(token)
+            live.ephemeral[seq] = now
+            self._send(live, StoredPush(token, seq, push_id, req.push_type, req.priority, 0,
+                                        payload_json, req.collapse_id, now), now)
+            return Accepted(push_id, seq, sent=True, stored=False)
+        stored, collapsed, evicted = self.store.add_push(
+            token, push_id, req.push_type, req.priority, expiration, req.collapse_id,
+            payload_json, now, self.settings.queue_limit)
+        if collapsed:
+            self.metrics.dropped.labels("collapsed").inc(len(collapsed))
+        if evicted:
+            self.metrics.dropped.labels("queue_full").inc(len(evicted))
+            log.warning("device %s queue full: dropped %d oldest", short(token), len(evicted))
+        if live is not None:
+            self._flush(token, live, now)
+        return Accepted(push_id, stored.seq, sent=live is not None, stored=True)
+
+    def expire(self, now: float) -> int:
+        """Drop stored pushes past their expiration; call it now and then."""
+        gone = self.store.expire(now)
+        if gone:
+            self.metrics.expired.inc(len(gone))
+        return len(gone)
+
+    def _flush(self, token: str, live: _Live, now: float) -> None:
+        """Send every stored push this connection has not had yet, in order."""
+        expired: list[int] = []
+        for stored in self.store.pending(token, live.sent_through):
+            if stored.expiration and stored.expiration < now:
+                expired.append(stored.seq)
+                continue
+            self._send(live, stored, now)
+        if expired:
+            self.store.delete_pushes(token, expired)
+            self.metrics.expired.inc(len(expired))
+
+    def _send(self, live: _Live, stored: StoredPush, now: float) -> None:
+        live.link.send_push(Push(
+            seq=stored.seq, id=stored.push_id, push_type=stored.push_type,
+            priority=stored.priority, expiration=stored.expiration,
+            payload=json.loads(stored.payload_json), collapse_id=stored.collapse_id,
+            sent_at=now))
+        live.sent_through = max(live.sent_through, stored.seq)
+
+    def _count_connected(self, link: DeviceLink, delta: int) -> None:
+        self.metrics.connected.labels(link.transport).inc(delta)

@@ -1,0 +1,40 @@
+"""Counters for everything the gateway counts; one registry per gateway instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.connected = Gauge("lpgw_devices_connected", "Devices connected now",
+                               ["transport"], registry=r)
+        self.handshakes = Counter("lpgw_handshakes", "Device hellos by outcome",
+                                  ["transport", "result"], registry=r)
+        self.accepted = Counter("lpgw_pushes_accepted", "Pushes accepted", ["push_type"],
+                                registry=r)
+        self.delivered = Counter("lpgw_pushes_delivered", "Pushes acknowledged by devices",
+                                 registry=r)
+        self.expired = Counter("lpgw_pushes_expired", "Pushes dropped because they expired",
+                               registry=r)
+        self.dropped = Counter("lpgw_pushes_dropped", "Pushes dropped before delivery",
+                               ["reason"], registry=r)
+        self.rejected = Counter("lpgw_pushes_rejected", "Push requests refused", ["reason"],
+                                registry=r)
+        self.latency = Histogram(
+            "lpgw_delivery_latency_seconds", "From accepted to acknowledged", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                     30, 60, 300, 3600))
+        self.protocol_errors = Counter("lpgw_protocol_errors", "Refused device frames and "
+                                       "closes for bad input", ["code"], registry=r)
+        self.disconnects = Counter("lpgw_disconnects", "Device connections ended",
+                                   ["transport", "reason"], registry=r)
+        self.heartbeat_timeouts = Counter("lpgw_heartbeat_timeouts",
+                                          "Devices dropped for missed heartbeats", registry=r)
+        self.call_actions = Counter("lpgw_call_actions", "Call actions from devices",
+                                    ["action"], registry=r)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 when never set); for status output and tests."""
+        return self.registry.get_sample_value(name, labels) or 0.0

@@ -1,0 +1,230 @@
+"""SQLite (WAL) persistence: devices and their queued pushes.
+
+Every write that a caller is told about has been committed (synchronous=FULL by default), so
+a push the gateway accepted survives SIGKILL and, on a Pi, a pulled plug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+from gateway.core.model import DeviceRecord, StoredPush
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    token TEXT PRIMARY KEY,
+    topic TEXT NOT NULL,
+    push_types TEXT NOT NULL,
+    user TEXT,
+    created_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    next_seq INTEGER NOT NULL DEFAULT 1,
+    unregistered_at REAL
+);
+CREATE INDEX IF NOT EXISTS devices_user ON devices(user);
+CREATE TABLE IF NOT EXISTS pushes (
+    token TEXT NOT NULL REFERENCES devices(token) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    push_id TEXT NOT NULL,
+    push_type TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    expiration INTEGER NOT NULL,
+    collapse_id TEXT,
+    payload TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    PRIMARY KEY (token, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pushes_expiration ON pushes(expiration) WHERE expiration > 0;
+"""
+SCHEMA_VERSION = 1
+
+
+class StoreError(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        os.chmod(self.path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+        elif int(version) > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer lpgw (schema {int(version)})")
+
+    def close(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._db.close()
+
+    # meta
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else bytes(row[0]) if isinstance(row[0], bytes) else row[0]
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def get_or_create_meta(self, key: str, make) -> bytes:
+        with self._tx():
+            value = self.get_meta(key)
+            if value is None:
+                value = make()
+                self.set_meta(key, value)
+        return value
+
+    # devices
+
+    def upsert_device(self, token: str, topic: str, push_types: tuple[str, ...],
+                      user: str | None, now: float) -> DeviceRecord:
+        with self._tx():
+            self._db.execute(
+                """INSERT INTO devices(token, topic, push_types, user, created_at, last_seen)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(token) DO UPDATE SET push_types=excluded.push_types,
+                     user=excluded.user, last_seen=excluded.last_seen, unregistered_at=NULL""",
+                (token, topic, json.dumps(list(push_types)), user, now, now),
+            )
+        device = self.get_device(token)
+        assert device is not None
+        return device
+
+    def get_device(self, token: str) -> DeviceRecord | None:
+        row = self._db.execute(
+            """SELECT token, topic, push_types, user, created_at, last_seen, acked_seq,
+                      next_seq, unregistered_at FROM devices WHERE token=?""", (token,)
+        ).fetchone()
+        if row is None:
+            return None
+        return DeviceRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5],
+                            row[6], row[7], row[8])
+
+    def touch(self, token: str, now: float) -> None:
+        self._db.execute("UPDATE devices SET last_seen=? WHERE token=?", (now, token))
+
+    def unregister(self, token: str, now: float) -> None:
+        with self._tx():
+            self._db.execute("UPDATE devices SET unregistered_at=?, last_seen=? WHERE token=?",
+                             (now, now, token))
+            self._db.execute("DELETE FROM pushes WHERE token=?", (token,))
+
+    def count_devices(self) -> int:
+        return self._db.execute("SELECT count(*) FROM devices").fetchone()[0]
+
+    # pushes
+
+    def add_push(self, token: str, push_id: str, push_type: str, priority: int,
+                 expiration: int, collapse_id: str | None, payload_json: str, now: float,
+                 queue_limit: int) -> tuple[StoredPush, list[str], list[str]]:
+        """Queue a push durably; returns it, the ids it collapsed and the ids it evicted."""
+        with self._tx():
+            collapsed: list[str] = []
+            if collapse_id is not None:
+                collapsed = [r[0] for r in self._db.execute(
+                    "DELETE FROM pushes WHERE token=? AND collapse_id=? RETURNING push_id",
+                    (token, collapse_id))]
+            row = self._db.execute(
+                "UPDATE devices SET next_seq=next_seq+1 WHERE token=? RETURNING next_seq-1",
+                (token,)).fetchall()
+            if not row:
+                raise StoreError(f"no device {token[:8]}…")
+            seq = row[0][0]
+            self._db.execute(
+                """INSERT INTO pushes(token, seq, push_id, push_type, priority, expiration,
+                   collapse_id, payload, accepted_at) VALUES (?,?,?,?,?,?,?,?,?)""",
+                (token, seq, push_id, push_type, priority, expiration, collapse_id,
+                 payload_json, now))
+            evicted = [r[0] for r in self._db.execute(
+                """DELETE FROM pushes WHERE token=? AND seq IN (
+                     SELECT seq FROM pushes WHERE token=? ORDER BY seq DESC LIMIT -1 OFFSET ?)
+                   RETURNING push_id""", (token, token, queue_limit))]
+        stored = StoredPush(token, seq, push_id, push_type, priority, expiration, payload_json,
+                            collapse_id, now)
+        return stored, collapsed, evicted
+
+    def next_seq(self, token: str) -> int:
+        """Take a sequence number without storing a push (expiration-0 pushes)."""
+        row = self._db.execute(
+            "UPDATE devices SET next_seq=next_seq+1 WHERE token=? RETURNING next_seq-1",
+            (token,)).fetchall()
+        if not row:
+            raise StoreError(f"no device {token[:8]}…")
+        return row[0][0]
+
+    def pending(self, token: str, after_seq: int) -> list[StoredPush]:
+        rows = self._db.execute(
+            """SELECT token, seq, push_id, push_type, priority, expiration, payload,
+                      collapse_id, accepted_at
+               FROM pushes WHERE token=? AND seq>? ORDER BY seq""", (token, after_seq))
+        return [StoredPush(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
+
+    def count_pending(self, token: str) -> int:
+        return self._db.execute("SELECT count(*) FROM pushes WHERE token=?",
+                                (token,)).fetchone()[0]
+
+    def ack(self, token: str, seq: int, now: float) -> list[float]:
+        """Forget everything up to `seq`; returns when each delivered push was accepted."""
+        with self._tx():
+            accepted = [r[0] for r in self._db.execute(
+                "DELETE FROM pushes WHERE token=? AND seq<=? RETURNING accepted_at",
+                (token, seq))]
+            self._db.execute(
+                """UPDATE devices SET acked_seq=max(acked_seq, min(?, next_seq-1)), last_seen=?
+                   WHERE token=?""", (seq, now, token))
+        return accepted
+
+    def delete_pushes(self, token: str, seqs: list[int]) -> None:
+        with self._tx():
+            self._db.executemany("DELETE FROM pushes WHERE token=? AND seq=?",
+                                 [(token, s) for s in seqs])
+
+    def expire(self, now: float) -> list[tuple[str, str]]:
+        """Drop every stored push whose expiration has passed; returns (token, push id)."""
+        with self._tx():
+            return [(r[0], r[1]) for r in self._db.execute(
+                "DELETE FROM pushes WHERE expiration>0 AND expiration<? RETURNING token, push_id",
+                (now,))]
+
+    def integrity(self) -> str:
+        return self._db.execute("PRAGMA quick_check").fetchone()[0]
+
+    # plumbing
+
+    def _tx(self):
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, nestable (inner levels are no-ops)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._outer = False
+
+    def __enter__(self) -> None:
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._outer = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._outer:
+            return
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")

@@ -1,0 +1,1 @@
+"""asyncio shells: sockets in, bytes to the sans-IO sessions, bytes back out."""

@@ -1,0 +1,126 @@
+"""The local control socket: `lpgw send` and `lpgw status` talk to the running gateway here.
+
+Same framing as devices (length + JSON object). The socket is owner-only (0600): whoever
+can reach it can push to any device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.core.delivery import Delivery, Rejected
+from gateway.core.model import PushRequest
+from gateway.protocol.frames import HEADER, FrameDecoder, FrameError, MessageError, decode_body
+from gateway.protocol.frames import encode_frame as encode
+
+log = logging.getLogger("lpgw.control")
+
+MAX_REQUEST = 64 * 1024
+
+
+def push_request(d: dict[str, Any]) -> PushRequest:
+    """A PushRequest from the control socket's JSON; ValueError says what is wrong."""
+    payload = d.get("payload")
+    if not isinstance(payload, dict):
+        raise ValueError("'payload' must be a JSON object")
+    expiration = d.get("expiration")
+    priority = d.get("priority", 10)
+    for key, value in (("expiration", expiration), ("priority", priority)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"'{key}' must be an integer")
+    for key in ("push_type", "collapse_id", "push_id", "topic"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise ValueError(f"'{key}' must be a string")
+    return PushRequest(push_type=d.get("push_type") or "alert", payload=payload,
+                       priority=priority, expiration=expiration,
+                       collapse_id=d.get("collapse_id"), push_id=d.get("push_id"),
+                       topic=d.get("topic"))
+
+
+class ControlServer:
+    def __init__(self, path: Path, delivery: Delivery, status: Callable[[], dict]) -> None:
+        self.path = path
+        self.delivery = delivery
+        self.status = status
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder(MAX_REQUEST)
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), timeout=30)
+                if not data:
+                    break
+                for body in decoder.feed(data):
+                    writer.write(encode(self.handle(body)))
+                await writer.drain()
+        except FrameError as exc:
+            writer.write(encode({"ok": False, "reason": exc.code, "message": str(exc)}))
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def handle(self, body: bytes) -> dict[str, Any]:
+        try:
+            request = decode_body(body)
+        except MessageError as exc:
+            return {"ok": False, "reason": exc.code, "message": str(exc)}
+        op = request.get("op")
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        if op != "send":
+            return {"ok": False, "reason": "BadRequest", "message": f"unknown op {op!r}"}
+        try:
+            req = push_request(request)
+        except ValueError as exc:
+            return {"ok": False, "reason": "BadRequest", "message": str(exc)}
+        token = request.get("token")
+        if not isinstance(token, str):
+            return {"ok": False, "reason": "BadDeviceToken", "message": "'token' is required"}
+        try:
+            result = self.delivery.submit(token, req, time.time())
+        except Rejected as exc:
+            reply = {"ok": False, "reason": exc.reason, "message": str(exc)}
+            if exc.timestamp is not None:
+                reply["timestamp"] = int(exc.timestamp * 1000)
+            return reply
+        return {"ok": True, "push_id": result.push_id, "seq": result.seq, "sent": result.sent,
+                "stored": result.stored}
+
+
+async def request(path: Path, message: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+    """One request to a running gateway's control socket."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+    try:
+        writer.write(encode(message))
+        await writer.drain()
+        header = await asyncio.wait_for(reader.readexactly(HEADER.size), timeout)
+        (length,) = HEADER.unpack(header)
+        body = await asyncio.wait_for(reader.readexactly(length), timeout)
+        return decode_body(body)
+    finally:
+        writer.close()

@@ -1,0 +1,170 @@
+"""One device connection on the gateway: a GatewaySession wired to the core and a byte pipe.
+
+QUIC and TLS both end here, so both transports behave the same by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.core.delivery import Delivery, Refused
+from gateway.core.metrics import Metrics
+from gateway.core.tokens import short
+from gateway.protocol import VERSIONS
+from gateway.protocol.messages import ByeReason, Push, Welcome
+from gateway.protocol.session import (
+    AckReceived,
+    CallActionReceived,
+    Closed,
+    FrameRejected,
+    GatewaySession,
+    HelloReceived,
+    SessionSettings,
+    UnregisterReceived,
+)
+
+log = logging.getLogger("lpgw.link")
+
+BAD_INPUT_REASONS = {ByeReason.PROTOCOL_ERROR, ByeReason.FLOOD, ByeReason.HELLO_TIMEOUT,
+                     ByeReason.UNSUPPORTED_VERSION}
+
+
+@dataclass(frozen=True)
+class LinkContext:
+    """What every link of one gateway shares."""
+
+    delivery: Delivery
+    metrics: Metrics
+    settings: SessionSettings
+    gateway_id: str
+
+
+class GatewayLink:
+    """Implements the core's DeviceLink; the transport supplies write and close."""
+
+    def __init__(self, ctx: LinkContext, transport: str, peer: str,
+                 write: Callable[[bytes], None], close: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.transport = transport
+        self.peer = peer
+        self._write = write
+        self._close_transport = close
+        self._loop = asyncio.get_running_loop()
+        self.session = GatewaySession(ctx.settings, self._loop.time())
+        self.token: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._ended = False
+        self._arm()
+
+    # from the transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended:
+            return
+        self._handle(self.session.receive_data(data, self._loop.time()))
+
+    def connection_lost(self, why: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._cancel_timer()
+        reason = self.session.closed.reason if self.session.closed else why
+        if self.session.closed is None:
+            self.ctx.metrics.disconnects.labels(self.transport, "lost").inc()
+        if self.token is not None:
+            self.ctx.delivery.detach(self.token, self, time.time(), reason)
+
+    # from the core (DeviceLink)
+
+    def welcome(self, token: str, user: str | None) -> None:
+        self.token = token
+        s = self.ctx.settings
+        self.session.welcome(Welcome(version=VERSIONS[-1], token=token, heartbeat=s.heartbeat,
+                                     gateway_id=self.ctx.gateway_id, user=user,
+                                     max_frame=s.max_frame), self._loop.time())
+        self._flush()
+        self._arm()
+
+    def send_push(self, push: Push) -> None:
+        self.session.push(push)
+        self._flush()
+
+    def close(self, reason: str, code: str | None = None, message: str | None = None) -> None:
+        self._handle([self.session.close(reason, code, message)])
+
+    # internals
+
+    def _handle(self, events: list) -> None:
+        wall = time.time()
+        delivery = self.ctx.delivery
+        for event in events:
+            if isinstance(event, HelloReceived):
+                try:
+                    delivery.admit(self, event.hello, wall)
+                except Refused as exc:
+                    log.info("refused a hello from %s: %s", self.peer, exc)
+                    self._end(self.session.close(exc.reason, None, str(exc)))
+                    return
+            elif isinstance(event, AckReceived) and self.token:
+                delivery.ack(self.token, self, event.seq, wall)
+            elif isinstance(event, CallActionReceived) and self.token:
+                delivery.call_action(self.token, event.action, wall)
+            elif isinstance(event, UnregisterReceived) and self.token:
+                delivery.unregister(self.token, self, wall)
+                return
+            elif isinstance(event, FrameRejected):
+                self.ctx.metrics.protocol_errors.labels(event.code).inc()
+                log.info("refused a frame from %s (%s): %s", self._who(), event.code,
+                         event.message)
+            elif isinstance(event, Closed):
+                self._end(event)
+                return
+        self._flush()
+        self._arm()
+
+    def _end(self, closed: Closed) -> None:
+        m = self.ctx.metrics
+        m.disconnects.labels(self.transport, closed.reason).inc()
+        if closed.reason in BAD_INPUT_REASONS:
+            m.protocol_errors.labels(closed.code or closed.reason).inc()
+        if closed.reason == ByeReason.HEARTBEAT_TIMEOUT:
+            m.heartbeat_timeouts.inc()
+        if not closed.by_peer:
+            log.info("closing %s: %s (%s)", self._who(), closed.reason, closed.message or "")
+        self._flush()
+        self._close_transport()
+        self.connection_lost(closed.reason)
+
+    def _flush(self) -> None:
+        data = self.session.data_to_send()
+        if data:
+            self._write(data)
+
+    def _who(self) -> str:
+        return f"device {short(self.token)}" if self.token else f"{self.transport} peer {self.peer}"
+
+    def _arm(self) -> None:
+        at = self.session.next_timer()
+        if at == self._timer_at:
+            return
+        self._cancel_timer()
+        if at is not None:
+            self._timer = self._loop.call_at(at, self._on_timer)
+            self._timer_at = at
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if not self._ended:
+            self._handle(self.session.handle_timer(self._loop.time()))
