@@ -1,0 +1,216 @@
+"""Devices over real QUIC and TLS sockets on 127.0.0.1, pushes through the control socket."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.conftest import eventually, new_install, send
+
+TRANSPORTS = ["quic", "tls"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_first_connect_gives_a_stable_token(gateway_factory, devices, tmp_path, transport):
+    gw = await gateway_factory()
+    install = new_install()
+    first = devices(gw, transport, install_id=install)
+    token = await first.welcome()
+    assert len(token) == 64 and token == token.lower()
+    int(token, 16)
+    assert gw.delivery.connected() == {token: transport}
+    await first.stop()
+
+    other = devices(gw, transport)  # another install, another token
+    assert await other.welcome() != token
+    await other.stop()
+
+    await gw.stop()  # the same state directory, a new process of the gateway
+    gw2 = await gateway_factory(state=tmp_path / "state")
+    again = devices(gw2, transport, install_id=install)
+    assert await again.welcome() == token
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_push_is_delivered_and_acked(gateway, devices, transport):
+    device = devices(gateway, transport)
+    token = await device.welcome()
+    payload = {"aps": {"alert": {"title": "Bed 12", "body": "call"}}, "n": 1, "ü": "✓"}
+    reply = await send(gateway, token, payload, push_type="alert", priority=5)
+    assert reply["ok"] and reply["sent"] and reply["stored"]
+    push = await device.next("push")
+    assert push["id"] == reply["push_id"]
+    assert push["payload"] == payload
+    assert push["priority"] == 5 and push["push_type"] == "alert" and not push["duplicate"]
+    await eventually(lambda: gateway.store.count_pending(token) == 0)
+    assert gateway.metrics.value("lpgw_pushes_delivered_total") == 1
+    assert gateway.metrics.value("lpgw_delivery_latency_seconds_count") == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_unacked_pushes_are_sent_again_after_reconnect(gateway, devices, transport):
+    install = new_install()
+    lazy = devices(gateway, transport, install_id=install, ack=False, reconnect=False)
+    token = await lazy.welcome()
+    ids = [(await send(gateway, token, {"n": i}))["push_id"] for i in range(3)]
+    got = [(await lazy.next("push"))["id"] for _ in ids]
+    assert got == ids
+    await lazy.stop()
+    await eventually(lambda: not gateway.delivery.is_connected(token))
+
+    ids.append((await send(gateway, token, {"n": 3}))["push_id"])  # queued while away
+    back = devices(gateway, transport, install_id=install)
+    assert await back.welcome() == token
+    again = [await back.next("push") for _ in ids]
+    assert [p["id"] for p in again] == ids
+    assert [p["payload"]["n"] for p in again] == [0, 1, 2, 3]
+    assert [p["seq"] for p in again] == sorted(p["seq"] for p in again)
+    await eventually(lambda: gateway.store.count_pending(token) == 0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_device_drops_duplicates_by_push_id(gateway, devices, transport):
+    install = new_install()
+    device = devices(gateway, transport, install_id=install, ack=False)
+    token = await device.welcome()
+    reply = await send(gateway, token, {"x": 1})
+    assert not (await device.next("push"))["duplicate"]
+    # the connection breaks before the ack; the same client (same memory) reconnects
+    device.client._close()
+    await device.next("welcome")
+    again = await device.next("push")
+    assert again["id"] == reply["push_id"] and again["duplicate"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_second_connection_replaces_the_first(gateway, devices, transport):
+    install = new_install()
+    first = devices(gateway, transport, install_id=install)
+    token = await first.welcome()
+    other = "tls" if transport == "quic" else "quic"
+    second = devices(gateway, other, install_id=install)
+    assert await second.welcome() == token
+    bye = await first.next("disconnected")
+    assert bye["reason"] == "replaced"
+    assert await asyncio.wait_for(first.task, 5) == "replaced"  # and it does not come back
+    assert gateway.delivery.connected() == {token: other}
+    await send(gateway, token, {"after": "replace"})
+    assert (await second.next("push"))["payload"] == {"after": "replace"}
+    assert gateway.metrics.value("lpgw_devices_connected", transport=transport) == 0
+    assert gateway.metrics.value("lpgw_devices_connected", transport=other) == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_expiration_zero_and_past(gateway, devices, transport):
+    install = new_install()
+    device = devices(gateway, transport, install_id=install, reconnect=False)
+    token = await device.welcome()
+    now_only = await send(gateway, token, {"now": True}, expiration=0)
+    assert now_only["ok"] and now_only["sent"] and not now_only["stored"]
+    assert (await device.next("push"))["payload"] == {"now": True}
+    await device.stop()
+    await eventually(lambda: not gateway.delivery.is_connected(token))
+
+    gone = await send(gateway, token, {"now": "missed"}, expiration=0)
+    assert gone["ok"] and not gone["sent"] and not gone["stored"]
+    past = await send(gateway, token, {"past": True}, expiration=int(time.time()) - 10)
+    assert past["ok"] and not past["stored"]
+    soon = await send(gateway, token, {"soon": True}, expiration=int(time.time()) + 1)
+    assert soon["stored"]
+    kept = await send(gateway, token, {"kept": True})
+    await asyncio.sleep(2.1)  # let "soon" pass its expiration while the device is away
+
+    back = devices(gateway, transport, install_id=install)
+    await back.welcome()
+    assert (await back.next("push"))["payload"] == {"kept": True}
+    with pytest.raises(TimeoutError):
+        await back.next("push", timeout=0.5)
+    assert kept["ok"]
+    assert gateway.metrics.value("lpgw_pushes_expired_total") == 3
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_collapse_id_keeps_only_the_newest(gateway, devices, transport):
+    install = new_install()
+    device = devices(gateway, transport, install_id=install, reconnect=False)
+    token = await device.welcome()
+    await device.stop()
+    await eventually(lambda: not gateway.delivery.is_connected(token))
+    for i in range(3):
+        await send(gateway, token, {"score": i}, collapse_id="match-1")
+    await send(gateway, token, {"other": True})
+    back = devices(gateway, transport, install_id=install)
+    await back.welcome()
+    first, second = await back.next("push"), await back.next("push")
+    assert [first["payload"], second["payload"]] == [{"score": 2}, {"other": True}]
+    assert first["collapse_id"] == "match-1"
+    assert gateway.metrics.value("lpgw_pushes_dropped_total", reason="collapsed") == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_queue_is_bounded_and_drops_are_counted(gateway_factory, devices, transport):
+    gw = await gateway_factory(delivery={"queue_limit": 2})
+    install = new_install()
+    device = devices(gw, transport, install_id=install, reconnect=False)
+    token = await device.welcome()
+    await device.stop()
+    await eventually(lambda: not gw.delivery.is_connected(token))
+    for i in range(5):
+        assert (await send(gw, token, {"i": i}))["ok"]
+    back = devices(gw, transport, install_id=install)
+    await back.welcome()
+    assert [(await back.next("push"))["payload"]["i"] for _ in range(2)] == [3, 4]
+    assert gw.metrics.value("lpgw_pushes_dropped_total", reason="queue_full") == 3
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_unregister_then_pushes_are_refused(gateway, devices, transport):
+    install = new_install()
+    device = devices(gateway, transport, install_id=install)
+    token = await device.welcome()
+    device.client.unregister()
+    assert (await device.next("disconnected"))["reason"] == "unregistered"
+    reply = await send(gateway, token)
+    assert reply["reason"] == "Unregistered" and reply["timestamp"] > 0
+    again = devices(gateway, transport, install_id=install)  # the app registers again
+    assert await again.welcome() == token
+    assert (await send(gateway, token))["ok"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_heartbeats_keep_a_healthy_device(gateway_factory, devices, transport):
+    gw = await gateway_factory(protocol={"heartbeat": 0.1, "heartbeat_misses": 2})
+    device = devices(gw, transport)
+    token = await device.welcome()
+    await asyncio.sleep(1.0)  # ten heartbeats
+    assert gw.delivery.is_connected(token)
+    assert gw.metrics.value("lpgw_heartbeat_timeouts_total") == 0
+    assert [e for e in device.log if e["event"] == "disconnected"] == []
+
+
+async def test_quic_device_keeps_its_session_when_its_address_changes(gateway, devices):
+    device = devices(gateway, "quic")
+    token = await device.welcome()
+    before = device.client._quic._transport.get_extra_info("sockname")[1]
+    await device.client.migrate()
+    moved = await device.next("migrated")
+    assert moved["local"] != before
+    await asyncio.sleep(0.3)  # path validation
+    reply = await send(gateway, token, {"after": "move"})
+    assert (await device.next("push"))["id"] == reply["push_id"]
+    assert [e for e in device.log if e["event"] in ("disconnected", "reconnecting")] == []
+    assert gateway.metrics.value("lpgw_handshakes_total", transport="quic",
+                                 result="welcome") == 1
+    # the gateway now talks to the new port
+    (conn,) = set(gateway._quic._protocols.values())  # one connection, several ids
+    assert conn._quic._network_paths[0].addr[1] == moved["local"]
+
+
+async def test_wrong_pin_is_refused_before_hello(gateway, devices):
+    device = devices(gateway, "tls", reconnect=False)
+    device.client.o.pin = "sha256/" + "A" * 43 + "="
+    event = await device.next("disconnected")
+    assert event["reason"] == "pin_mismatch"
+    assert gateway.metrics.value("lpgw_handshakes_total", transport="tls", result="welcome") == 0
