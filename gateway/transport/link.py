@@ -47,7 +47,7 @@ class GatewayLink:
     """Implements the core's DeviceLink; the transport supplies write and close."""
 
     def __init__(self, ctx: LinkContext, transport: str, peer: str,
-                 write: Callable[[bytes], None], close: Callable[[], None]) -> None:
+                 write: Callable[[bytes], None], close: Callable[[str], None]) -> None:
         self.ctx = ctx
         self.transport = transport
         self.peer = peer
@@ -137,7 +137,7 @@ class GatewayLink:
         if not closed.by_peer:
             log.info("closing %s: %s (%s)", self._who(), closed.reason, closed.message or "")
         self._flush()
-        self._close_transport()
+        self._close_transport(closed.reason)
         self.connection_lost(closed.reason)
 
     def _flush(self) -> None:

@@ -74,7 +74,7 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
             self._link.data_received(event.data)
         if event.end_stream:
             self._link.connection_lost("device ended its stream")
-            self._close()
+            self._close("stream ended")
 
     def _write(self, data: bytes) -> None:
         if self._stream_id is None or self._closing:
@@ -82,7 +82,8 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         self._quic.send_stream_data(self._stream_id, data)
         self.transmit()
 
-    def _close(self) -> None:
+    def _close(self, reason: str = "bye") -> None:
+        """End the stream (after the bye) and the connection; `reason` is the close phrase."""
         if self._closing:
             return
         self._closing = True
@@ -90,7 +91,7 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
             with contextlib.suppress(ValueError, AssertionError):
                 self._quic.send_stream_data(self._stream_id, b"", end_stream=True)
         self.transmit()  # the bye leaves before CONNECTION_CLOSE
-        self._quic.close(error_code=0, reason_phrase="bye")
+        self._quic.close(error_code=0, reason_phrase=reason)
         self.transmit()
 
     def _peer(self) -> str:

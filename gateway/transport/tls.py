@@ -178,7 +178,7 @@ def serve_factory(ctx: ssl.SSLContext, make_link, metrics: Metrics,
         log.info("tls: %s", why)
 
     def on_open(stream: TlsStream) -> None:
-        link = make_link("tls", stream.peer, stream.write, stream.close)
+        link = make_link("tls", stream.peer, stream.write, lambda reason: stream.close())
         stream.on_data = link.data_received
         stream.on_lost = link.connection_lost
 
