@@ -149,6 +149,7 @@ class DeviceClient:
             loop.time())
         self.session.remember_ids(self.seen)
         self._flush()
+        self._arm()
         return await self._ended
 
     # --- transports ------------------------------------------------------------------

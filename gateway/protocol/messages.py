@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.protocol.frames import MessageError
+from gateway.protocol.frames import DEFAULT_MAX_FRAME, MessageError
 
 PUSH_TYPES = (
     "alert",
@@ -94,14 +94,15 @@ class Hello:
         except ValueError:
             raise MessageError("bad_field", "'install_id' must be a UUID") from None
         topic = _field(d, "topic", str)
-        if not TOPIC_RE.match(topic):
+        if not TOPIC_RE.fullmatch(topic):
             raise MessageError("bad_field", "'topic' must be a bundle id like com.example.app")
         types = _field(d, "push_types", list)
         if not types or not all(isinstance(t, str) for t in types):
             raise MessageError("bad_field", "'push_types' must be a non-empty array of strings")
-        unknown = [t for t in types if t not in PUSH_TYPES]
-        if unknown:
-            raise MessageError("bad_field", f"unknown push type(s) {unknown}; known: {PUSH_TYPES}")
+        # types this gateway does not know yet are ignored, so newer apps still connect
+        types = [t for t in types if t in PUSH_TYPES]
+        if not types:
+            raise MessageError("bad_field", f"'push_types' names none of {PUSH_TYPES}")
         assertion = _field(d, "assertion", str, required=False)
         if assertion is not None and len(assertion) > 8192:
             raise MessageError("bad_field", "'assertion' is longer than 8192 characters")
@@ -113,7 +114,7 @@ class Hello:
             push_types=tuple(dict.fromkeys(types)),
             assertion=assertion,
             last_ack=_seq(d, "last_ack", required=False) or 0,
-            gateway_id=_field(d, "gateway_id", str, required=False),
+            gateway_id=(_field(d, "gateway_id", str, required=False) or "")[:MAX_ID] or None,
             client=client[:MAX_ID] if client else None,
         )
 
@@ -239,7 +240,7 @@ class Welcome:
     heartbeat: float
     gateway_id: str
     user: str | None = None
-    max_frame: int = 16384
+    max_frame: int = DEFAULT_MAX_FRAME
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> Welcome:
@@ -249,7 +250,8 @@ class Welcome:
             heartbeat=float(_field(d, "heartbeat", (int, float))),
             gateway_id=_field(d, "gateway_id", str),
             user=_field(d, "user", str, required=False),
-            max_frame=_field(d, "max_frame", int, required=False) or 16384,
+            max_frame=max(_field(d, "max_frame", int, required=False) or DEFAULT_MAX_FRAME,
+                          DEFAULT_MAX_FRAME),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -186,7 +186,14 @@ class GatewaySession(_Session):
 
     def _receive_frame(self, body: bytes, now: float) -> list[Any]:
         try:
-            message = parse_message(decode_body(body), DEVICE_MESSAGES)
+            raw = decode_body(body)
+            if self.hello is None and raw.get("type") == "hello" \
+                    and raw.get("version") not in VERSIONS:
+                # before any other field: a newer hello may differ in all of them
+                return [self.close(ByeReason.UNSUPPORTED_VERSION, "unsupported_version",
+                                   f"version {str(raw.get('version'))[:20]} is not spoken here",
+                                   versions=VERSIONS)]
+            message = parse_message(raw, DEVICE_MESSAGES)
         except MessageError as exc:
             if self.hello is None:
                 return [self.close(ByeReason.PROTOCOL_ERROR, exc.code, str(exc))]
@@ -199,11 +206,8 @@ class GatewaySession(_Session):
             if not isinstance(message, Hello):
                 return [self.close(ByeReason.PROTOCOL_ERROR, "hello_required",
                                    "the first message must be hello")]
-            if message.version not in VERSIONS:
-                return [self.close(ByeReason.UNSUPPORTED_VERSION, "unsupported_version",
-                                   f"version {message.version} is not spoken here",
-                                   versions=VERSIONS)]
             self.hello = message
+            self._deadline = None
             return [HelloReceived(message)]
         if isinstance(message, Hello):
             return [self.close(ByeReason.PROTOCOL_ERROR, "duplicate_hello",
@@ -234,7 +238,6 @@ class GatewaySession(_Session):
     def welcome(self, welcome: Welcome, now: float) -> None:
         self._send(welcome.to_dict())
         self.welcomed = True
-        self._deadline = None
         self._next_ping = now + self.settings.heartbeat
 
     def push(self, push: Push) -> None:
@@ -273,8 +276,9 @@ class DeviceSession(_Session):
     """The phone's end: says hello, answers pings, reports pushes once, acks on request."""
 
     def __init__(self, hello: Hello, now: float, max_frame: int = DEFAULT_MAX_FRAME,
-                 remember: int = 1024) -> None:
+                 remember: int = 1024, welcome_timeout: float = 10.0) -> None:
         super().__init__(max_frame)
+        self._welcome_deadline = now + welcome_timeout
         self.hello = hello
         self.welcome: Welcome | None = None
         self.last_ack = hello.last_ack
@@ -317,6 +321,7 @@ class DeviceSession(_Session):
                 continue
             if isinstance(message, Welcome):
                 self.welcome = message
+                self._decoder.max_frame = message.max_frame
                 events.append(Welcomed(message))
             elif isinstance(message, Push):
                 fresh = self._mark_seen(message.id)
@@ -342,15 +347,21 @@ class DeviceSession(_Session):
         self._send(Unregister().to_dict())
 
     def next_timer(self) -> float | None:
-        if self.closed is not None or self.welcome is None:
+        if self.closed is not None:
             return None
+        if self.welcome is None:
+            return self._welcome_deadline
         return self._last_heard + self.welcome.heartbeat * 3
 
     def handle_timer(self, now: float) -> list[Any]:
-        """A gateway that stops pinging is gone; end so the device reconnects."""
+        """A gateway that does not welcome or stops pinging is gone: end, to reconnect."""
         deadline = self.next_timer()
         if deadline is None or now < deadline:
             return []
-        self.closed = Closed(reason=ByeReason.HEARTBEAT_TIMEOUT, code="gateway_silent",
-                             message="no frame from the gateway for three heartbeats")
+        if self.welcome is None:
+            self.closed = Closed(reason=ByeReason.HELLO_TIMEOUT, code="welcome_timeout",
+                                 message="the gateway did not answer hello in time")
+        else:
+            self.closed = Closed(reason=ByeReason.HEARTBEAT_TIMEOUT, code="gateway_silent",
+                                 message="no frame from the gateway for three heartbeats")
         return [self.closed]
