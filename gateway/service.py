@@ -199,6 +199,10 @@ def _free_port(host: str) -> int:
 
 async def run(config: Config) -> None:
     """`lpgw run`: start, say where we are, serve until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop during start is clean
+        loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config)
     await gateway.start()
     listening = gateway.listening
@@ -208,10 +212,6 @@ async def run(config: Config) -> None:
               flush=True)
     print(f"lpgw: gateway {gateway.gateway_id} pin sha256/{gateway.pin}", flush=True)
     print(f"lpgw: state in {config.state_path}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
         log.info("stopping")

@@ -214,3 +214,19 @@ async def test_wrong_pin_is_refused_before_hello(gateway, devices):
     event = await device.next("disconnected")
     assert event["reason"] == "pin_mismatch"
     assert gateway.metrics.value("lpgw_handshakes_total", transport="tls", result="welcome") == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_logs_hold_no_full_token_install_id_or_assertion(gateway, devices, caplog,
+                                                               transport):
+    caplog.set_level("DEBUG")
+    install = new_install()
+    device = devices(gateway, transport, install_id=install, assertion="not.a.jwt")
+    token = await device.welcome()
+    await send(gateway, token, {"secret": "payload"})
+    await device.next("push")
+    device.client.unregister()
+    await device.next("disconnected")
+    assert token[:8] in caplog.text  # the logs do speak of the device...
+    for secret in (token, install, "not.a.jwt", "payload"):
+        assert secret not in caplog.text  # ...but never in full
