@@ -21,6 +21,7 @@ from gateway.config import Config, hs256_secret
 from gateway.core.assertions import AssertionPolicy
 from gateway.core.delivery import Delivery, DeliverySettings
 from gateway.core.metrics import Metrics
+from gateway.protocol.messages import CALL_ACTIONS
 from gateway.protocol.session import SessionSettings
 from gateway.store import Store
 from gateway.transport import quic, tls
@@ -151,6 +152,8 @@ class Gateway:
             "pushes": {"delivered": m.value("lpgw_pushes_delivered_total"),
                        "expired": m.value("lpgw_pushes_expired_total")},
             "heartbeat_timeouts": m.value("lpgw_heartbeat_timeouts_total"),
+            "call_actions": {a: m.value("lpgw_call_actions_total", action=a)
+                             for a in CALL_ACTIONS},
         }
 
     def _write_runtime(self) -> None:

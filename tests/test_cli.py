@@ -1,0 +1,117 @@
+"""The commands as an operator meets them: `lpgw run`, `lpgw device`, `lpgw send`, `lpgw status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.service import _free_port
+from tests.conftest import ROOT, GatewayProcess
+
+
+@pytest.fixture
+def running(tmp_path):
+    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"))
+    gp.start()
+    yield gp
+    gp.kill(15)
+
+
+def lpgw(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT, input=input)
+
+
+class DeviceProcess:
+    def __init__(self, gp: GatewayProcess, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "device", "--port", str(gp.port),
+             "--pin", gp.pin, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def next(self, kind: str, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"device ended: {self.proc.stderr.read()}")
+            event = json.loads(line)
+            if event["event"] == kind:
+                return event
+        raise AssertionError(f"no {kind} event")
+
+    def command(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> int:
+        self.command("quit")
+        return self.proc.wait(10)
+
+
+@pytest.mark.parametrize("transport", ["quic", "tls"])
+def test_device_send_and_status(running, tmp_path, transport):
+    state = tmp_path / "phone.json"
+    device = DeviceProcess(running, "--transport", transport, "--state", str(state))
+    token = device.next("welcome")["token"]
+    assert json.loads(state.read_text())["install_id"]  # kept for the next start
+
+    sock = str(running.state / "control.sock")
+    sent = lpgw("send", token, "--type", "voip", "--priority", "10", "--collapse-id", "c1",
+                "--payload", '{"call": {"id": "call-1", "from": "sip:desk@ward"}}',
+                "--socket", sock)
+    assert sent.returncode == 0, sent.stderr
+    reply = json.loads(sent.stdout)
+    push = device.next("push")
+    assert push["id"] == reply["push_id"] and push["push_type"] == "voip"
+    assert push["payload"]["call"]["id"] == "call-1" and push["collapse_id"] == "c1"
+
+    device.command("decline call-1")
+    deadline = time.monotonic() + 5
+    while True:  # the decline travels device -> gateway
+        status = lpgw("status", "--socket", sock)
+        assert status.returncode == 0
+        info = json.loads(status.stdout)
+        if info["call_actions"]["decline"] == 1 or time.monotonic() > deadline:
+            break
+    assert info["call_actions"] == {"ringing": 0, "decline": 1, "busy": 0}
+    assert info["devices"]["connected"][transport] == 1
+    assert info["pin"] == running.pin and info["listen"]["port"] == running.port
+    assert device.stop() == 0
+
+    # the same install, a new process: the same token
+    again = DeviceProcess(running, "--transport", transport, "--state", str(state))
+    assert again.next("welcome")["token"] == token
+    again.stop()
+
+
+def test_send_refusals_are_clear(running):
+    sock = str(running.state / "control.sock")
+    bad = lpgw("send", "00" * 32, "--payload", '{"a": 1}', "--socket", sock)
+    assert bad.returncode == 1 and json.loads(bad.stdout)["reason"] == "BadDeviceToken"
+    notjson = lpgw("send", "00" * 32, "--payload", "{nope", "--socket", sock)
+    assert notjson.returncode == 2 and "--payload is not JSON" in notjson.stderr
+    down = lpgw("send", "00" * 32, "--payload", "{}", "--socket", str(running.state / "x.sock"))
+    assert down.returncode == 1 and "cannot reach the gateway" in down.stderr
+
+
+def test_device_with_the_wrong_pin_exits_4(running):
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "device", "--port", str(running.port), "--pin",
+         "sha256/" + "B" * 43 + "=", "--transport", "tls"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 4
+    assert json.loads(result.stdout.splitlines()[-1])["reason"] == "pin_mismatch"
+
+
+def test_pin_without_a_certificate_says_so(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'empty'}\n")
+    result = lpgw("pin", "-c", str(cfg))
+    assert result.returncode == 1 and "lpgw run` makes one" in result.stderr
