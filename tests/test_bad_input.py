@@ -186,3 +186,16 @@ async def test_garbage_tls_bytes_are_refused(gw, bystander):
             pass
     writer.close()
     assert errors(gw, "tls_handshake") == 1
+
+
+async def test_a_second_quic_stream_is_refused_and_the_first_lives(gw, bystander):
+    peer = await welcomed("quic", gw.listening.port)
+    quic = peer.protocol._quic
+    extra = quic.get_next_available_stream_id()
+    quic.send_stream_data(extra, b"\x00\x00\x00\x02{}")
+    peer.protocol.transmit()
+    async with asyncio.timeout(3):
+        while errors(gw, "extra_stream") < 1:
+            await asyncio.sleep(0.02)
+    await peer.send({"type": "ack", "seq": 0})
+    assert (await peer.read())["type"] == "ping"  # the session stream still works

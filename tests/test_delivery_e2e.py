@@ -230,3 +230,40 @@ async def test_logs_hold_no_full_token_install_id_or_assertion(gateway, devices,
     assert token[:8] in caplog.text  # the logs do speak of the device...
     for secret in (token, install, "not.a.jwt", "payload"):
         assert secret not in caplog.text  # ...but never in full
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_user_assertion_binds_and_bad_ones_are_refused(gateway_factory, devices, tmp_path,
+                                                             transport):
+    import jwt
+
+    secret = "k" * 40
+    (tmp_path / "jwt.secret").write_text(secret)
+    gw = await gateway_factory(assertions={"hs256_secret_file": str(tmp_path / "jwt.secret"),
+                                           "required": True})
+    good = jwt.encode({"sub": "nurse.alice", "exp": int(time.time()) + 60}, secret, "HS256")
+    device = devices(gw, transport, assertion=good)
+    assert (await device.next("welcome"))["user"] == "nurse.alice"
+
+    expired = jwt.encode({"sub": "bob", "exp": int(time.time()) - 600}, secret, "HS256")
+    forged = jwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, "x" * 40, "HS256")
+    for assertion, words in ((expired, "expired"), (forged, "Signature"), (None, "requires")):
+        refused = devices(gw, transport, assertion=assertion)
+        bye = await refused.next("disconnected")
+        assert bye["reason"] == "unauthorized" and words in bye["message"]
+        assert await asyncio.wait_for(refused.task, 5) == "unauthorized"
+    assert gw.metrics.value("lpgw_handshakes_total", transport=transport,
+                            result="unauthorized") == 3
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_call_actions_reach_the_core(gateway, devices, transport):
+    heard = []
+    gateway.delivery.call_listeners.append(lambda token, action, now: heard.append(
+        (token, action.action, action.call_id)))
+    device = devices(gateway, transport)
+    token = await device.welcome()
+    device.client.call("ringing", "call-7")
+    device.client.call("busy", "call-8")
+    await eventually(lambda: len(heard) == 2)
+    assert heard == [(token, "ringing", "call-7"), (token, "busy", "call-8")]
