@@ -44,6 +44,15 @@ CREATE INDEX IF NOT EXISTS pushes_expiration ON pushes(expiration) WHERE expirat
 SCHEMA_VERSION = 1
 
 
+_DEVICE_COLUMNS = ("token, topic, push_types, user, created_at, last_seen, acked_seq, next_seq, "
+                   "unregistered_at")
+
+
+def _device(row: tuple) -> DeviceRecord:
+    return DeviceRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5],
+                        row[6], row[7], row[8])
+
+
 class StoreError(Exception):
     pass
 
@@ -58,12 +67,15 @@ class Store:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, "
+                         "value BLOB NOT NULL)")
         version = self.get_meta("schema_version")
+        if version is not None and int(version) > SCHEMA_VERSION:
+            self._db.close()
+            raise StoreError(f"{self.path} was written by a newer lpgw (schema {int(version)})")
+        self._db.executescript(SCHEMA)
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
-        elif int(version) > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} was written by a newer lpgw (schema {int(version)})")
 
     def close(self) -> None:
         try:
@@ -97,7 +109,8 @@ class Store:
                 """INSERT INTO devices(token, topic, push_types, user, created_at, last_seen)
                    VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT(token) DO UPDATE SET push_types=excluded.push_types,
-                     user=excluded.user, last_seen=excluded.last_seen, unregistered_at=NULL""",
+                     user=COALESCE(excluded.user, devices.user), last_seen=excluded.last_seen,
+                     unregistered_at=NULL""",
                 (token, topic, json.dumps(list(push_types)), user, now, now),
             )
         device = self.get_device(token)
@@ -105,14 +118,30 @@ class Store:
         return device
 
     def get_device(self, token: str) -> DeviceRecord | None:
-        row = self._db.execute(
-            """SELECT token, topic, push_types, user, created_at, last_seen, acked_seq,
-                      next_seq, unregistered_at FROM devices WHERE token=?""", (token,)
-        ).fetchone()
-        if row is None:
-            return None
-        return DeviceRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5],
-                            row[6], row[7], row[8])
+        row = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE token=?",
+                               (token,)).fetchone()
+        return None if row is None else _device(row)
+
+    def list_devices(self, topics: tuple[str, ...] | None = None,
+                     user: str | None = None) -> list[DeviceRecord]:
+        """Devices, optionally only those of some topics and/or one user."""
+        sql = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE 1=1"
+        args: list = []
+        if topics is not None:
+            sql += f" AND topic IN ({','.join('?' * len(topics))})"
+            args.extend(topics)
+        if user is not None:
+            sql += " AND user=?"
+            args.append(user)
+        return [_device(r) for r in self._db.execute(sql + " ORDER BY last_seen DESC", args)]
+
+    def set_user(self, token: str, user: str | None) -> bool:
+        """Bind a device to a user (None unbinds); False when there is no such device."""
+        cur = self._db.execute("UPDATE devices SET user=? WHERE token=?", (user, token))
+        return cur.rowcount == 1
+
+    def pending_counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT token, count(*) FROM pushes GROUP BY token"))
 
     def touch(self, token: str, now: float) -> None:
         self._db.execute("UPDATE devices SET last_seen=? WHERE token=?", (now, token))

@@ -67,6 +67,7 @@ class DeliverySettings:
     default_ttl: int = 30 * 86400
     max_payload: int = 4096
     max_payload_voip: int = 5120
+    forget_after: float = 30 * 86400  # unseen this long: Unregistered (410)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Delivery:
         old = self._live.pop(token, None)
         if old is not None:
             self._count_connected(old.link, -1)
+            self._lose_ephemeral(old)
             old.link.close(ByeReason.REPLACED, "replaced",
                            "another connection of this install took over")
             log.info("device %s replaced its %s connection", short(token), old.link.transport)
@@ -133,8 +135,7 @@ class Delivery:
         del self._live[token]
         self._count_connected(link, -1)
         self.store.touch(token, now)
-        if live.ephemeral:
-            self.metrics.expired.inc(len(live.ephemeral))
+        self._lose_ephemeral(live)
         log.info("device %s disconnected from %s: %s", short(token), link.transport, reason)
 
     def unregister(self, token: str, link: DeviceLink, now: float) -> None:
@@ -174,6 +175,7 @@ class Delivery:
             live.link.close(ByeReason.SHUTDOWN, None, "the gateway is stopping")
             self._live.pop(token, None)
             self._count_connected(live.link, -1)
+            self._lose_ephemeral(live)
 
     # --- pushes ----------------------------------------------------------------------
 
@@ -194,6 +196,9 @@ class Delivery:
         if device.unregistered_at is not None:
             raise Rejected("Unregistered", "the device unregistered",
                            timestamp=device.unregistered_at)
+        if token not in self._live and device.last_seen < now - self.settings.forget_after:
+            raise Rejected("Unregistered", "the device has not been seen for too long",
+                           timestamp=device.last_seen)
         if req.topic is not None and req.topic != device.topic:
             raise Rejected("DeviceTokenNotForTopic", f"the token is not for topic {req.topic}")
         if req.push_type not in PUSH_TYPES:
@@ -276,6 +281,12 @@ class Delivery:
             payload=json.loads(stored.payload_json), collapse_id=stored.collapse_id,
             sent_at=now))
         live.sent_through = max(live.sent_through, stored.seq)
+
+    def _lose_ephemeral(self, live: _Live) -> None:
+        """Expiration-0 pushes never acked on a connection that ended are gone: expired."""
+        if live.ephemeral:
+            self.metrics.expired.inc(len(live.ephemeral))
+            live.ephemeral.clear()
 
     def _count_connected(self, link: DeviceLink, delta: int) -> None:
         self.metrics.connected.labels(link.transport).inc(delta)

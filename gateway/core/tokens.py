@@ -16,7 +16,7 @@ def derive_token(secret: bytes, install_id: str, topic: str) -> str:
 
 
 def is_token(value: str) -> bool:
-    return bool(TOKEN_RE.match(value))
+    return bool(TOKEN_RE.fullmatch(value))
 
 
 def short(token: str) -> str:

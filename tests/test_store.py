@@ -1,0 +1,314 @@
+"""The SQLite store on a real file under tmp_path (never :memory:: WAL needs a file)."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from contextlib import closing
+
+import pytest
+
+from gateway.store import SCHEMA_VERSION, Store, StoreError
+
+NOW = 1_800_000_000.0
+TOKEN = "a" * 64
+OTHER = "b" * 64
+TOPIC = "com.example.app"
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "state" / "lpgw.db"
+
+
+@pytest.fixture
+def store(path):
+    s = Store(path)
+    yield s
+    s.close()
+
+
+def device(s: Store, token: str = TOKEN, now: float = NOW, **kw) -> None:
+    s.upsert_device(token, kw.get("topic", TOPIC), kw.get("push_types", ("alert", "voip")),
+                    kw.get("user"), now)
+
+
+def add(s: Store, n: int, token: str = TOKEN, collapse_id: str | None = None,
+        expiration: int = int(NOW) + 3600, limit: int = 256, now: float = NOW):
+    return s.add_push(token, f"id-{n}", "alert", 10, expiration, collapse_id,
+                      f'{{"n":{n}}}', now, limit)
+
+
+def other_connection(path) -> closing[sqlite3.Connection]:
+    """A second, independent connection to the same file (closed on exit)."""
+    return closing(sqlite3.connect(path))
+
+
+# --- opening ---------------------------------------------------------------------------
+
+
+def test_schema_is_created_on_a_new_file(store, path):
+    assert path.is_file()
+    with other_connection(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"meta", "devices", "pushes"} <= tables
+    assert {"devices_user", "pushes_expiration"} <= indexes
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION).encode()
+
+
+def test_wal_mode_and_synchronous(path):
+    s = Store(path)
+    try:
+        assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL by default
+        assert s._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    finally:
+        s.close()
+    # WAL is a property of the file: another connection sees it too
+    with other_connection(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    s = Store(path, synchronous="NORMAL")
+    try:
+        assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    finally:
+        s.close()
+
+
+def test_database_files_are_private(store, path):
+    device(store)
+    add(store, 1)
+    for p in path.parent.iterdir():
+        if p.name.startswith(path.name):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+
+
+def test_integrity_is_ok(store):
+    device(store)
+    add(store, 1)
+    assert store.integrity() == "ok"
+
+
+def test_data_survives_reopening(path):
+    s = Store(path)
+    device(s, user="alice")
+    add(s, 1)
+    add(s, 2)
+    s.ack(TOKEN, 1, NOW + 1)
+    s.close()
+    assert not path.with_name(path.name + "-wal").exists() or \
+        path.with_name(path.name + "-wal").stat().st_size == 0  # close checkpoints the WAL
+
+    s = Store(path)
+    try:
+        d = s.get_device(TOKEN)
+        assert d is not None
+        assert d.user == "alice"
+        assert d.push_types == ("alert", "voip")
+        assert d.acked_seq == 1
+        assert [(p.seq, p.push_id) for p in s.pending(TOKEN, 0)] == [(2, "id-2")]
+        # sequence numbers continue; they are never reused after a restart
+        stored, _, _ = add(s, 3)
+        assert stored.seq == 3
+        assert s.get_meta("schema_version") == str(SCHEMA_VERSION).encode()
+    finally:
+        s.close()
+
+
+def test_newer_schema_is_refused(path):
+    s = Store(path)
+    s.set_meta("schema_version", str(SCHEMA_VERSION + 1).encode())
+    s.close()
+    with pytest.raises(StoreError, match="newer"):
+        Store(path)
+
+
+def test_newer_schema_is_refused_without_writing_to_it(path):
+    """A database from a newer lpgw (say it renamed `pushes`) must be left as it is."""
+    path.parent.mkdir(parents=True)
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
+                   (str(SCHEMA_VERSION + 1).encode(),))
+        db.execute("CREATE TABLE queue (token TEXT, seq INTEGER)")
+    with pytest.raises(StoreError):
+        Store(path)
+    with other_connection(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"meta", "queue"}
+
+
+def test_same_schema_version_opens(path):
+    Store(path).close()
+    s = Store(path)
+    s.close()
+
+
+def test_get_or_create_meta_makes_once_and_persists(path):
+    calls: list[int] = []
+
+    def make() -> bytes:
+        calls.append(1)
+        return b"secret-%d" % len(calls)
+
+    s = Store(path)
+    assert s.get_or_create_meta("token_secret", make) == b"secret-1"
+    assert s.get_or_create_meta("token_secret", make) == b"secret-1"
+    s.close()
+    s = Store(path)
+    try:
+        assert s.get_or_create_meta("token_secret", make) == b"secret-1"
+    finally:
+        s.close()
+    assert len(calls) == 1
+
+
+# --- devices ---------------------------------------------------------------------------
+
+
+def test_upsert_device_keeps_topic_and_created_at(store):
+    device(store, now=NOW, user="alice")
+    device(store, now=NOW + 50, push_types=("voip",), user="bob", topic="com.example.other")
+    d = store.get_device(TOKEN)
+    assert d.topic == TOPIC
+    assert d.created_at == NOW
+    assert d.last_seen == NOW + 50
+    assert d.push_types == ("voip",)
+    assert d.user == "bob"
+    assert d.acked_seq == 0 and d.next_seq == 1
+    assert store.count_devices() == 1
+    assert store.get_device(OTHER) is None
+
+
+def test_touch_updates_last_seen(store):
+    device(store)
+    store.touch(TOKEN, NOW + 9)
+    assert store.get_device(TOKEN).last_seen == NOW + 9
+
+
+def test_unregister_deletes_pushes_and_upsert_registers_again(store):
+    device(store)
+    device(store, OTHER)
+    add(store, 1)
+    add(store, 2)
+    add(store, 3, token=OTHER)
+    store.unregister(TOKEN, NOW + 5)
+    d = store.get_device(TOKEN)
+    assert d.unregistered_at == NOW + 5
+    assert store.count_pending(TOKEN) == 0
+    assert store.count_pending(OTHER) == 1  # nobody else's
+    device(store, now=NOW + 6)
+    assert store.get_device(TOKEN).unregistered_at is None
+
+
+# --- pushes ----------------------------------------------------------------------------
+
+
+def test_add_push_assigns_increasing_seqs_and_is_committed(store, path):
+    device(store)
+    first, collapsed, evicted = add(store, 1)
+    second, _, _ = add(store, 2)
+    assert (first.seq, second.seq) == (1, 2)
+    assert first.token == TOKEN and first.push_id == "id-1" and first.payload_json == '{"n":1}'
+    assert collapsed == [] and evicted == []
+    assert store.get_device(TOKEN).next_seq == 3
+    # committed: another connection sees both at once
+    with other_connection(path) as db:
+        assert db.execute("SELECT count(*) FROM pushes").fetchone()[0] == 2
+
+
+def test_add_push_collapses_same_collapse_id(store):
+    device(store)
+    add(store, 1, collapse_id="c")
+    add(store, 2, collapse_id="d")
+    stored, collapsed, evicted = add(store, 3, collapse_id="c")
+    assert collapsed == ["id-1"]
+    assert evicted == []
+    assert stored.seq == 3
+    assert [p.push_id for p in store.pending(TOKEN, 0)] == ["id-2", "id-3"]
+    # no collapse id collapses nothing
+    _, collapsed, _ = add(store, 4)
+    assert collapsed == []
+
+
+def test_add_push_evicts_the_oldest_over_the_limit(store):
+    device(store)
+    for n in (1, 2, 3):
+        assert add(store, n, limit=3)[2] == []
+    _, _, evicted = add(store, 4, limit=3)
+    assert evicted == ["id-1"]
+    _, _, evicted = add(store, 5, limit=2)
+    assert sorted(evicted) == ["id-2", "id-3"]
+    assert [p.seq for p in store.pending(TOKEN, 0)] == [4, 5]
+
+
+def test_add_push_to_unknown_device_fails_and_stores_nothing(store):
+    with pytest.raises(StoreError):
+        add(store, 1)
+    assert store.count_pending(TOKEN) == 0
+    assert not store._db.in_transaction  # rolled back, not left open
+    device(store)
+    assert add(store, 1)[0].seq == 1
+
+
+def test_next_seq_takes_a_number_without_storing(store):
+    device(store)
+    assert store.next_seq(TOKEN) == 1
+    assert store.next_seq(TOKEN) == 2
+    assert store.count_pending(TOKEN) == 0
+    assert add(store, 1)[0].seq == 3
+    with pytest.raises(StoreError):
+        store.next_seq(OTHER)
+
+
+def test_pending_is_in_seq_order_after_a_seq(store):
+    device(store)
+    device(store, OTHER)
+    for n in range(1, 6):
+        add(store, n)
+    add(store, 99, token=OTHER)
+    assert [p.seq for p in store.pending(TOKEN, 0)] == [1, 2, 3, 4, 5]
+    assert [p.seq for p in store.pending(TOKEN, 3)] == [4, 5]
+    assert store.pending(TOKEN, 5) == []
+    assert [p.push_id for p in store.pending(OTHER, 0)] == ["id-99"]
+    assert store.count_pending(TOKEN) == 5
+
+
+def test_ack_returns_accepted_times_and_raises_acked_seq(store):
+    device(store)
+    for n in (1, 2, 3):
+        add(store, n, now=NOW + n)
+    assert sorted(store.ack(TOKEN, 2, NOW + 10)) == [NOW + 1, NOW + 2]
+    d = store.get_device(TOKEN)
+    assert d.acked_seq == 2
+    assert d.last_seen == NOW + 10
+    assert [p.seq for p in store.pending(TOKEN, 0)] == [3]
+    assert store.ack(TOKEN, 2, NOW + 11) == []
+    # acked_seq never goes down, and never past what was handed out
+    store.ack(TOKEN, 1, NOW + 12)
+    assert store.get_device(TOKEN).acked_seq == 2
+    assert store.ack(TOKEN, 1000, NOW + 13) == [NOW + 3]
+    assert store.get_device(TOKEN).acked_seq == 3
+
+
+def test_delete_pushes(store):
+    device(store)
+    for n in (1, 2, 3):
+        add(store, n)
+    store.delete_pushes(TOKEN, [1, 3])
+    assert [p.seq for p in store.pending(TOKEN, 0)] == [2]
+
+
+def test_expire_drops_only_pushes_past_expiration(store):
+    device(store)
+    device(store, OTHER)
+    add(store, 1, expiration=int(NOW) + 10)
+    add(store, 2, expiration=int(NOW) + 100)
+    add(store, 3, expiration=0)  # now-or-never rows are not swept by time
+    add(store, 4, token=OTHER, expiration=int(NOW) + 20)
+    assert store.expire(NOW + 10) == []  # not past yet at the second itself
+    gone = store.expire(NOW + 50)
+    assert sorted(gone) == [(TOKEN, "id-1"), (OTHER, "id-4")]
+    assert [p.push_id for p in store.pending(TOKEN, 0)] == ["id-2", "id-3"]
+    assert store.expire(NOW + 50) == []
