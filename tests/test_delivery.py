@@ -660,3 +660,20 @@ def test_metrics_are_per_instance():
     assert m1.value("lpgw_pushes_delivered_total") == 3
     assert m2.value("lpgw_pushes_delivered_total") == 0
     assert m1.value("lpgw_pushes_rejected_total", reason="never") == 0
+
+
+def test_a_lone_surrogate_in_the_payload_is_refused_not_a_crash(delivery, store):
+    token = register(delivery)
+    with pytest.raises(Rejected) as caught:
+        delivery.submit(token, PushRequest(push_type="alert", payload={"text": "\ud800"}), NOW)
+    assert caught.value.reason == "BadPayload"
+    assert store.count_pending(token) == 0
+
+
+def test_a_device_unseen_for_too_long_is_unregistered(store):
+    d = make_delivery(store, DeliverySettings(forget_after=86400))
+    token = register(d)
+    assert d.submit(token, alert(), NOW + 3600).stored
+    with pytest.raises(Rejected) as caught:
+        d.submit(token, alert(), NOW + 2 * 86400)
+    assert caught.value.reason == "Unregistered" and caught.value.timestamp == NOW

@@ -220,9 +220,13 @@ class Delivery:
         if not req.payload:
             raise Rejected("PayloadEmpty", "the payload is empty")
         payload_json = json.dumps(req.payload, separators=(",", ":"), ensure_ascii=False)
+        try:
+            size = len(payload_json.encode())
+        except UnicodeEncodeError:
+            raise Rejected("BadPayload", "the payload holds a lone UTF-16 surrogate") from None
         limit = (self.settings.max_payload_voip if req.push_type == "voip"
                  else self.settings.max_payload)
-        if len(payload_json.encode()) > limit:
+        if size > limit:
             raise Rejected("PayloadTooLarge", f"payload over {limit} bytes")
 
         self.metrics.accepted.labels(req.push_type).inc()

@@ -32,6 +32,10 @@ class Metrics:
                                    ["transport", "reason"], registry=r)
         self.heartbeat_timeouts = Counter("lpgw_heartbeat_timeouts",
                                           "Devices dropped for missed heartbeats", registry=r)
+        self.api_errors = Counter("lpgw_api_errors", "API requests refused, by APNs reason",
+                                  ["reason"], registry=r)
+        self.api_requests = Counter("lpgw_api_requests", "API requests by HTTP version",
+                                    ["http"], registry=r)
         self.call_actions = Counter("lpgw_call_actions", "Call actions from devices",
                                     ["action"], registry=r)
 

@@ -42,6 +42,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise MessageError("bad_utf8", f"frame is not UTF-8: {exc.reason}") from None
     except ValueError as exc:
         raise MessageError("bad_json", f"frame is not JSON: {exc}") from None
+    except RecursionError:
+        raise MessageError("bad_json", "frame is nested too deeply") from None
     if not isinstance(value, dict):
         raise MessageError("not_object", f"frame is JSON {type(value).__name__}, not an object")
     return value

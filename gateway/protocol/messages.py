@@ -64,6 +64,16 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _number(d: dict[str, Any], key: str, required: bool = True) -> float | None:
+    value = _field(d, key, (int, float), required)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        raise MessageError("bad_field", f"'{key}' is too large") from None
+
+
 def _seq(d: dict[str, Any], key: str, required: bool = True) -> int | None:
     value = _field(d, key, int, required)
     if value is not None and not 0 <= value < 2**53:
@@ -247,7 +257,7 @@ class Welcome:
         return cls(
             version=_field(d, "version", int),
             token=_field(d, "token", str),
-            heartbeat=float(_field(d, "heartbeat", (int, float))),
+            heartbeat=_number(d, "heartbeat"),
             gateway_id=_field(d, "gateway_id", str),
             user=_field(d, "user", str, required=False),
             max_frame=max(_field(d, "max_frame", int, required=False) or DEFAULT_MAX_FRAME,
@@ -289,7 +299,7 @@ class Push:
             expiration=_field(d, "expiration", int),
             payload=_field(d, "payload", dict),
             collapse_id=_field(d, "collapse_id", str, required=False),
-            sent_at=float(_field(d, "sent_at", (int, float), required=False) or 0.0),
+            sent_at=_number(d, "sent_at", required=False) or 0.0,
         )
 
     def to_dict(self) -> dict[str, Any]:
