@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import ipaddress
 import os
+import socket
 from pathlib import Path
 
 from cryptography import x509
@@ -31,8 +33,27 @@ def pin_of_der(der: bytes) -> str:
     return spki_pin(x509.load_der_x509_certificate(der))
 
 
+def load_public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
+    """A P-256 public key from a PEM public key, or from an APNs .p8 private key itself."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError:
+        key = serialization.load_pem_private_key(pem, password=None).public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ValueError("not a P-256 (ES256) key")
+    return key
+
+
 def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _names() -> list[x509.GeneralName]:
+    """Names app servers may use to reach the API: this host, localhost, lpgw.local."""
+    host = socket.gethostname().split(".")[0] or "lpgw"
+    dns = dict.fromkeys([host, f"{host}.local", "lpgw.local", "localhost"])
+    ips = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    return [*(x509.DNSName(n) for n in dns), *(x509.IPAddress(ip) for ip in ips)]
 
 
 def ensure_self_signed(cert_path: Path, key_path: Path, name: str,
@@ -61,7 +82,7 @@ def write_self_signed(cert_path: Path, key_path: Path, key: ec.EllipticCurvePriv
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("lpgw.local")]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_names()), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

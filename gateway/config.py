@@ -8,11 +8,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
+
+from gateway.certs import load_public_key
 
 
 class ConfigError(Exception):
@@ -60,6 +64,31 @@ class DeliveryConfig:
                           hi=100000)
     default_ttl: int = _k(2592000, "seconds a push without expiration is kept", lo=1)
     expire_interval: float = _k(60.0, "seconds between sweeps for expired pushes", lo=0.05)
+    unregistered_after_days: float = _k(30.0, "a device unseen this long gets 410 Unregistered",
+                                        lo=0.001)
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    team_id: str = _k("", "Apple team id: the JWT's iss")
+    key_id: str = _k("", "key id: the JWT header's kid")
+    key_file: str = _k("", "the key's PEM public key (or the .p8 itself)")
+    topics: tuple[str, ...] = _k((), "bundle ids this key may push to")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    enabled: bool = _k(True, "serve the APNs-compatible HTTP/2 API")
+    host: str = _k("::", "address to bind")
+    port: int = _k(2197, "TCP port (APNs uses 443 and 2197)", lo=0, hi=65535)
+    cert: str = _k("", "PEM certificate for the API; empty: the gateway's")
+    key: str = _k("", "PEM key for the API; empty: the gateway's")
+    admin_token_file: str = _k("", "file holding a bearer token for /v1 and /status")
+    rate_limit: float = _k(1000.0, "pushes per second per provider key", lo=0.001)
+    rate_burst: int = _k(2000, "pushes a key may send in a burst", lo=1)
+    idle_timeout: float = _k(3600.0, "seconds before an idle API connection is closed", lo=0.1)
+    metrics_need_auth: bool = _k(False, "require a bearer token for /metrics")
+    providers: tuple[ProviderConfig, ...] = _k((), "provider keys (team, key id, topics)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +124,7 @@ class Config:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     assertions: AssertionsConfig = field(default_factory=AssertionsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -177,10 +207,30 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(kind):
             values[key] = _build(kind, value if value is not None else {}, f"{path}.", problems)
             continue
+        if typing.get_origin(kind) is tuple:
+            values[key] = _build_list(typing.get_args(kind)[0], value, path, problems)
+            continue
         checked = _check(path, value, kind, f.metadata, problems)
         if checked is not None:
             values[key] = checked
     return cls(**values)
+
+
+def _build_list(item: type, value: Any, path: str, problems: list[str]) -> tuple:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(f"{path}: must be a list")
+        return ()
+    if dataclasses.is_dataclass(item):
+        return tuple(_build(item, v, f"{path}[{i}].", problems) for i, v in enumerate(value))
+    out = []
+    for i, v in enumerate(value):
+        if not isinstance(v, item):
+            problems.append(f"{path}[{i}]: must be a {item.__name__}")
+        else:
+            out.append(v)
+    return tuple(out)
 
 
 def _check(path: str, value: Any, kind: type, meta: Any, problems: list[str]) -> Any:
@@ -235,9 +285,42 @@ def _cross_checks(c: Config) -> list[str]:
                                       c.assertions.es256_public_key_file):
         problems.append("assertions.required: true needs a key (hs256_secret_file or "
                         "es256_public_key_file)")
+    problems.extend(_api_checks(c.api))
     secret = hs256_secret(c) if not problems else None
     if secret is not None and len(secret) < 32:
         problems.append("assertions.hs256_secret: must be at least 32 bytes")
+    return problems
+
+
+def _api_checks(api: ApiConfig) -> list[str]:
+    problems = []
+    if bool(api.cert) != bool(api.key):
+        problems.append("api: set both cert and key, or neither")
+    for key, value in (("api.cert", api.cert), ("api.key", api.key),
+                       ("api.admin_token_file", api.admin_token_file)):
+        if value and not os.access(value, os.R_OK):
+            problems.append(f"{key}: cannot read {value}")
+    if api.admin_token_file and os.access(api.admin_token_file, os.R_OK) \
+            and len(Path(api.admin_token_file).read_text().strip()) < 16:
+        problems.append("api.admin_token_file: the token must be at least 16 characters")
+    seen = set()
+    for i, p in enumerate(api.providers):
+        where = f"api.providers[{i}]"
+        if not re.fullmatch(r"[A-Z0-9]{10}", p.team_id):
+            problems.append(f"{where}.team_id: must be 10 capital letters or digits")
+        if not re.fullmatch(r"[A-Z0-9]{10}", p.key_id):
+            problems.append(f"{where}.key_id: must be 10 capital letters or digits")
+        if p.key_id in seen:
+            problems.append(f"{where}.key_id: {p.key_id} is listed twice")
+        seen.add(p.key_id)
+        if not p.topics:
+            problems.append(f"{where}.topics: list at least one bundle id")
+        try:
+            load_public_key(Path(p.key_file).read_bytes())
+        except OSError as exc:
+            problems.append(f"{where}.key_file: cannot read {p.key_file}: {exc.strerror}")
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}.key_file: not a P-256 key: {exc}")
     return problems
 
 
@@ -254,7 +337,9 @@ def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
+        if typing.get_origin(hints[f.name]) is tuple:
+            keys.append(f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(hints[f.name]):
             keys.extend(schema_keys(hints[f.name], f"{prefix}{f.name}."))
         else:
             keys.append(f"{prefix}{f.name}")

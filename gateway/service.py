@@ -17,6 +17,9 @@ from pathlib import Path
 from aioquic.asyncio import serve as quic_serve
 
 from gateway import __version__, certs
+from gateway.api import server as http_server
+from gateway.api.provider_auth import ProviderAuth, ProviderKey
+from gateway.api.router import RateLimiter, Router
 from gateway.config import Config, hs256_secret
 from gateway.core.assertions import AssertionPolicy
 from gateway.core.delivery import Delivery, DeliverySettings
@@ -53,6 +56,9 @@ class Gateway:
         self._tcp: asyncio.AbstractServer | None = None
         self._quic = None
         self._control: ControlServer | None = None
+        self._api: asyncio.AbstractServer | None = None
+        self.api_port: int | None = None
+        self.router: Router | None = None
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -75,7 +81,8 @@ class Gateway:
         d = c.delivery
         self.delivery = Delivery(self.store, secret, self.gateway_id,
                                  DeliverySettings(queue_limit=d.queue_limit,
-                                                  default_ttl=d.default_ttl),
+                                                  default_ttl=d.default_ttl,
+                                                  forget_after=d.unregistered_after_days * 86400),
                                  policy, self.metrics)
         p = c.protocol
         self.link_context = LinkContext(
@@ -86,6 +93,8 @@ class Gateway:
                                      frame_burst=p.frame_burst))
         try:
             await self._listen()
+            if c.api.enabled:
+                await self._serve_api()
             self._control = ControlServer(c.control_path, self.delivery, self.status)
             await self._control.start()
         except BaseException:
@@ -125,6 +134,25 @@ class Gateway:
             transports.append("quic")
         self.listening = Listening(host or "::", port, transports)
 
+    async def _serve_api(self) -> None:
+        a = self.config.api
+        keys = [ProviderKey(p.team_id, p.key_id,
+                            certs.load_public_key(Path(p.key_file).read_bytes()), p.topics)
+                for p in a.providers]
+        admin = Path(a.admin_token_file).read_text().strip() if a.admin_token_file else None
+        self.router = Router(self.delivery, ProviderAuth(keys, admin), self.metrics, self.status,
+                             RateLimiter(a.rate_limit, a.rate_burst), a.metrics_need_auth)
+        cert = a.cert or str(self.config.cert_path)
+        key = a.key or str(self.config.key_path)
+        factory = http_server.serve_factory(
+            tls.server_context(cert, key, http_server.ALPN), self.router, self.metrics,
+            self.config.protocol.hello_timeout, a.idle_timeout)
+        self._api = await asyncio.get_running_loop().create_server(
+            factory, None if a.host in ("::", "") else a.host, a.port, reuse_address=True)
+        self.api_port = self._api.sockets[0].getsockname()[1]
+        if not keys:
+            log.warning("the API has no provider keys configured: every push will get 403")
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.config.delivery.expire_interval)
@@ -146,6 +174,7 @@ class Gateway:
             "pin": f"sha256/{self.pin}",
             "listen": {"host": self.listening.host, "port": self.listening.port,
                        "transports": self.listening.transports} if self.listening else None,
+            "api": {"port": self.api_port} if self.api_port else None,
             "uptime": round(time.time() - self.started_at, 1) if self.started_at else 0,
             "devices": {"connected": by_transport,
                         "known": self.store.count_devices() if self.store else 0},
@@ -160,7 +189,8 @@ class Gateway:
         """Where this run listens, for tools and tests (the state dir is private)."""
         path = self.config.state_path / "runtime.json"
         path.write_text(json.dumps({"pid": os.getpid(), "gateway_id": self.gateway_id,
-                                    "port": self.listening.port, "pin": f"sha256/{self.pin}",
+                                    "port": self.listening.port, "api_port": self.api_port,
+                                    "pin": f"sha256/{self.pin}",
                                     "control": str(self.config.control_path)}))
 
     async def stop(self) -> None:
@@ -176,6 +206,9 @@ class Gateway:
         if self._tcp is not None:
             self._tcp.close()
             self._tcp = None
+        if self._api is not None:
+            self._api.close()
+            self._api = None
         if self._quic is not None:
             self._quic.close()
             self._quic = None
@@ -213,6 +246,9 @@ async def run(config: Config) -> None:
         proto = "udp" if transport == "quic" else "tcp"
         print(f"lpgw: listening {transport} on {proto} [{listening.host}]:{listening.port}",
               flush=True)
+    if gateway.api_port:
+        print(f"lpgw: provider API (APNs-compatible, HTTP/2) on tcp "
+              f"[{config.api.host}]:{gateway.api_port}", flush=True)
     print(f"lpgw: gateway {gateway.gateway_id} pin sha256/{gateway.pin}", flush=True)
     print(f"lpgw: state in {config.state_path}", flush=True)
     try:

@@ -20,11 +20,11 @@ log = logging.getLogger("lpgw.tls")
 READ_CHUNK = 16384
 
 
-def server_context(cert: str, key: str) -> ssl.SSLContext:
+def server_context(cert: str, key: str, alpn: tuple[str, ...] = (ALPN,)) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols([ALPN])
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -33,8 +33,10 @@ class TlsStream(asyncio.Protocol):
 
     def __init__(self, ctx: ssl.SSLContext, server_side: bool, handshake_timeout: float,
                  on_open: Callable[[TlsStream], None], on_error: Callable[[str], None],
-                 server_hostname: str | None = None) -> None:
+                 server_hostname: str | None = None,
+                 alpn: tuple[str | None, ...] = (ALPN,)) -> None:
         self._ctx = ctx
+        self._alpn = alpn
         self._server_side = server_side
         self._server_hostname = server_hostname
         self._timeout = handshake_timeout
@@ -115,8 +117,8 @@ class TlsStream(asyncio.Protocol):
             return
         self._flush()
         self._cancel_timer()
-        if self.ssl.selected_alpn_protocol() != ALPN:
-            self._fail(f"peer did not negotiate ALPN {ALPN}")
+        if self.ssl.selected_alpn_protocol() not in self._alpn:
+            self._fail(f"peer did not negotiate ALPN {' or '.join(map(str, self._alpn))}")
             return
         self._open = True
         self._on_open(self)

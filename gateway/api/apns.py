@@ -1,0 +1,109 @@
+"""`POST /3/device/<token>`: APNs headers and body to a PushRequest, by APNs' rules."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+from gateway.api.errors import ApiError
+from gateway.api.provider_auth import ProviderKey
+from gateway.core.model import PushRequest
+from gateway.protocol.messages import PUSH_TYPES
+
+# the topic an APNs push type is sent to, as a suffix of the app's bundle id
+TOPIC_SUFFIX = {
+    "voip": ".voip",
+    "pushtotalk": ".voip-ptt",
+    "complication": ".complication",
+    "fileprovider": ".pushkit.fileprovider",
+    "liveactivity": ".push-type.liveactivity",
+    "location": ".location-query",
+    "widgets": ".push-type.widgets",
+}
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+MAX_PAYLOAD = {"voip": 5120}
+DEFAULT_MAX_PAYLOAD = 4096
+MAX_BODY = max(MAX_PAYLOAD.values())  # the most any push may carry
+
+
+def payload_limit(push_type: str) -> int:
+    return MAX_PAYLOAD.get(push_type, DEFAULT_MAX_PAYLOAD)
+
+
+def single_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """Header name -> value; a repeated apns-* or authorization header is an error."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        name = name.lower()
+        if name in out and (name.startswith("apns-") or name == "authorization"):
+            raise ApiError("DuplicateHeaders", f"{name} appears twice")
+        out[name] = value
+    return out
+
+
+def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> PushRequest:
+    push_type = headers.get("apns-push-type", "alert")
+    if push_type not in PUSH_TYPES:
+        raise ApiError("InvalidPushType", f"apns-push-type must be one of {PUSH_TYPES}")
+    topic = _topic(headers.get("apns-topic"), push_type, key)
+
+    raw_priority = headers.get("apns-priority")
+    priority = 5 if push_type == "background" else 10
+    if raw_priority is not None:
+        if raw_priority not in ("10", "5", "1"):
+            raise ApiError("BadPriority", "apns-priority must be 10, 5 or 1")
+        priority = int(raw_priority)
+    if push_type == "background" and priority == 10:
+        raise ApiError("BadPriority", "background pushes must have priority 5 (or 1)")
+
+    expiration = None
+    if "apns-expiration" in headers:
+        raw = headers["apns-expiration"].strip()
+        if not raw.isdigit() or len(raw) > 12:
+            raise ApiError("BadExpirationDate", "apns-expiration is epoch seconds, or 0")
+        expiration = int(raw)
+
+    push_id = headers.get("apns-id")
+    if push_id is not None and not UUID_RE.fullmatch(push_id):
+        raise ApiError("BadMessageId", "apns-id must be a UUID (8-4-4-4-12 hex)")
+
+    collapse_id = headers.get("apns-collapse-id")
+    if collapse_id is not None and len(collapse_id.encode()) > 64:
+        raise ApiError("BadCollapseId", "apns-collapse-id is at most 64 bytes")
+
+    if not body.strip():
+        raise ApiError("PayloadEmpty", "the body is empty")
+    if len(body) > payload_limit(push_type):
+        raise ApiError("PayloadTooLarge", f"payload over {payload_limit(push_type)} bytes")
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise ApiError("BadPayload", f"the body is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError("BadPayload", "the body must be a JSON object")
+    if not payload:
+        raise ApiError("PayloadEmpty", "the payload is an empty object")
+    return PushRequest(push_type=push_type, payload=payload, priority=priority,
+                       expiration=expiration, collapse_id=collapse_id,
+                       push_id=push_id.lower() if push_id else None, topic=topic)
+
+
+def _topic(header: str | None, push_type: str, key: ProviderKey) -> str:
+    """The app's bundle id this push is for, checked against the key's topics."""
+    suffix = TOPIC_SUFFIX.get(push_type, "")
+    if header is None:
+        if len(key.topics) != 1:
+            raise ApiError("MissingTopic", "apns-topic is required: this key has several topics")
+        return key.topics[0]
+    if suffix:
+        if not header.endswith(suffix):
+            raise ApiError("BadTopic", f"{push_type} pushes go to '<bundle id>{suffix}'")
+        base = header[: -len(suffix)]
+    else:
+        base = header
+        if any(header.endswith(s) for s in TOPIC_SUFFIX.values()):
+            raise ApiError("BadTopic", f"apns-topic {header} is not for {push_type} pushes")
+    if base not in key.topics:
+        raise ApiError("TopicDisallowed", f"this key may not push to {base}")
+    return base

@@ -1,0 +1,209 @@
+"""Requests to responses, for every path the API serves. No sockets: the shells call `handle`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.api import apns
+from gateway.api.errors import ApiError
+from gateway.api.provider_auth import ProviderAuth, ProviderKey
+from gateway.core.delivery import Delivery, Rejected
+from gateway.core.metrics import Metrics
+from gateway.core.tokens import is_token, short
+
+log = logging.getLogger("lpgw.api")
+
+JSON = "application/json"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    http2: bool = True
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    @classmethod
+    def json(cls, status: int, value: Any, headers: list | None = None) -> Response:
+        return cls(status, [("content-type", JSON), *(headers or [])],
+                   json.dumps(value).encode())
+
+
+class RateLimiter:
+    """A token bucket per provider key."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1, now)
+        return True
+
+
+class Router:
+    def __init__(self, delivery: Delivery, auth: ProviderAuth, metrics: Metrics,
+                 status: Callable[[], dict], limiter: RateLimiter,
+                 metrics_need_auth: bool = False) -> None:
+        self.delivery = delivery
+        self.auth = auth
+        self.metrics = metrics
+        self.status = status
+        self.limiter = limiter
+        self.metrics_need_auth = metrics_need_auth
+        self.draining = False
+
+    def handle(self, req: Request, now: float) -> Response:
+        try:
+            return self._route(req, now)
+        except ApiError as exc:
+            self.metrics.api_errors.labels(exc.reason).inc()
+            body: dict[str, Any] = {"reason": exc.reason}
+            if exc.timestamp is not None:
+                body["timestamp"] = int(exc.timestamp * 1000)
+            if exc.reason not in ("Unregistered",) and str(exc) != exc.reason:
+                body["message"] = str(exc)  # lpgw's addition: what exactly was wrong
+            headers = [("apns-id", req_id)] if (req_id := _header(req, "apns-id")) else []
+            return Response.json(exc.status, body, headers)
+        except Exception:
+            log.exception("request %s %s failed", req.method, req.path.split("?")[0][:40])
+            self.metrics.api_errors.labels("InternalServerError").inc()
+            return Response.json(500, {"reason": "InternalServerError"})
+
+    def _route(self, req: Request, now: float) -> Response:
+        path, _, query = req.path.partition("?")
+        if path.startswith("/3/device"):
+            return self._push(req, path, now)
+        if path == "/v1/health":
+            self._method(req, "GET")
+            return Response.json(200, {"status": "draining" if self.draining else "ok"})
+        if path == "/metrics":
+            self._method(req, "GET")
+            if self.metrics_need_auth:
+                self._principal(req, now)
+            return Response(200, [("content-type", CONTENT_TYPE_LATEST)],
+                            generate_latest(self.metrics.registry))
+        if path == "/status":
+            self._method(req, "GET")
+            self._principal(req, now)
+            return Response.json(200, self.status())
+        if path == "/v1/devices":
+            self._method(req, "GET")
+            key = self._principal(req, now)
+            user = dict(p.partition("=")[::2] for p in query.split("&") if p).get("user")
+            return Response.json(200, {"devices": self._devices(key, user or None)})
+        if path.startswith("/v1/devices/"):
+            return self._device(req, path.removeprefix("/v1/devices/"), now)
+        raise ApiError("BadPath", "no such path")
+
+    # --- APNs -----------------------------------------------------------------------
+
+    def _push(self, req: Request, path: str, now: float) -> Response:
+        if not req.http2:
+            raise ApiError("HTTP2Required", "APNs requests need HTTP/2 (ALPN h2 or prior "
+                                            "knowledge)")
+        self._method(req, "POST")
+        token = path.removeprefix("/3/device").removeprefix("/")
+        if not token:
+            raise ApiError("MissingDeviceToken", "the path is /3/device/<token>")
+        if self.draining:
+            raise ApiError("Shutdown", "the gateway is stopping; send to another")
+        headers = apns.single_headers(req.headers)
+        key = self.auth.authenticate(headers.get("authorization"), now)
+        if not self.limiter.allow(key.name, now):
+            raise ApiError("TooManyRequests", "this key is over its rate limit")
+        push = apns.push_request(headers, req.body, key)
+        try:
+            accepted = self.delivery.submit(token.lower(), push, now)
+        except Rejected as exc:
+            raise ApiError(exc.reason, str(exc), exc.timestamp) from None
+        return Response(200, [("apns-id", accepted.push_id)])
+
+    # --- lpgw /v1 ---------------------------------------------------------------------
+
+    def _device(self, req: Request, rest: str, now: float) -> Response:
+        token, _, sub = rest.partition("/")
+        token = token.lower()
+        key = self._principal(req, now)
+        if not is_token(token):
+            raise ApiError("BadDeviceToken", "a device token is 64 lowercase hex characters")
+        device = self.delivery.store.get_device(token)
+        if device is None or not self._may_see(key, device.topic):
+            raise ApiError("BadDeviceToken", "no device has this token")
+        if sub == "":
+            self._method(req, "GET")
+            return Response.json(200, self._describe(device, self.delivery.connected(), None))
+        if sub != "user":
+            raise ApiError("BadPath", "no such path")
+        if req.method == "PUT":
+            try:
+                body = json.loads(req.body or b"null")
+            except ValueError:
+                raise ApiError("BadPayload", "the body is not JSON") from None
+            user = body.get("user") if isinstance(body, dict) else None
+            if not isinstance(user, str) or not 0 < len(user) <= 128:
+                raise ApiError("BadPayload", 'the body is {"user": "<1 to 128 characters>"}')
+            self.delivery.store.set_user(token, user)
+            log.info("device %s bound to user %s by %s", short(token), user, key.name)
+            return Response.json(200, {"token": token, "user": user})
+        if req.method == "DELETE":
+            self.delivery.store.set_user(token, None)
+            log.info("device %s unbound by %s", short(token), key.name)
+            return Response(204)
+        raise ApiError("MethodNotAllowed", "use PUT or DELETE")
+
+    def _devices(self, key: ProviderKey, user: str | None) -> list[dict]:
+        store = self.delivery.store
+        devices = store.list_devices(None if key.admin else key.topics, user)
+        connected = self.delivery.connected()
+        queued = store.pending_counts()
+        return [self._describe(d, connected, queued) for d in devices]
+
+    def _describe(self, device, connected: dict[str, str], queued: dict | None) -> dict:
+        pending = (queued.get(device.token, 0) if queued is not None
+                   else self.delivery.store.count_pending(device.token))
+        return {"token": device.token, "topic": device.topic, "user": device.user,
+                "push_types": list(device.push_types),
+                "connected": connected.get(device.token), "queued": pending,
+                "last_seen": device.last_seen, "created": device.created_at,
+                "unregistered": device.unregistered_at}
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _principal(self, req: Request, now: float) -> ProviderKey:
+        return self.auth.authenticate(_header(req, "authorization"), now, allow_admin=True)
+
+    @staticmethod
+    def _may_see(key: ProviderKey, topic: str) -> bool:
+        return key.admin or topic in key.topics
+
+    @staticmethod
+    def _method(req: Request, allowed: str) -> None:
+        if req.method != allowed:
+            raise ApiError("MethodNotAllowed", f"use {allowed}")
+
+
+def _header(req: Request, name: str) -> str | None:
+    for key, value in req.headers:
+        if key.lower() == name:
+            return value
+    return None

@@ -1,0 +1,291 @@
+"""The API's transport: TLS 1.3, then HTTP/2 (ALPN h2 or prior knowledge) or HTTP/1.1.
+
+Built on the h2 and h11 state machines (sans-IO, like the rest of lpgw) and the same
+MemoryBIO TLS shell the devices use, so an idle provider connection stays small and request
+handling lives in the Router, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import h11
+
+from gateway.api.apns import MAX_BODY
+from gateway.api.router import Request, Response, Router
+from gateway.core.metrics import Metrics
+from gateway.transport.tls import TlsStream
+
+log = logging.getLogger("lpgw.http")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+ALPN = ("h2", "http/1.1")
+MAX_STREAMS = 1000
+MAX_HEADERS = 16384
+BODY_CAP = MAX_BODY + 1024  # /v1 bodies are tiny; anything past a push's limit is refused
+
+
+@dataclass
+class _Pending:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytearray = field(default_factory=bytearray)
+    refused: bool = False
+
+
+class HttpConnection:
+    def __init__(self, stream: TlsStream, router: Router, metrics: Metrics,
+                 idle_timeout: float) -> None:
+        self.stream = stream
+        self.router = router
+        self.metrics = metrics
+        self._idle_timeout = idle_timeout
+        self._loop = asyncio.get_running_loop()
+        self._idle: asyncio.TimerHandle | None = None
+        self._h2: h2.connection.H2Connection | None = None
+        self._h1: h11.Connection | None = None
+        self._h1_request: _Pending | None = None
+        self._streams: dict[int, _Pending] = {}
+        self._unsent: dict[int, bytes] = {}
+        self._head = b""
+        self._closed = False
+        stream.on_data = self.data_received
+        stream.on_lost = self.lost
+        alpn = stream.ssl.selected_alpn_protocol()
+        if alpn == "h2":
+            self._start_h2()
+        elif alpn == "http/1.1":
+            self._start_h1()
+        self._touch()
+
+    # --- dispatch ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._touch()
+        if self._h2 is None and self._h1 is None:  # no ALPN: the first bytes decide
+            self._head += data
+            if len(self._head) < len(PREFACE) and PREFACE.startswith(self._head):
+                return
+            data, self._head = self._head, b""
+            if data.startswith(PREFACE):
+                self._start_h2()
+            else:
+                self._start_h1()
+        if self._h2 is not None:
+            self._h2_data(data)
+        else:
+            self._h1_data(data)
+
+    def lost(self, why: str) -> None:
+        self._closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._idle is not None:
+                self._idle.cancel()
+            self.stream.close()
+
+    def _touch(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self._loop.call_later(self._idle_timeout, self._idle_out)
+
+    def _idle_out(self) -> None:
+        if self._h2 is not None:
+            self._h2.close_connection()
+            self._flush()
+        self.close()
+
+    def _answer(self, pending: _Pending, http2: bool) -> Response:
+        self.metrics.api_requests.labels("2" if http2 else "1.1").inc()
+        request = Request(pending.method, pending.path, pending.headers, bytes(pending.body),
+                          http2=http2)
+        return self.router.handle(request, time.time())
+
+    # --- HTTP/2 -----------------------------------------------------------------------
+
+    def _start_h2(self) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8"))
+        conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS,
+        })
+        conn.initiate_connection()
+        self._h2 = conn
+        self._flush()
+
+    def _h2_data(self, data: bytes) -> None:
+        conn = self._h2
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.metrics.api_errors.labels("http2_protocol_error").inc()
+            log.info("closing an API connection from %s: %s", self.stream.peer, exc)
+            self._flush()
+            self.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                headers = [(k, v) for k, v in event.headers]
+                pseudo = dict(h for h in headers if h[0].startswith(":"))
+                self._streams[event.stream_id] = _Pending(
+                    pseudo.get(":method", ""), pseudo.get(":path", ""),
+                    [h for h in headers if not h[0].startswith(":")])
+                if event.stream_ended:
+                    self._h2_request_done(event.stream_id)
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                pending = self._streams.get(event.stream_id)
+                if pending is None or pending.refused:
+                    continue
+                pending.body += event.data
+                if len(pending.body) > BODY_CAP:  # refuse now; never buffer more
+                    pending.refused = True
+                    pending.body = bytearray()
+                    self._h2_send(event.stream_id, Response.json(
+                        413, {"reason": "PayloadTooLarge",
+                              "message": f"payload over {MAX_BODY} bytes"}))
+                    self.metrics.api_errors.labels("PayloadTooLarge").inc()
+                    conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                elif event.stream_ended:
+                    self._h2_request_done(event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._h2_request_done(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self._streams.pop(event.stream_id, None)
+                self._unsent.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.WindowUpdated):
+                self._pump()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self._flush()
+                self.close()
+                return
+        self._flush()
+
+    def _h2_request_done(self, stream_id: int) -> None:
+        pending = self._streams.pop(stream_id, None)
+        if pending is None or pending.refused:
+            return
+        self._h2_send(stream_id, self._answer(pending, http2=True))
+
+    def _h2_send(self, stream_id: int, response: Response) -> None:
+        headers = [(":status", str(response.status)), *response.headers,
+                   ("content-length", str(len(response.body)))]
+        try:
+            self._h2.send_headers(stream_id, headers, end_stream=not response.body)
+        except h2.exceptions.StreamClosedError:
+            return
+        if response.body:
+            self._unsent[stream_id] = response.body
+            self._pump()
+
+    def _pump(self) -> None:
+        """Send what flow control allows now; the rest on WINDOW_UPDATE."""
+        conn = self._h2
+        for stream_id in list(self._unsent):
+            data = self._unsent[stream_id]
+            try:
+                while data:
+                    room = min(conn.local_flow_control_window(stream_id),
+                               conn.max_outbound_frame_size)
+                    if room <= 0:
+                        break
+                    chunk, data = data[:room], data[room:]
+                    conn.send_data(stream_id, chunk, end_stream=not data)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                data = b""
+            if data:
+                self._unsent[stream_id] = data
+            else:
+                del self._unsent[stream_id]
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._h2 is not None:
+            data = self._h2.data_to_send()
+            if data:
+                self.stream.write(data)
+
+    # --- HTTP/1.1 ---------------------------------------------------------------------
+
+    def _start_h1(self) -> None:
+        self._h1 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+
+    def _h1_data(self, data: bytes) -> None:
+        conn = self._h1
+        conn.receive_data(data)
+        while not self._closed:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.metrics.api_errors.labels("http1_protocol_error").inc()
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    self._h1_send(Response.json(400, {"reason": "BadRequest",
+                                                      "message": str(exc)}), close=True)
+                self.close()
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._h1_request = _Pending(
+                    event.method.decode(), event.target.decode("latin-1"),
+                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers])
+            elif isinstance(event, h11.Data) and self._h1_request is not None:
+                self._h1_request.body += event.data
+                if len(self._h1_request.body) > BODY_CAP:
+                    self.metrics.api_errors.labels("PayloadTooLarge").inc()
+                    self._h1_send(Response.json(413, {"reason": "PayloadTooLarge"}), close=True)
+                    self.close()
+                    return
+            elif isinstance(event, h11.EndOfMessage) and self._h1_request is not None:
+                response = self._answer(self._h1_request, http2=False)
+                self._h1_request = None
+                self._h1_send(response)
+                if conn.our_state is h11.MUST_CLOSE:
+                    self.close()
+                    return
+                conn.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close()
+                return
+
+    def _h1_send(self, response: Response, close: bool = False) -> None:
+        conn = self._h1
+        headers = [*response.headers, ("content-length", str(len(response.body)))]
+        if close:
+            headers.append(("connection", "close"))
+        out = conn.send(h11.Response(status_code=response.status, headers=headers))
+        if response.body:
+            out += conn.send(h11.Data(data=response.body))
+        out += conn.send(h11.EndOfMessage())
+        self.stream.write(out)
+
+
+def serve_factory(ctx, router: Router, metrics: Metrics, handshake_timeout: float,
+                  idle_timeout: float):
+    """Protocol factory for loop.create_server."""
+
+    def on_error(why: str) -> None:
+        metrics.api_errors.labels("tls_handshake").inc()
+        log.info("api tls: %s", why)
+
+    def on_open(stream: TlsStream) -> None:
+        HttpConnection(stream, router, metrics, idle_timeout)
+
+    return lambda: TlsStream(ctx, True, handshake_timeout, on_open, on_error,
+                             alpn=(*ALPN, None))
