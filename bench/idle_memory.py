@@ -86,7 +86,7 @@ async def measure(transport: str, devices: int) -> dict:
             await asyncio.sleep(2)  # idle: handshakes done, buffers released
             after = rss_kib(proc.pid)
         finally:
-            for c, task in clients:
+            for c, _ in clients:
                 c.stop()
             await asyncio.gather(*(t for _, t in clients), return_exceptions=True)
             proc.send_signal(signal.SIGTERM)

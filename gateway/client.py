@@ -100,6 +100,7 @@ class DeviceClient:
         self._quic: _QuicClient | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
+        self._ack_to = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -248,8 +249,11 @@ class DeviceClient:
         if self.session is None:
             return
         loop = asyncio.get_running_loop()
+        self._ack_to = 0
         for event in self.session.receive_data(data, loop.time()):
             self._event(event)
+        if self._ack_to and self.session is not None:
+            self.ack(self._ack_to)  # one cumulative ack for everything in this read
         self._flush()
         self._arm()
 
@@ -271,7 +275,7 @@ class DeviceClient:
             if self.o.auto_call and isinstance(call, dict) and isinstance(call.get("id"), str):
                 self.session.call(self.o.auto_call, call["id"])
             if self.o.ack:
-                self.ack(p.seq)
+                self._ack_to = max(self._ack_to, p.seq)
         elif isinstance(event, ErrorReceived):
             self.emit({"event": "error", "code": event.error.code,
                        "message": event.error.message})

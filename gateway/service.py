@@ -194,6 +194,8 @@ class Gateway:
                                     "control": str(self.config.control_path)}))
 
     async def stop(self) -> None:
+        if self.router is not None:
+            self.router.draining = True  # providers get 503 Shutdown from here on
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -460,3 +460,35 @@ async def test_garbage_after_the_preface_closes_only_that_connection(api, h2):
     writer.close()
     assert api.metrics.value("lpgw_api_errors_total", reason="http2_protocol_error") == 1
     assert (await h2.get("/v1/health")).status_code == 200
+
+
+@pytest.mark.parametrize(("headers", "body", "reason"), [
+    ({"apns-expiration": "²".encode()}, b'{"a":1}', "BadExpirationDate"),  # not ASCII
+    ({}, b'{"a": NaN}', "BadPayload"),
+    ({}, b'{"a": Infinity}', "BadPayload"),
+])
+async def test_lookalike_values_are_refused(api, h2, keys, devices, headers, body, reason):
+    device = devices(api, "quic", topic=TOPIC)
+    token = await device.welcome()
+    response = await h2.post(f"/3/device/{token}", content=body,
+                             headers={"authorization": f"bearer {keys.token()}", **headers})
+    assert (response.status_code, response.json()["reason"]) == (400, reason)
+
+
+async def test_oversize_body_in_one_frame_spares_the_other_streams(api, h2, keys, devices):
+    device = devices(api, "quic", topic=TOPIC)
+    token = await device.welcome()
+    big = push(h2, keys, token, b'{"x": "' + b"y" * 9000 + b'"}')
+    small = [push(h2, keys, token, {"n": i}) for i in range(5)]
+    responses = await asyncio.gather(big, *small)
+    assert responses[0].status_code == 413
+    assert [r.status_code for r in responses[1:]] == [200] * 5
+
+
+async def test_user_query_is_url_decoded(api, h2, keys, devices):
+    device = devices(api, "quic", topic=TOPIC)
+    token = await device.welcome()
+    auth = {"authorization": f"bearer {keys.token()}"}
+    await h2.put(f"/v1/devices/{token}/user", headers=auth, json={"user": "alice@ward 3"})
+    found = await h2.get("/v1/devices", params={"user": "alice@ward 3"}, headers=auth)
+    assert [d["token"] for d in found.json()["devices"]] == [token]

@@ -175,7 +175,7 @@ async def test_tls_with_the_wrong_alpn_is_refused(gw, bystander):
 
 async def test_quic_with_the_wrong_alpn_is_refused(gw, bystander):
     with pytest.raises(ConnectionError):
-        await open_raw("quic", gw.listening.port, alpn=["h3"])
+        await open_raw("quic", gw.listening.port, alpn=["h2"])
 
 
 async def test_garbage_tls_bytes_are_refused(gw, bystander):

@@ -60,7 +60,7 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
     expiration = None
     if "apns-expiration" in headers:
         raw = headers["apns-expiration"].strip()
-        if not raw.isdigit() or len(raw) > 12:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
             raise ApiError("BadExpirationDate", "apns-expiration is epoch seconds, or 0")
         expiration = int(raw)
 
@@ -77,7 +77,7 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
     if len(body) > payload_limit(push_type):
         raise ApiError("PayloadTooLarge", f"payload over {payload_limit(push_type)} bytes")
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_no_constants)
     except ValueError as exc:
         raise ApiError("BadPayload", f"the body is not JSON: {exc}") from None
     if not isinstance(payload, dict):
@@ -87,6 +87,10 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
     return PushRequest(push_type=push_type, payload=payload, priority=priority,
                        expiration=expiration, collapse_id=collapse_id,
                        push_id=push_id.lower() if push_id else None, topic=topic)
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _topic(header: str | None, push_type: str, key: ProviderKey) -> str:
@@ -102,8 +106,8 @@ def _topic(header: str | None, push_type: str, key: ProviderKey) -> str:
         base = header[: -len(suffix)]
     else:
         base = header
-        if any(header.endswith(s) for s in TOPIC_SUFFIX.values()):
-            raise ApiError("BadTopic", f"apns-topic {header} is not for {push_type} pushes")
     if base not in key.topics:
+        if not suffix and any(header.endswith(s) for s in TOPIC_SUFFIX.values()):
+            raise ApiError("BadTopic", f"apns-topic {header} is not for {push_type} pushes")
         raise ApiError("TopicDisallowed", f"this key may not push to {base}")
     return base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +110,7 @@ class Router:
         if path == "/v1/devices":
             self._method(req, "GET")
             key = self._principal(req, now)
-            user = dict(p.partition("=")[::2] for p in query.split("&") if p).get("user")
+            user = urllib.parse.parse_qs(query).get("user", [None])[0]
             return Response.json(200, {"devices": self._devices(key, user or None)})
         if path.startswith("/v1/devices/"):
             return self._device(req, path.removeprefix("/v1/devices/"), now)
@@ -136,7 +137,8 @@ class Router:
             accepted = self.delivery.submit(token.lower(), push, now)
         except Rejected as exc:
             raise ApiError(exc.reason, str(exc), exc.timestamp) from None
-        return Response(200, [("apns-id", accepted.push_id)])
+        # APNs echoes apns-id as sent; when it made one, it is the id the device sees
+        return Response(200, [("apns-id", headers.get("apns-id") or accepted.push_id)])
 
     # --- lpgw /v1 ---------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ handling lives in the Router, not here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ ALPN = ("h2", "http/1.1")
 MAX_STREAMS = 1000
 MAX_HEADERS = 16384
 BODY_CAP = MAX_BODY + 1024  # /v1 bodies are tiny; anything past a push's limit is refused
+TOO_LARGE = f"payload over the limit (4096 bytes, {MAX_BODY} for voip)"
 
 
 @dataclass
@@ -158,10 +160,11 @@ class HttpConnection:
                     pending.refused = True
                     pending.body = bytearray()
                     self._h2_send(event.stream_id, Response.json(
-                        413, {"reason": "PayloadTooLarge",
-                              "message": f"payload over {MAX_BODY} bytes"}))
+                        413, {"reason": "PayloadTooLarge", "message": TOO_LARGE}))
                     self.metrics.api_errors.labels("PayloadTooLarge").inc()
-                    conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                    with contextlib.suppress(h2.exceptions.StreamClosedError):
+                        # ask the client to stop sending (RFC 9113 §8.1); it may be done
+                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
                 elif event.stream_ended:
                     self._h2_request_done(event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
@@ -249,7 +252,8 @@ class HttpConnection:
                 self._h1_request.body += event.data
                 if len(self._h1_request.body) > BODY_CAP:
                     self.metrics.api_errors.labels("PayloadTooLarge").inc()
-                    self._h1_send(Response.json(413, {"reason": "PayloadTooLarge"}), close=True)
+                    self._h1_send(Response.json(413, {"reason": "PayloadTooLarge",
+                                                      "message": TOO_LARGE}), close=True)
                     self.close()
                     return
             elif isinstance(event, h11.EndOfMessage) and self._h1_request is not None:

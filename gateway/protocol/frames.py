@@ -35,9 +35,13 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # json.loads would take NaN and Infinity
+
+
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(body.decode("utf-8"))
+        value = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError as exc:
         raise MessageError("bad_utf8", f"frame is not UTF-8: {exc.reason}") from None
     except ValueError as exc:

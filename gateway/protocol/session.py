@@ -35,6 +35,8 @@ from gateway.protocol.messages import (
     parse_message,
 )
 
+MAX_OWED = 100_000
+
 # --- events --------------------------------------------------------------------------
 
 
@@ -154,6 +156,7 @@ class GatewaySession(_Session):
         self._errors = 0
         self._tokens = float(settings.frame_burst)
         self._tokens_at = now
+        self._owed = 0  # acks and pongs the device may send without being rate-limited
 
     # input
 
@@ -166,14 +169,22 @@ class GatewaySession(_Session):
             return [self.close(ByeReason.PROTOCOL_ERROR, exc.code, str(exc))]
         events: list[Any] = []
         for body in bodies:
-            if not self._take_token(now):
-                events.append(self.close(ByeReason.FLOOD, "flood",
-                                         "more frames than the gateway accepts per second"))
-                break
             events.extend(self._receive_frame(body, now))
             if self.closed is not None:
                 break
         return events
+
+    def _charge(self, message: Any, now: float) -> bool:
+        """Rate-limit what the device says of its own accord; answers to our pushes and
+        pings are owed to us and free, so a backlog of acks is never taken for a flood."""
+        if isinstance(message, Ack | Pong) and self._owed > 0:
+            self._owed -= 1
+            return True
+        return self._take_token(now)
+
+    def _flood(self) -> list[Any]:
+        return [self.close(ByeReason.FLOOD, "flood",
+                           "more frames than the gateway accepts per second")]
 
     def _take_token(self, now: float) -> bool:
         s = self.settings
@@ -195,9 +206,13 @@ class GatewaySession(_Session):
                                    versions=VERSIONS)]
             message = parse_message(raw, DEVICE_MESSAGES)
         except MessageError as exc:
+            if not self._take_token(now):
+                return self._flood()
             if self.hello is None:
                 return [self.close(ByeReason.PROTOCOL_ERROR, exc.code, str(exc))]
             return self._reject(exc.code, str(exc))
+        if not self._charge(message, now):
+            return self._flood()
         self.misses = 0
         self._awaiting_pong = False
         if isinstance(message, Bye):
@@ -242,6 +257,7 @@ class GatewaySession(_Session):
 
     def push(self, push: Push) -> None:
         self._send(push.to_dict())
+        self._owed = min(self._owed + 1, MAX_OWED)
 
     # time
 
@@ -267,6 +283,7 @@ class GatewaySession(_Session):
                                    f"{self.misses} heartbeats unanswered")]
         self._nonce += 1
         self._send(Ping(self._nonce).to_dict())
+        self._owed = min(self._owed + 1, MAX_OWED)
         self._awaiting_pong = True
         self._next_ping = now + self.settings.heartbeat
         return []

@@ -2,6 +2,8 @@
 
 aioquic has no keepalive of its own; the session's pings keep the connection inside the
 idle timeout. Connection migration (a phone whose address changes) is aioquic's, unchanged.
+The same listener answers ALPN "h3" with a liveness check only (see h3health): such a
+connection is handed to H3Health and never reaches the device code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from aioquic.quic.connection import stream_is_client_initiated, stream_is_unidir
 
 from gateway.core.metrics import Metrics
 from gateway.protocol import ALPN
+from gateway.transport import h3health
 
 log = logging.getLogger("lpgw.quic")
 
@@ -25,7 +28,7 @@ ERROR_STREAM_REFUSED = 0x10  # application error code for a second stream
 
 def server_configuration(cert: str, key: str, idle_timeout: float,
                          max_frame: int) -> QuicConfiguration:
-    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN],
+    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN, h3health.ALPN],
                                idle_timeout=idle_timeout)
     config.load_cert_chain(cert, key)
     # room for one frame in flight plus a little, per stream and connection
@@ -44,9 +47,15 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         self._stream_id: int | None = None
         self._link = None
         self._closing = False
+        self._h3: h3health.H3Health | None = None
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.HandshakeCompleted):
+        if self._h3 is not None:
+            self._h3.quic_event_received(event)
+        elif isinstance(event, events.HandshakeCompleted):
+            if event.alpn_protocol == h3health.ALPN:
+                self._h3 = h3health.H3Health(self._quic, self.transmit, self._peer())
+                return
             self._link = self._make_link("quic", self._peer(), self._write, self._close)
         elif isinstance(event, events.StreamDataReceived):
             self._stream_data(event)
