@@ -657,3 +657,16 @@ def test_device_bye_reaches_the_gateway():
     device.close(ByeReason.CLIENT)
     events = gw.receive_data(device.data_to_send(), 1.0)
     assert events == [Closed(reason="client", by_peer=True)]
+
+
+def test_gateway_acks_owed_for_pushes_are_never_a_flood():
+    """A reconnect with a backlog: one ack per push, all at once, far above the burst."""
+    gw = welcomed_gateway(now=0.0)
+    for seq in range(1, 101):
+        gw.push(make_push(seq))
+    acks = b"".join(frame({"type": "ack", "seq": n}) for n in range(1, 101))
+    assert gw.receive_data(acks, 0.0) == [AckReceived(n) for n in range(1, 101)]
+    assert gw.closed is None
+    # once the owed answers are spent, unprompted acks count against the rate again
+    more = b"".join(frame({"type": "ack", "seq": 100}) for _ in range(10))
+    assert_closed(gw.receive_data(more, 0.0), ByeReason.FLOOD, "flood")
