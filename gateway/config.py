@@ -102,6 +102,17 @@ class AssertionsConfig:
 
 
 @dataclass(frozen=True)
+class DiscoveryConfig:
+    enabled: bool = _k(True, "advertise over Bonjour (mDNS/DNS-SD): _lpgw._udp and _lpgw._tcp")
+    instance: str = _k("", "service instance name phones see; empty: the gateway's name")
+    interfaces: tuple[str, ...] = _k((), "advertise only on these interfaces; empty: every "
+                                         "non-loopback interface that is up")
+    wifi_only: bool = _k(False, "advertise only on Wi-Fi interfaces")
+    require_ssid: str = _k("", "advertise nothing unless a Wi-Fi interface is on this SSID")
+    poll_interval: float = _k(2.0, "seconds between polls where netlink is missing", lo=0.1)
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: str = _k("", "SQLite database; empty: <state_dir>/lpgw.sqlite3")
     synchronous: str = _k("FULL", "FULL survives power loss; NORMAL only process crashes",
@@ -125,6 +136,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     assertions: AssertionsConfig = field(default_factory=AssertionsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
