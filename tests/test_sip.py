@@ -276,3 +276,92 @@ async def test_malformed_datagrams_are_counted_and_harmless(pbx_side, raw):
     assert pbx_side.metrics.value("lpgw_sip_errors_total", kind="parse") >= 3
     raw.send(raw.request("OPTIONS", branch="z9hG4bK-after"))
     assert await raw.status() == 200
+
+
+# --- lpgw toward the PBX: REGISTER with digest, OPTIONS keepalive ----------------------
+
+
+async def start_pbx(scenario: str, port: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        SIPP, "-sf", str(SCENARIOS / scenario), "-i", "127.0.0.1", "-p", str(port), "-t", "u1",
+        "-m", "1", "-timeout", "20s", "-timeout_error", "-nostdin", "-nd",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        cwd=str(SCENARIOS))
+
+
+async def sip_with_pbx(gateway_factory, tmp_path, pbx_port: int, **sip):
+    gw = await gateway_factory()
+    cfg = gw.config.sip.__class__(host="127.0.0.1", port=_free_port("127.0.0.1"),
+                                  pbx_host="127.0.0.1", pbx_port=pbx_port, **sip)
+    gw.sip = await start_sip(cfg, gw.delivery, gw.metrics, "lpgw-test")
+    return gw
+
+
+@needs_sipp
+async def test_register_with_digest_and_refresh(gateway_factory, tmp_path):
+    from gateway.config import SipRegistration
+
+    password = tmp_path / "2001.secret"
+    password.write_text("s3cret-pass\n")
+    pbx_port = _free_port("127.0.0.1")
+    pbx = await start_pbx("registrar.xml", pbx_port)
+    await asyncio.sleep(0.3)
+    gw = await sip_with_pbx(gateway_factory, tmp_path, pbx_port, keepalive_interval=300,
+                            register=(SipRegistration(user="2001",
+                                                      password_file=str(password)),))
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                (reg,) = gw.sip.bridge.status(time.time())["pbx"]["registrations"]
+                if reg["state"] == "registered":
+                    break
+                await asyncio.sleep(0.05)
+        assert reg["user"] == "2001" and 0 < reg["expires_in"] <= 4
+        out, _ = await asyncio.wait_for(pbx.communicate(), 15)  # the refresh ends it
+        assert pbx.returncode == 0, out.decode()
+        (reg,) = gw.sip.bridge.status(time.time())["pbx"]["registrations"]
+        assert reg["state"] == "registered" and reg["expires_in"] > 30  # refreshed: 60 s
+    finally:
+        if pbx.returncode is None:
+            pbx.kill()
+        await gw.sip.stop()
+
+
+@needs_sipp
+async def test_wrong_password_backs_off(gateway_factory, tmp_path):
+    from gateway.config import SipRegistration
+
+    password = tmp_path / "2001.secret"
+    password.write_text("wrong\n")
+    pbx_port = _free_port("127.0.0.1")
+    pbx = await start_pbx("registrar.xml", pbx_port)
+    await asyncio.sleep(0.3)
+    gw = await sip_with_pbx(gateway_factory, tmp_path, pbx_port, keepalive_interval=300,
+                            register=(SipRegistration(user="2001",
+                                                      password_file=str(password)),))
+    try:
+        async with asyncio.timeout(10):
+            while (reg := gw.sip.bridge.status(time.time())["pbx"]["registrations"][0]
+                   )["state"] != "failed":
+                await asyncio.sleep(0.05)
+        assert "403" in reg["error"]
+        registration = gw.sip.bridge.pbx.registrations[0]
+        assert registration.due > time.time() + 3  # backing off, not hammering
+    finally:
+        pbx.kill()
+        await gw.sip.stop()
+
+
+@needs_sipp
+async def test_options_keepalive_marks_the_pbx_reachable(gateway_factory, tmp_path):
+    pbx_port = _free_port("127.0.0.1")
+    pbx = await start_pbx("uas_options.xml", pbx_port)
+    await asyncio.sleep(0.3)
+    gw = await sip_with_pbx(gateway_factory, tmp_path, pbx_port, keepalive_interval=1)
+    try:
+        out, _ = await asyncio.wait_for(pbx.communicate(), 10)
+        assert pbx.returncode == 0, out.decode()
+        status = gw.sip.bridge.status(time.time())["pbx"]
+        assert status["reachable"] is True and status["last_answer_ago"] < 5
+    finally:
+        await gw.sip.stop()

@@ -1,0 +1,293 @@
+"""The SIP bridge: requests from the PBX become pushes, device actions become responses.
+
+A transaction user on top of `transaction.py`, still sans-IO: datagrams and `now` in, and
+`Send`s out through `on_send`, because answers also arrive later from devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.core.calls import Call, Caller, Calls, message_payload
+from gateway.core.delivery import Delivery, Rejected
+from gateway.core.metrics import Metrics
+from gateway.core.model import PushRequest
+from gateway.sip.message import SipError, SipMessage, parse
+from gateway.sip.register import PbxLink
+from gateway.sip.transaction import (
+    CancelReceived,
+    Peer,
+    RequestReceived,
+    ResponseReceived,
+    Send,
+    ServerTransaction,
+    TimedOut,
+    TransactionLayer,
+    response_destination,
+    response_to,
+)
+
+log = logging.getLogger("lpgw.sip")
+
+ALLOW = "INVITE, ACK, CANCEL, OPTIONS, MESSAGE, BYE"
+IN_DIALOG = {"BYE", "INFO", "UPDATE", "PRACK", "REFER", "NOTIFY"}
+REQUIRED = ("via", "to", "from", "call-id", "cseq")
+REASON_TEXT = re.compile(r'text\s*=\s*"((?:[^"\\]|\\.)*)"', re.I)
+REASON_CAUSE = re.compile(r"cause\s*=\s*(\d+)", re.I)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Request-URI user -> lpgw user, e.g. extensions to names: match '^2(\\d{3})$'."""
+
+    match: re.Pattern
+    user: str  # a re.sub template: "nurse\\1"
+
+
+class UserRouter:
+    def __init__(self, routes: list[Route], static: dict[str, list[str]],
+                 delivery: Delivery) -> None:
+        self.routes = routes
+        self.static = static
+        self.delivery = delivery
+
+    def user_for(self, uri_user: str) -> str:
+        for route in self.routes:
+            if route.match.fullmatch(uri_user):
+                return route.match.sub(route.user, uri_user)
+        return uri_user
+
+    def devices_of(self, user: str) -> list[str]:
+        bound = [d.token for d in self.delivery.store.list_devices(user=user)
+                 if d.unregistered_at is None]
+        return list(dict.fromkeys([*bound, *self.static.get(user, [])]))
+
+
+def reason_text(header: str | None) -> str:
+    """RFC 3326: 'SIP;cause=200;text="Call completed elsewhere"' -> its text."""
+    if not header:
+        return ""
+    text = REASON_TEXT.search(header)
+    if text:
+        return text.group(1).replace('\\"', '"')
+    cause = REASON_CAUSE.search(header)
+    return f"cause {cause.group(1)}" if cause else header[:100]
+
+
+class SipBridge:
+    def __init__(self, calls: Calls, delivery: Delivery, router: UserRouter,
+                 metrics: Metrics, server_name: str = "lpgw") -> None:
+        self.calls = calls
+        self.delivery = delivery
+        self.router = router
+        self.metrics = metrics
+        self.server_name = server_name
+        self.tx = TransactionLayer()
+        self.draining = False
+        self.on_send: Callable[[list[Send]], None] = lambda sends: None
+        self.pbx: PbxLink | None = None
+        self._invite_of: dict[str, ServerTransaction] = {}  # call id -> INVITE transaction
+        self._call_of: dict[int, Call] = {}  # id(INVITE transaction) -> call
+        calls.on_answer = self._answer
+
+    # --- input ------------------------------------------------------------------------
+
+    def receive(self, data: bytes, peer: Peer, now: float, stream: bool = False) -> str:
+        """Handle one message; returns what it was, for the shell's counters."""
+        try:
+            msg = parse(data, stream=stream)
+        except SipError as exc:
+            self.metrics.sip_errors.labels("parse").inc()
+            self._refuse_raw(data, peer, exc, now)
+            return "malformed"
+        if msg.is_request:
+            self.metrics.sip_requests.labels(msg.method if msg.method in ALLOW or
+                                             msg.method in IN_DIALOG else "other").inc()
+        try:
+            self._check(msg)
+            actions = self.tx.receive(msg, peer, now)
+        except SipError as exc:
+            self.metrics.sip_errors.labels(str(exc.status or "drop")).inc()
+            if msg.is_request and exc.status and msg.get("via"):
+                self._reply_without_transaction(msg, peer, exc.status, str(exc))
+            return "refused"
+        outcome = "absorbed"
+        for action in actions:
+            if isinstance(action, Send):
+                self.on_send([action])
+            elif isinstance(action, RequestReceived):
+                outcome = self._request(action.tx, now)
+            elif isinstance(action, CancelReceived):
+                outcome = self._cancel(action, now)
+            elif isinstance(action, ResponseReceived):
+                if self.pbx is not None:
+                    self.pbx.on_response(action.tx.context, action.response, now)
+                outcome = "response"
+        return outcome
+
+    def _check(self, msg: SipMessage) -> None:
+        if not msg.is_request:
+            return
+        for name in REQUIRED:
+            if not msg.get(name):
+                raise SipError(f"Missing {name.title()} header")
+        if msg.cseq.method != msg.method and msg.method != "ACK":
+            raise SipError("CSeq method does not match the request")
+        msg.address("from")
+        msg.address("to")
+        msg.request_uri  # noqa: B018  (validates; 416 for other schemes)
+        max_forwards = msg.get("max-forwards")
+        if max_forwards is not None:
+            if not max_forwards.isdigit():
+                raise SipError("bad Max-Forwards")
+            if int(max_forwards) == 0 and msg.method not in ("OPTIONS", "ACK"):
+                raise SipError("Too Many Hops", 483)
+
+    def _request(self, tx: ServerTransaction, now: float) -> str:
+        req = tx.request
+        method = req.method
+        has_tag = req.to_tag() is not None
+        unsupported = [x for x in req.get_all("require") if x]
+        if unsupported and method not in ("CANCEL", "ACK"):
+            self._reply(tx, 420, now, headers=[("unsupported", ", ".join(unsupported))])
+            return "refused"
+        if method == "OPTIONS":
+            self._reply(tx, 200, now, headers=[("allow", ALLOW), ("accept", "text/plain"),
+                                               ("supported", "")])
+            return "options"
+        if method == "INVITE":
+            if has_tag or req.get("replaces"):
+                self._reply(tx, 481, now)  # a re-INVITE or a transfer: not ours to push
+                return "refused"
+            return self._invite(tx, now)
+        if method == "MESSAGE":
+            return self._message(tx, now)
+        if has_tag or method in IN_DIALOG:
+            self._reply(tx, 481, now)
+            return "refused"
+        self._reply(tx, 405, now, headers=[("allow", ALLOW)])
+        return "refused"
+
+    def _invite(self, tx: ServerTransaction, now: float) -> str:
+        if self.draining:
+            self._reply(tx, 503, now, headers=[("retry-after", "30")])
+            return "refused"
+        req = tx.request
+        caller_address = req.address("from")
+        callee = req.request_uri
+        user = self.router.user_for(callee.user or "")
+        caller = Caller(uri=str(caller_address.uri), display_name=caller_address.name,
+                        callee=str(callee), sip_call_id=req.call_id)
+        call = self.calls.offer(user, caller, now)
+        if call is None:
+            self._reply(tx, 480, now, reason="No Device Bound")
+            return "unreachable"
+        self._invite_of[call.id] = tx
+        self._call_of[id(tx)] = call
+        return "invite"
+
+    def _cancel(self, event: CancelReceived, now: float) -> str:
+        invite = event.invite
+        call = self._call_of.get(id(invite)) if invite is not None else None
+        if call is None or call.final is not None:
+            self._reply(event.tx, 481, now)
+            return "refused"
+        self._reply(event.tx, 200, now)
+        self.calls.cancel(call, reason_text(event.tx.request.get("reason")), now)
+        return "cancel"
+
+    def _message(self, tx: ServerTransaction, now: float) -> str:
+        req = tx.request
+        content_type = (req.get("content-type") or "text/plain").split(";")[0].strip().lower()
+        if not content_type.startswith("text/"):
+            self._reply(tx, 415, now, headers=[("accept", "text/plain")])
+            return "refused"
+        user = self.router.user_for(req.request_uri.user or "")
+        devices = self.router.devices_of(user)
+        if not any(self.delivery.is_connected(t) for t in devices):
+            self._reply(tx, 480, now)
+            return "unreachable"
+        sender = req.address("from")
+        payload = message_payload(str(sender.uri), sender.name,
+                                  req.body.decode("utf-8", "replace"), user)
+        accepted = 0
+        for token in devices:
+            try:
+                self.delivery.submit(token, PushRequest("alert", payload), now)
+                accepted += 1
+            except Rejected as exc:
+                log.info("MESSAGE for %s not pushed: %s", user, exc.reason)
+        self._reply(tx, 200 if accepted else 480, now)
+        return "message"
+
+    # --- output -----------------------------------------------------------------------
+
+    def _answer(self, call: Call, status: int, reason: str, now: float) -> None:
+        tx = self._invite_of.get(call.id)
+        if tx is None:
+            return
+        if status >= 200:
+            del self._invite_of[call.id]
+            self._call_of.pop(id(tx), None)
+        self._reply(tx, status, now)
+
+    def _reply(self, tx: ServerTransaction, status: int, now: float, reason: str = "",
+               headers: list[tuple[str, str]] | None = None) -> None:
+        extra = [("server", self.server_name), *(headers or [])]
+        self.on_send(self.tx.respond(tx, status, now, reason, extra))
+
+    def _reply_without_transaction(self, msg: SipMessage, peer: Peer, status: int,
+                                   reason: str) -> None:
+        try:
+            response = response_to(msg, status, peer, reason[:60])
+            self.on_send([Send(response.encode(), response_destination(response, peer))])
+        except SipError:
+            pass  # not even a usable Via: nothing to answer to
+
+    def _refuse_raw(self, data: bytes, peer: Peer, exc: SipError, now: float) -> None:
+        """A request too broken to parse whole still gets a 400 when its Via can be found."""
+        if not exc.status:
+            return
+        head = data.split(b"\r\n\r\n", 1)[0][:8192]
+        lines = head.decode("utf-8", "replace").split("\r\n")
+        if not lines or lines[0].startswith("SIP/2.0") or len(lines[0].split(" ")) != 3:
+            return
+        msg = SipMessage(method=lines[0].split(" ")[0], uri="sip:invalid")
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if colon and name.strip().lower() in ("via", "v", "from", "f", "to", "t",
+                                                  "call-id", "i", "cseq"):
+                key = {"v": "via", "f": "from", "t": "to", "i": "call-id"}.get(
+                    name.strip().lower(), name.strip().lower())
+                msg.headers.append((key, value.strip()))
+        if msg.get("via") and msg.method != "ACK":
+            self._reply_without_transaction(msg, peer, exc.status, str(exc))
+
+    # --- time -------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        times = [t for t in (self.tx.next_timer(), self.calls.next_timer(),
+                             self.pbx.next_timer() if self.pbx else None) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self.calls.handle_timer(now)
+        for action in self.tx.handle_timer(now):
+            if isinstance(action, Send):
+                self.on_send([action])
+            elif isinstance(action, TimedOut):
+                if isinstance(action.tx, ServerTransaction):
+                    self.metrics.sip_errors.labels("no_ack").inc()
+                elif self.pbx is not None:
+                    self.pbx.on_response(action.tx.context, None, now)
+        if self.pbx is not None:
+            for request, context in self.pbx.due_requests(now):
+                _, sends = self.tx.request(request, self.pbx.pbx, now, context)
+                self.on_send(sends)
+
+    def status(self, now: float) -> dict:
+        return {"calls": self.calls.describe(), "transactions": len(self.tx.server),
+                "pbx": self.pbx.status(now) if self.pbx else None}

@@ -1,0 +1,295 @@
+"""RFC 3261 transactions, sans-IO: messages and `now` in, datagrams to send and events out.
+
+Server side: INVITE (timers G, H, I) and non-INVITE (timer J) transactions, absorbing
+retransmitted requests and re-sending the last response. Client side: non-INVITE requests
+the gateway sends itself (REGISTER, OPTIONS; timers E, F, K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import secrets
+from dataclasses import dataclass, field
+
+from sipmessage import Via
+
+from gateway.sip.message import SipError, SipMessage
+
+T1, T2, T4 = 0.5, 4.0, 5.0
+MAGIC = "z9hG4bK"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a message came from, and so where its responses go."""
+
+    transport: str  # "udp" | "tcp"
+    host: str
+    port: int
+    conn: int = 0  # the TCP connection, for responses on the same one
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport != "udp"
+
+
+@dataclass(frozen=True)
+class Send:
+    data: bytes
+    peer: Peer
+
+
+@dataclass(frozen=True)
+class RequestReceived:
+    tx: ServerTransaction
+
+
+@dataclass(frozen=True)
+class CancelReceived:
+    tx: ServerTransaction  # the CANCEL's own transaction
+    invite: ServerTransaction | None  # the INVITE it cancels, when known
+
+
+@dataclass(frozen=True)
+class ResponseReceived:
+    tx: ClientTransaction
+    response: SipMessage
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    tx: ClientTransaction | ServerTransaction
+
+
+@dataclass(eq=False)
+class ServerTransaction:
+    key: tuple
+    request: SipMessage
+    peer: Peer
+    to_tag: str = field(default_factory=lambda: secrets.token_hex(6))
+    state: str = "trying"  # trying/proceeding -> completed -> confirmed -> terminated
+    last: bytes | None = None
+    dest: Peer | None = None  # where responses go (Via, received, rport)
+    final: int = 0
+    interval: float = T1
+    retransmit_at: float | None = None
+    give_up_at: float | None = None
+
+    @property
+    def is_invite(self) -> bool:
+        return self.request.method == "INVITE"
+
+
+@dataclass(eq=False)
+class ClientTransaction:
+    key: tuple
+    request: SipMessage
+    peer: Peer
+    state: str = "trying"
+    interval: float = T1
+    retransmit_at: float | None = None
+    give_up_at: float | None = None
+    context: object = None  # the caller's, returned with events
+
+
+class TransactionLayer:
+    def __init__(self, max_transactions: int = 4096) -> None:
+        self.server: dict[tuple, ServerTransaction] = {}
+        self.client: dict[tuple, ClientTransaction] = {}
+        self.max_transactions = max_transactions
+        self._timers: list[tuple[float, int, object]] = []
+        self._seq = itertools.count()
+
+    # --- input ------------------------------------------------------------------------
+
+    def receive(self, msg: SipMessage, peer: Peer, now: float) -> list:
+        if not msg.is_request:
+            return self._receive_response(msg)
+        key = server_key(msg)
+        if msg.method == "ACK":
+            tx = self.server.get((*key[:-1], "INVITE"))
+            if tx is not None and tx.state == "completed":
+                tx.state = "confirmed"
+                tx.retransmit_at = None
+                self._schedule(tx, give_up_at=now + (0 if peer.reliable else T4))
+            return []  # an ACK is never answered; for an unknown transaction it is dropped
+        tx = self.server.get(key)
+        if tx is not None:  # a retransmission: absorb it, re-send the last response
+            return [Send(tx.last, tx.dest)] if tx.last else []
+        if len(self.server) >= self.max_transactions:
+            raise SipError("too many transactions in progress", 503)
+        tx = ServerTransaction(key, msg, peer)
+        self.server[key] = tx
+        if msg.method == "CANCEL":
+            invite = self.server.get((*key[:-1], "INVITE"))
+            return [CancelReceived(tx, invite)]
+        actions: list = []
+        if tx.is_invite:
+            actions.extend(self.respond(tx, 100, now))
+        return [*actions, RequestReceived(tx)]
+
+    def _receive_response(self, msg: SipMessage) -> list:
+        try:
+            key = (msg.branch, msg.cseq.method)
+        except SipError:
+            return []
+        tx = self.client.get(key)
+        if tx is None or tx.state in ("completed", "terminated"):
+            return []  # late or stray: dropped
+        if msg.status < 200:
+            tx.state = "proceeding"
+            return []
+        self._forget(tx)  # timer K would only absorb retransmitted responses: none matter
+        tx.state = "completed"
+        return [ResponseReceived(tx, msg)]
+
+    # --- output -----------------------------------------------------------------------
+
+    def respond(self, tx: ServerTransaction, status: int, now: float, reason: str = "",
+                headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> list:
+        if tx.state in ("completed", "confirmed", "terminated"):
+            return []  # one final response per transaction
+        response = response_to(tx.request, status, tx.peer, reason,
+                               tx.to_tag if status > 100 else None)
+        for name, value in headers or []:
+            response.headers.append((name.lower(), value))
+        response.body = body
+        tx.last = response.encode()
+        tx.dest = response_destination(response, tx.peer)
+        actions = [Send(tx.last, tx.dest)]
+        if status < 200:
+            tx.state = "proceeding"
+            return actions
+        tx.final = status
+        if tx.is_invite and status >= 300:
+            tx.state = "completed"
+            tx.interval = T1
+            self._schedule(tx, retransmit_at=None if tx.peer.reliable else now + T1,
+                           give_up_at=now + 64 * T1)  # timers G and H
+        elif tx.is_invite:
+            tx.state = "terminated"
+            self._forget(tx)
+        else:
+            tx.state = "completed"
+            self._schedule(tx, give_up_at=now + (0 if tx.peer.reliable else 64 * T1))  # J
+        return actions
+
+    def request(self, msg: SipMessage, peer: Peer, now: float,
+                context: object = None) -> tuple[ClientTransaction, list]:
+        """Send a non-INVITE request of our own in a new client transaction."""
+        key = (msg.branch, msg.cseq.method)
+        tx = ClientTransaction(key, msg, peer, context=context)
+        self.client[key] = tx
+        self._schedule(tx, retransmit_at=None if peer.reliable else now + T1,
+                       give_up_at=now + 64 * T1)  # timers E and F
+        return tx, [Send(msg.encode(), peer)]
+
+    # --- time -------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        while self._timers:
+            at, _, tx = self._timers[0]
+            if self._due(tx) == at:
+                return at
+            heapq.heappop(self._timers)  # stale entry
+        return None
+
+    def handle_timer(self, now: float) -> list:
+        actions: list = []
+        while self._timers and self._timers[0][0] <= now:
+            at, _, tx = heapq.heappop(self._timers)
+            if self._due(tx) != at:
+                continue
+            if tx.give_up_at is not None and now >= tx.give_up_at:
+                state = tx.state
+                self._forget(tx)
+                if isinstance(tx, ClientTransaction) or (tx.is_invite and state == "completed"):
+                    actions.append(TimedOut(tx))  # timer F, or H: no ACK came
+                continue
+            if tx.retransmit_at is not None and now >= tx.retransmit_at:
+                if isinstance(tx, ServerTransaction):
+                    actions.append(Send(tx.last, tx.dest))
+                else:
+                    actions.append(Send(tx.request.encode(), tx.peer))
+                tx.interval = min(tx.interval * 2, T2)
+                self._schedule(tx, retransmit_at=now + tx.interval)
+        return actions
+
+    def _due(self, tx) -> float | None:
+        times = [t for t in (tx.retransmit_at, tx.give_up_at) if t is not None]
+        return min(times) if times else None
+
+    def _schedule(self, tx, **times: float | None) -> None:
+        for name, value in times.items():
+            setattr(tx, name, value)
+        due = self._due(tx)
+        if due is not None:
+            heapq.heappush(self._timers, (due, next(self._seq), tx))
+
+    def _forget(self, tx) -> None:
+        tx.state = "terminated"
+        tx.retransmit_at = tx.give_up_at = None
+        table = self.server if isinstance(tx, ServerTransaction) else self.client
+        if table.get(tx.key) is tx:
+            del table[tx.key]
+
+
+def server_key(msg: SipMessage) -> tuple:
+    """RFC 3261 17.2.3: the branch with the magic cookie; older peers by their fields."""
+    vias = msg.vias
+    if not vias:
+        raise SipError("no Via header")
+    top = vias[0]
+    branch = top.parameters.get("branch") or ""
+    method = "INVITE" if msg.method == "ACK" else msg.method
+    if branch.startswith(MAGIC):
+        return (branch, f"{top.host}:{top.port or ''}", method)
+    from_tag = msg.address("from").parameters.get("tag") or ""
+    return (msg.call_id, str(msg.cseq.sequence), from_tag, f"{top.host}:{top.port}", method)
+
+
+def response_to(request: SipMessage, status: int, peer: Peer, reason: str = "",
+                to_tag: str | None = None) -> SipMessage:
+    """A response with the request's Via (top one stamped with received/rport), From, To,
+    Call-ID and CSeq."""
+    response = SipMessage(status=status, reason=reason)
+    vias = request.get_all("via")
+    if vias:
+        vias[0] = stamp_via(vias[0], peer)
+    for via in vias:
+        response.headers.append(("via", via))
+    response.headers.append(("from", request.get("from") or ""))
+    to = request.get("to") or ""
+    if to_tag and ";tag=" not in to.replace(" ", "").lower():
+        to = f"{to};tag={to_tag}"
+    response.headers.append(("to", to))
+    response.headers.append(("call-id", request.call_id))
+    response.headers.append(("cseq", request.get("cseq") or ""))
+    return response
+
+
+def stamp_via(value: str, peer: Peer) -> str:
+    """RFC 3261 18.2.1 `received` and RFC 3581 `rport`, so responses find their way back."""
+    via = Via.parse(value)
+    changes: dict[str, str | None] = {}
+    if via.host.strip("[]") != peer.host:
+        changes["received"] = peer.host
+    if "rport" in via.parameters:
+        changes["rport"] = str(peer.port)
+        changes["received"] = peer.host
+    if not changes:
+        return value
+    return str(dataclasses.replace(via, parameters=via.parameters.replace(**changes)))
+
+
+def response_destination(response: SipMessage, peer: Peer) -> Peer:
+    """Where a UDP response goes (RFC 3261 18.2.2, RFC 3581): received/rport, else sent-by."""
+    if peer.reliable:
+        return peer
+    via = response.vias[0]
+    host = via.parameters.get("received") or via.host
+    rport = via.parameters.get("rport")
+    port = int(rport) if rport else (via.port or 5060)
+    return Peer("udp", host.strip("[]"), port)

@@ -1,0 +1,233 @@
+"""SIP over UDP and TCP: sockets and the clock for the sans-IO SIP bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import socket
+import time
+from pathlib import Path
+
+from gateway.config import SipConfig
+from gateway.core.calls import Calls, CallSettings
+from gateway.core.delivery import Delivery
+from gateway.core.metrics import Metrics
+from gateway.sip.bridge import Route, SipBridge, UserRouter
+from gateway.sip.message import SipError, StreamFramer
+from gateway.sip.register import Account, PbxLink
+from gateway.sip.transaction import Peer, Send
+
+log = logging.getLogger("lpgw.sip")
+
+MAX_TCP_CONNECTIONS = 256
+TCP_IDLE = 300.0
+
+
+class SipTransport:
+    """Owns the UDP socket, the TCP listener and connections, and the bridge's timer."""
+
+    def __init__(self, bridge: SipBridge, metrics: Metrics) -> None:
+        self.bridge = bridge
+        self.metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp_server: asyncio.AbstractServer | None = None
+        self._conns: dict[int, _SipStream] = {}
+        self._ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._out: dict[tuple[str, int], _SipStream] = {}
+        self._pending: dict[tuple[str, int], list[bytes]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.port = 0
+        bridge.on_send = self.send
+
+    async def start(self, host: str, port: int, udp: bool = True, tcp: bool = True) -> None:
+        bind = None if host in ("::", "") else host
+        if tcp:
+            self._tcp_server = await self._loop.create_server(
+                lambda: _SipStream(self), bind, port, reuse_address=True)
+            port = port or self._tcp_server.sockets[0].getsockname()[1]
+        if udp:
+            self._udp, _ = await self._loop.create_datagram_endpoint(
+                lambda: _SipDatagrams(self), local_addr=(host or "::", port))
+            port = port or self._udp.get_extra_info("sockname")[1]
+        self.port = port
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        for conn in list(self._conns.values()):
+            conn.transport.close()
+
+    # --- in ---------------------------------------------------------------------------
+
+    def received(self, data: bytes, peer: Peer, stream: bool) -> None:
+        started = time.perf_counter()
+        outcome = self.bridge.receive(data, peer, time.time(), stream=stream)
+        if outcome == "invite":
+            self.metrics.sip_invite_to_push.observe(time.perf_counter() - started)
+        self._arm()
+
+    # --- out --------------------------------------------------------------------------
+
+    def send(self, sends: list[Send]) -> None:
+        for s in sends:
+            if s.peer.transport == "udp":
+                if self._udp is not None:
+                    self._udp.sendto(s.data, (self._udp_host(s.peer.host), s.peer.port))
+            elif s.peer.conn == 0:
+                self._outbound(s.peer, s.data)
+            else:
+                conn = self._conns.get(s.peer.conn)
+                if conn is not None and not conn.transport.is_closing():
+                    conn.transport.write(s.data)
+                else:
+                    self.metrics.sip_errors.labels("tcp_gone").inc()
+        self._arm()
+
+    def _outbound(self, peer: Peer, data: bytes) -> None:
+        """A request of ours over TCP (to the PBX): one kept connection per destination."""
+        key = (peer.host, peer.port)
+        conn = self._out.get(key)
+        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.write(data)
+            return
+        pending = self._pending.setdefault(key, [])
+        pending.append(data)
+        if len(pending) == 1:
+            task = asyncio.ensure_future(self._connect(key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, key: tuple[str, int]) -> None:
+        try:
+            _, conn = await asyncio.wait_for(self._loop.create_connection(
+                lambda: _SipStream(self), key[0], key[1]), 5)
+        except (OSError, TimeoutError) as exc:
+            log.info("cannot reach %s:%s over TCP: %s", *key, exc)
+            self._pending.pop(key, None)
+            return
+        self._out[key] = conn
+        for data in self._pending.pop(key, []):
+            conn.transport.write(data)
+
+    def kick(self) -> None:
+        """Run the bridge's timers now (after the PBX link is set up)."""
+        self._arm()
+
+    def _udp_host(self, host: str) -> str:
+        """An IPv4 host on a dual-stack socket is written as ::ffff:a.b.c.d."""
+        sock = self._udp.get_extra_info("socket")
+        if sock.family == socket.AF_INET6 and ":" not in host:
+            return f"::ffff:{host}"
+        return host
+
+    def _arm(self) -> None:
+        at = self.bridge.next_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if at is not None:
+            self._timer = self._loop.call_at(self._loop.time() + max(0.0, at - time.time()),
+                                             self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.bridge.handle_timer(time.time())
+        self._arm()
+
+
+class _SipDatagrams(asyncio.DatagramProtocol):
+    def __init__(self, owner: SipTransport) -> None:
+        self.owner = owner
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.owner.received(data, Peer("udp", _host(addr[0]), addr[1]), stream=False)
+
+
+class _SipStream(asyncio.Protocol):
+    def __init__(self, owner: SipTransport) -> None:
+        self.owner = owner
+        self.framer = StreamFramer()
+        self.id = next(owner._ids)
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if len(self.owner._conns) >= MAX_TCP_CONNECTIONS:
+            self.owner.metrics.sip_errors.labels("tcp_limit").inc()
+            transport.close()
+            return
+        host, port = transport.get_extra_info("peername")[:2]
+        self.peer = Peer("tcp", _host(host), port, self.id)
+        self.owner._conns[self.id] = self
+        self._touch()
+
+    def data_received(self, data: bytes) -> None:
+        self._touch()
+        try:
+            messages = self.framer.feed(data)
+        except SipError as exc:
+            self.owner.metrics.sip_errors.labels("tcp_framing").inc()
+            log.info("closing SIP/TCP from %s:%s: %s", self.peer.host, self.peer.port, exc)
+            self.transport.close()
+            return
+        for message in messages:
+            self.owner.received(message, self.peer, stream=True)
+
+    def connection_lost(self, exc) -> None:
+        self.owner._conns.pop(self.id, None)
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def _touch(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(TCP_IDLE, self.transport.close)
+
+
+def _host(host: str) -> str:
+    return host.removeprefix("::ffff:")
+
+
+def _local_address(host: str, port: int) -> str:
+    """The address of ours that the PBX sees: the source of a socket routed toward it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))  # no packet is sent: this only asks the routing table
+        return probe.getsockname()[0]
+
+
+def pbx_link(cfg: SipConfig, port: int, now: float) -> PbxLink | None:
+    if not cfg.pbx_host:
+        return None
+    accounts = [Account(user=r.user, auth_user=r.auth_user, expires=r.expires,
+                        domain=cfg.domain or cfg.pbx_host,
+                        password=Path(r.password_file).read_text().strip())
+                for r in cfg.register]
+    pbx = Peer(cfg.pbx_transport, cfg.pbx_host, cfg.pbx_port)
+    return PbxLink(accounts, pbx, (_local_address(cfg.pbx_host, cfg.pbx_port), port),
+                   cfg.keepalive_interval, now)
+
+
+async def start_sip(cfg: SipConfig, delivery: Delivery, metrics: Metrics,
+                    name: str) -> SipTransport:
+    """The SIP bridge as configured, listening."""
+    router = UserRouter([Route(re.compile(r.match), r.user) for r in cfg.routes],
+                        {b.user: list(b.tokens) for b in cfg.static_bindings}, delivery)
+    calls = Calls(delivery, CallSettings(cfg.ring_window, cfg.reach_timeout),
+                  router.devices_of)
+    bridge = SipBridge(calls, delivery, router, metrics, server_name=name)
+    transport = SipTransport(bridge, metrics)
+    await transport.start(cfg.host, cfg.port, cfg.udp, cfg.tcp)
+    bridge.pbx = pbx_link(cfg, transport.port, time.time())
+    transport.kick()
+    return transport
