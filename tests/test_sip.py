@@ -365,3 +365,61 @@ async def test_options_keepalive_marks_the_pbx_reachable(gateway_factory, tmp_pa
         assert status["reachable"] is True and status["last_answer_ago"] < 5
     finally:
         await gw.sip.stop()
+
+
+# --- Kamailio forking to a desk phone and to lpgw ---------------------------------------
+
+KAMAILIO = shutil.which("kamailio") or (Path("/usr/sbin/kamailio")
+                                         if Path("/usr/sbin/kamailio").exists() else None)
+
+
+def kamailio_modules() -> str:
+    for candidate in Path("/usr/lib").glob("*/kamailio/modules"):
+        return str(candidate) + "/"
+    return "/usr/lib/kamailio/modules/"
+
+
+@needs_sipp
+@pytest.mark.skipif(KAMAILIO is None, reason="needs Debian package kamailio")
+async def test_answered_elsewhere_through_a_forking_proxy(pbx_side, devices, tmp_path):
+    device = devices(pbx_side, "quic", assertion=assertion("nurse"))
+    await device.welcome()
+    proxy_port, desk_port = _free_port("127.0.0.1"), _free_port("127.0.0.1")
+    cfg = tmp_path / "kamailio.cfg"
+    cfg.write_text((SCENARIOS / "kamailio.cfg.in").read_text()
+                   .replace("@PROXY_PORT@", str(proxy_port)).replace("@DESK_PORT@", str(desk_port))
+                   .replace("@LPGW_PORT@", str(pbx_side.sip.port))
+                   .replace("@MODULES@", kamailio_modules()))
+    proxy_log = (tmp_path / "kamailio.log").open("wb")
+    proxy = await asyncio.create_subprocess_exec(
+        str(KAMAILIO), "-f", str(cfg), "-DD", "-E", "-Y", str(tmp_path), "-P",
+        str(tmp_path / "kamailio.pid"), stdout=proxy_log, stderr=asyncio.subprocess.STDOUT)
+    desk = await asyncio.create_subprocess_exec(
+        SIPP, "-sf", str(SCENARIOS / "uas_desk.xml"), "-i", "127.0.0.1", "-p", str(desk_port),
+        "-t", "u1", "-m", "1", "-timeout", "20s", "-timeout_error", "-nostdin", "-nd",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(tmp_path))
+    try:
+        await asyncio.sleep(1.0)  # the proxy and the desk phone are listening
+        assert proxy.returncode is None, (tmp_path / "kamailio.log").read_text()[-2000:]
+        caller = await asyncio.create_subprocess_exec(
+            SIPP, f"127.0.0.1:{proxy_port}", "-sf", str(SCENARIOS / "uac_answered.xml"),
+            "-s", "nurse", "-i", "127.0.0.1", "-p", str(_free_port("127.0.0.1")), "-t", "u1",
+            "-m", "1", "-timeout", "20s", "-timeout_error", "-nostdin", "-nd",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            cwd=str(tmp_path))
+        out, _ = await asyncio.wait_for(caller.communicate(), 40)
+        assert caller.returncode == 0, (out.decode()[-2000:] +
+                                        (tmp_path / "kamailio.log").read_text()[-3000:])
+        desk_out, _ = await asyncio.wait_for(desk.communicate(), 10)
+        assert desk.returncode == 0, desk_out.decode()[-3000:]
+        call = (await device.next("push"))["payload"]["call"]
+        assert call["display_name"] == "Ward 3"
+        ended = (await device.next("push"))["payload"]["call_ended"]
+        assert ended["id"] == call["id"] and ended["status"] == 487
+        assert ended["reason"] == "Call completed elsewhere"
+    finally:
+        for proc in (proxy, desk):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        proxy_log.close()
