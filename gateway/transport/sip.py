@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import re
@@ -40,6 +41,7 @@ class SipTransport:
         self._out: dict[tuple[str, int], _SipStream] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.invite_latencies: collections.deque[float] = collections.deque(maxlen=10000)
         self.port = 0
         bridge.on_send = self.send
 
@@ -71,7 +73,9 @@ class SipTransport:
         started = time.perf_counter()
         outcome = self.bridge.receive(data, peer, time.time(), stream=stream)
         if outcome == "invite":
-            self.metrics.sip_invite_to_push.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.sip_invite_to_push.observe(elapsed)
+            self.invite_latencies.append(elapsed)
         self._arm()
 
     # --- out --------------------------------------------------------------------------
