@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from gateway.certs import load_public_key
+from gateway.core.tokens import is_token
 
 
 class ConfigError(Exception):
@@ -102,6 +103,46 @@ class AssertionsConfig:
 
 
 @dataclass(frozen=True)
+class SipRouteConfig:
+    match: str = _k("", "regular expression over the Request-URI user, whole match")
+    user: str = _k("", r"the lpgw user it becomes; \1 etc. refer to groups")
+
+
+@dataclass(frozen=True)
+class SipStaticBinding:
+    user: str = _k("", "a user name")
+    tokens: tuple[str, ...] = _k((), "device tokens that ring for this user")
+
+
+@dataclass(frozen=True)
+class SipRegistration:
+    user: str = _k("", "the PBX account (extension) lpgw registers as an extra contact for")
+    auth_user: str = _k("", "digest user name; empty: user")
+    password_file: str = _k("", "file holding the digest password")
+    expires: int = _k(600, "registration lifetime asked for, seconds", lo=30, hi=86400)
+
+
+@dataclass(frozen=True)
+class SipConfig:
+    enabled: bool = _k(True, "accept SIP from the PBX (the SIP bridge)")
+    host: str = _k("::", "address to bind")
+    port: int = _k(5060, "UDP and TCP port; 0 picks a free one", lo=0, hi=65535)
+    udp: bool = _k(True, "listen on UDP")
+    tcp: bool = _k(True, "listen on TCP")
+    ring_window: float = _k(45.0, "seconds a call rings on lpgw's branch before 480", lo=1)
+    reach_timeout: float = _k(10.0, "seconds for some device to acknowledge the call, else 480",
+                              lo=0.1)
+    routes: tuple[SipRouteConfig, ...] = _k((), "Request-URI user -> lpgw user rules")
+    static_bindings: tuple[SipStaticBinding, ...] = _k((), "users rung on fixed device tokens")
+    pbx_host: str = _k("", "the PBX to register with; empty: no registration")
+    pbx_port: int = _k(5060, "the PBX's SIP port", lo=1, hi=65535)
+    pbx_transport: str = _k("udp", "transport to the PBX", choices=("udp", "tcp"))
+    domain: str = _k("", "SIP domain of the accounts; empty: pbx_host")
+    register: tuple[SipRegistration, ...] = _k((), "accounts lpgw registers with the PBX")
+    keepalive_interval: float = _k(30.0, "seconds between OPTIONS pings to the PBX", lo=1)
+
+
+@dataclass(frozen=True)
 class DiscoveryConfig:
     enabled: bool = _k(True, "advertise over Bonjour (mDNS/DNS-SD): _lpgw._udp and _lpgw._tcp")
     instance: str = _k("", "service instance name phones see; empty: the gateway's name")
@@ -136,6 +177,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     assertions: AssertionsConfig = field(default_factory=AssertionsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    sip: SipConfig = field(default_factory=SipConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -298,6 +340,7 @@ def _cross_checks(c: Config) -> list[str]:
         problems.append("assertions.required: true needs a key (hs256_secret_file or "
                         "es256_public_key_file)")
     problems.extend(_api_checks(c.api))
+    problems.extend(_sip_checks(c.sip))
     secret = hs256_secret(c) if not problems else None
     if secret is not None and len(secret) < 32:
         problems.append("assertions.hs256_secret: must be at least 32 bytes")
@@ -333,6 +376,33 @@ def _api_checks(api: ApiConfig) -> list[str]:
             problems.append(f"{where}.key_file: cannot read {p.key_file}: {exc.strerror}")
         except (ValueError, TypeError) as exc:
             problems.append(f"{where}.key_file: not a P-256 key: {exc}")
+    return problems
+
+
+def _sip_checks(sip: SipConfig) -> list[str]:
+    problems = []
+    for i, route in enumerate(sip.routes):
+        try:
+            pattern = re.compile(route.match)
+            pattern.sub(route.user, "")
+        except (re.error, IndexError) as exc:
+            problems.append(f"sip.routes[{i}]: {exc}")
+        if not route.match or not route.user:
+            problems.append(f"sip.routes[{i}]: needs match and user")
+    for i, binding in enumerate(sip.static_bindings):
+        if not binding.user:
+            problems.append(f"sip.static_bindings[{i}].user: is required")
+        for j, token in enumerate(binding.tokens):
+            if not is_token(token):
+                problems.append(f"sip.static_bindings[{i}].tokens[{j}]: not a device token")
+    if sip.register and not sip.pbx_host:
+        problems.append("sip.register: needs sip.pbx_host")
+    for i, reg in enumerate(sip.register):
+        if not reg.user:
+            problems.append(f"sip.register[{i}].user: is required")
+        if not reg.password_file or not os.access(reg.password_file, os.R_OK):
+            problems.append(f"sip.register[{i}].password_file: cannot read "
+                            f"{reg.password_file or '(empty)'}")
     return problems
 
 

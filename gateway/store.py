@@ -208,15 +208,15 @@ class Store:
         return self._db.execute("SELECT count(*) FROM pushes WHERE token=?",
                                 (token,)).fetchone()[0]
 
-    def ack(self, token: str, seq: int, now: float) -> list[float]:
-        """Forget everything up to `seq`; returns when each delivered push was accepted.
+    def ack(self, token: str, seq: int, now: float) -> list[tuple[str, float]]:
+        """Forget everything up to `seq`; returns (push id, accepted at) of each delivered.
 
         Without an fsync of its own: an ack lost to a power cut only means a push is sent
         again, and the device drops it by id. The next durable commit carries it to disk.
         """
         with self._relaxed(), self._tx():
-            accepted = [r[0] for r in self._db.execute(
-                "DELETE FROM pushes WHERE token=? AND seq<=? RETURNING accepted_at",
+            accepted = [(r[0], r[1]) for r in self._db.execute(
+                "DELETE FROM pushes WHERE token=? AND seq<=? RETURNING push_id, accepted_at",
                 (token, seq))]
             self._db.execute(
                 """UPDATE devices SET acked_seq=max(acked_seq, min(?, next_seq-1)), last_seen=?

@@ -279,7 +279,7 @@ def test_ack_returns_accepted_times_and_raises_acked_seq(store):
     device(store)
     for n in (1, 2, 3):
         add(store, n, now=NOW + n)
-    assert sorted(store.ack(TOKEN, 2, NOW + 10)) == [NOW + 1, NOW + 2]
+    assert sorted(t for _, t in store.ack(TOKEN, 2, NOW + 10)) == [NOW + 1, NOW + 2]
     d = store.get_device(TOKEN)
     assert d.acked_seq == 2
     assert d.last_seen == NOW + 10
@@ -288,7 +288,7 @@ def test_ack_returns_accepted_times_and_raises_acked_seq(store):
     # acked_seq never goes down, and never past what was handed out
     store.ack(TOKEN, 1, NOW + 12)
     assert store.get_device(TOKEN).acked_seq == 2
-    assert store.ack(TOKEN, 1000, NOW + 13) == [NOW + 3]
+    assert [t for _, t in store.ack(TOKEN, 1000, NOW + 13)] == [NOW + 3]
     assert store.get_device(TOKEN).acked_seq == 3
 
 

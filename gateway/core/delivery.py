@@ -75,7 +75,7 @@ class _Live:
     link: DeviceLink
     since: float
     sent_through: int = 0
-    ephemeral: dict[int, float] = field(default_factory=dict)  # seq -> accepted_at
+    ephemeral: dict[int, tuple[str, float]] = field(default_factory=dict)  # seq -> id, at
 
 
 class Delivery:
@@ -89,6 +89,8 @@ class Delivery:
         self._secret = token_secret
         self._live: dict[str, _Live] = {}
         self.call_listeners: list[Callable[[str, CallAction, float], None]] = []
+        # (token, push id, now) for each push a device acknowledged
+        self.delivered_listeners: list[Callable[[str, str, float], None]] = []
 
     # --- devices ---------------------------------------------------------------------
 
@@ -147,15 +149,19 @@ class Delivery:
         live = self._live.get(token)
         if live is None or live.link is not link:
             return
-        for eseq in [s for s in live.ephemeral if s <= seq]:
-            self.metrics.delivered.inc()
-            self.metrics.latency.observe(max(0.0, now - live.ephemeral.pop(eseq)))
+        done = [live.ephemeral.pop(s) for s in sorted(live.ephemeral) if s <= seq]
+        self._delivered(token, done, now)
         self._ack_stored(token, seq, now)
 
     def _ack_stored(self, token: str, seq: int, now: float) -> None:
-        for accepted_at in self.store.ack(token, seq, now):
+        self._delivered(token, self.store.ack(token, seq, now), now)
+
+    def _delivered(self, token: str, pushes: list[tuple[str, float]], now: float) -> None:
+        for push_id, accepted_at in pushes:
             self.metrics.delivered.inc()
             self.metrics.latency.observe(max(0.0, now - accepted_at))
+            for listener in self.delivered_listeners:
+                listener(token, push_id, now)
 
     def call_action(self, token: str, action: CallAction, now: float) -> None:
         self.metrics.call_actions.labels(action.action).inc()
@@ -243,7 +249,7 @@ class Delivery:
                 self.metrics.expired.inc()
                 return Accepted(push_id, None, sent=False, stored=False)
             seq = self.store.next_seq(token)
-            live.ephemeral[seq] = now
+            live.ephemeral[seq] = (push_id, now)
             self._send(live, StoredPush(token, seq, push_id, req.push_type, req.priority, 0,
                                         payload_json, req.collapse_id, now), now)
             return Accepted(push_id, seq, sent=True, stored=False)

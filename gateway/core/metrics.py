@@ -36,6 +36,13 @@ class Metrics:
                                   ["reason"], registry=r)
         self.api_requests = Counter("lpgw_api_requests", "API requests by HTTP version",
                                     ["http"], registry=r)
+        self.sip_requests = Counter("lpgw_sip_requests", "SIP requests received", ["method"],
+                                    registry=r)
+        self.sip_errors = Counter("lpgw_sip_errors", "SIP messages refused or dropped",
+                                  ["kind"], registry=r)
+        self.sip_invite_to_push = Histogram(
+            "lpgw_sip_invite_to_push_seconds", "From an INVITE read to its pushes written",
+            registry=r, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))
         self.call_actions = Counter("lpgw_call_actions", "Call actions from devices",
                                     ["action"], registry=r)
 

@@ -1,0 +1,166 @@
+"""Calls: one incoming SIP call becomes voip pushes, and what devices do becomes its answer.
+
+Flexisip's rule for iOS, kept here: a device that comes back within the ring window gets the
+call, and if the call ended meanwhile, the call and then its end, so the app can always
+report it to CallKit and end it. Both pushes are stored until the window closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.core.delivery import Delivery, Rejected
+from gateway.core.model import PushRequest
+from gateway.core.tokens import short
+from gateway.protocol.messages import CallAction
+
+log = logging.getLogger("lpgw.calls")
+
+RINGING, DECLINE, BUSY, UNAVAILABLE, TERMINATED = 180, 603, 486, 480, 487
+END_GRACE = 30.0  # the end of a call is kept this much longer than the call itself
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    ring_window: float = 45.0  # longest a call rings on lpgw's branch
+    reach_timeout: float = 10.0  # no device acknowledged the call by then: 480
+
+
+@dataclass(frozen=True)
+class Caller:
+    uri: str
+    display_name: str
+    callee: str
+    sip_call_id: str
+
+
+@dataclass(eq=False)
+class Call:
+    id: str
+    user: str
+    caller: Caller
+    started: float
+    reach_deadline: float
+    ring_deadline: float
+    pushes: dict[str, str] = field(default_factory=dict)  # push id -> device token
+    reached: set[str] = field(default_factory=set)  # tokens that acknowledged the call
+    ringing: bool = False
+    final: int | None = None
+
+
+class Calls:
+    """The ring window of every call in progress."""
+
+    def __init__(self, delivery: Delivery, settings: CallSettings,
+                 devices_of: Callable[[str], list[str]]) -> None:
+        self.delivery = delivery
+        self.settings = settings
+        self.devices_of = devices_of
+        self.calls: dict[str, Call] = {}
+        self._by_push: dict[str, Call] = {}
+        # (call, status, reason text, now): the SIP side answers the INVITE with it
+        self.on_answer: Callable[[Call, int, str, float], None] = lambda *args: None
+        delivery.delivered_listeners.append(self._delivered)
+        delivery.call_listeners.append(self._action)
+
+    def offer(self, user: str, caller: Caller, now: float) -> Call | None:
+        """Push the call to every device of `user`; None when there is none to push to."""
+        s = self.settings
+        call = Call(id=str(uuid.uuid4()), user=user, caller=caller, started=now,
+                    reach_deadline=now + s.reach_timeout, ring_deadline=now + s.ring_window)
+        payload = {"call": {"id": call.id, "from": caller.uri,
+                            "display_name": caller.display_name, "to": caller.callee,
+                            "user": user, "sip_call_id": caller.sip_call_id}}
+        for token in self.devices_of(user):
+            push = PushRequest(push_type="voip", payload=payload, priority=10,
+                               expiration=int(call.ring_deadline) + 1)
+            try:
+                accepted = self.delivery.submit(token, push, now)
+            except Rejected as exc:
+                log.info("call %s: not pushed to %s: %s", call.id, short(token), exc.reason)
+                continue
+            call.pushes[accepted.push_id] = token
+            self._by_push[accepted.push_id] = call
+        if not call.pushes:
+            return None
+        self.calls[call.id] = call
+        log.info("call %s from %s to %s: pushed to %d device(s)", call.id, caller.uri, user,
+                 len(call.pushes))
+        return call
+
+    def cancel(self, call: Call, reason: str, now: float) -> None:
+        """The caller hung up, or the call was answered elsewhere (RFC 3326 Reason)."""
+        self._finish(call, TERMINATED, reason or "caller cancelled", now)
+
+    def next_timer(self) -> float | None:
+        times = [c.ring_deadline if c.reached else min(c.reach_deadline, c.ring_deadline)
+                 for c in self.calls.values()]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        for call in list(self.calls.values()):
+            if now >= call.ring_deadline:
+                self._finish(call, UNAVAILABLE, "ring window over", now)
+            elif not call.reached and now >= call.reach_deadline:
+                self._finish(call, UNAVAILABLE, "no device reachable", now)
+
+    # --- from devices -----------------------------------------------------------------
+
+    def _delivered(self, token: str, push_id: str, now: float) -> None:
+        call = self._by_push.get(push_id)
+        if call is None or call.final is not None:
+            return
+        call.reached.add(token)
+        if not call.ringing:
+            call.ringing = True
+            self.on_answer(call, RINGING, "", now)
+
+    def _action(self, token: str, action: CallAction, now: float) -> None:
+        call = self.calls.get(action.call_id)
+        if call is None or token not in call.pushes.values():
+            return
+        if action.action == "ringing":
+            self._delivered(token, next(p for p, t in call.pushes.items() if t == token), now)
+        elif action.action == "decline":
+            self._finish(call, DECLINE, "declined on a device", now)
+        elif action.action == "busy":
+            self._finish(call, BUSY, "busy on a device", now)
+
+    # --- ending -----------------------------------------------------------------------
+
+    def _finish(self, call: Call, status: int, reason: str, now: float) -> None:
+        if call.final is not None:
+            return
+        call.final = status
+        self.calls.pop(call.id, None)
+        for push_id in call.pushes:
+            self._by_push.pop(push_id, None)
+        ended = {"call_ended": {"id": call.id, "reason": reason, "status": status}}
+        for token in dict.fromkeys(call.pushes.values()):
+            push = PushRequest(push_type="voip", payload=ended, priority=10,
+                               expiration=int(call.ring_deadline + END_GRACE))
+            try:
+                self.delivery.submit(token, push, now)
+            except Rejected as exc:
+                log.info("call %s: end not pushed to %s: %s", call.id, short(token), exc.reason)
+        log.info("call %s ended: %d (%s)", call.id, status, reason)
+        self.on_answer(call, status, reason, now)
+
+    def describe(self) -> list[dict]:
+        return [{"id": c.id, "user": c.user, "from": c.caller.uri, "ringing": c.ringing,
+                 "devices": len(c.pushes), "reached": len(c.reached)}
+                for c in self.calls.values()]
+
+
+def message_payload(sender: str, display_name: str, text: str, user: str) -> dict:
+    """An alert push for a SIP MESSAGE (RFC 3428)."""
+    title = display_name or sender
+    return {"aps": {"alert": {"title": title, "body": text[:1000]}, "sound": "default"},
+            "message": {"from": sender, "display_name": display_name, "to": user,
+                        "text": text}}
+
+
+
