@@ -134,6 +134,11 @@ class SipBridge:
         for name in REQUIRED:
             if not msg.get(name):
                 raise SipError(f"Missing {name.title()} header")
+        for name in ("to", "from", "call-id", "cseq", "max-forwards", "content-length"):
+            if sum(1 for k, _ in msg.headers if k == name) > 1:
+                raise SipError(f"more than one {name} header")
+        if msg.cseq.sequence >= 2**31:
+            raise SipError("CSeq sequence number out of range")
         if msg.cseq.method != msg.method and msg.method != "ACK":
             raise SipError("CSeq method does not match the request")
         msg.address("from")
@@ -252,10 +257,11 @@ class SipBridge:
         if not exc.status:
             return
         head = data.split(b"\r\n\r\n", 1)[0][:8192]
-        lines = head.decode("utf-8", "replace").split("\r\n")
-        if not lines or lines[0].startswith("SIP/2.0") or len(lines[0].split(" ")) != 3:
+        lines = re.split(r"\r\n|\r|\n", head.decode("utf-8", "replace"))
+        start = lines[0].split() if lines else []
+        if len(start) < 3 or start[0].startswith("SIP/") or not start[-1].startswith("SIP/"):
             return
-        msg = SipMessage(method=lines[0].split(" ")[0], uri="sip:invalid")
+        msg = SipMessage(method=start[0], uri="sip:invalid")
         for line in lines[1:]:
             name, colon, value = line.partition(":")
             if colon and name.strip().lower() in ("via", "v", "from", "f", "to", "t",

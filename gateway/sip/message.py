@@ -114,7 +114,8 @@ class SipMessage:
         try:
             return URI.parse(self.uri)
         except ValueError:
-            raise SipError("bad Request-URI", 416 if ":" in self.uri and not
+            scheme = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:", self.uri)
+            raise SipError("bad Request-URI", 416 if scheme and not
                            self.uri.lower().startswith(("sip:", "sips:", "tel:")) else 400) \
                 from None
 
@@ -134,11 +135,16 @@ class SipMessage:
         if self.is_request:
             start = f"{self.method} {self.uri} SIP/2.0"
         else:
-            start = f"SIP/2.0 {self.status} {self.reason or REASONS.get(self.status, '')}"
+            start = f"SIP/2.0 {self.status} {_clean(self.reason or REASONS.get(self.status, ''))}"
         lines = [start]
-        lines.extend(f"{canonical(k)}: {v}" for k, v in self.headers if k != "content-length")
+        lines.extend(f"{canonical(k)}: {_clean(v)}" for k, v in self.headers
+                     if k != "content-length")
         lines.append(f"Content-Length: {len(self.body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.body
+
+
+def _clean(value: str) -> str:
+    return re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", " ", value)
 
 
 def split_commas(value: str) -> list[str]:
@@ -196,6 +202,9 @@ def parse(data: bytes, stream: bool = False) -> SipMessage:
             raise SipError(f"malformed header line {line[:40]!r}")
         key = COMPACT.get(name.lower(), name.lower())
         msg.headers.append((key, value.strip()))
+    lengths = {v for k, v in msg.headers if k == "content-length"}
+    if len(lengths) > 1:
+        raise SipError("conflicting Content-Length headers")
     length = msg.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -222,7 +231,7 @@ def _unfold(lines: list[str]) -> list[str]:
 
 
 def _start_line(line: str) -> SipMessage:
-    parts = line.split(" ")
+    parts = line.split()
     if parts[0] == "SIP/2.0":
         if len(parts) < 2 or not parts[1].isdigit() or len(parts[1]) != 3:
             raise SipError("bad status line", 0)
@@ -255,6 +264,9 @@ class StreamFramer:
                     raise SipError("headers too long", 0)
                 return out
             head = bytes(self._buffer[:end])
+            lengths = re.findall(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\S*)", head)
+            if len(set(lengths)) > 1:
+                raise SipError("conflicting Content-Length headers", 0)
             match = re.search(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)", head)
             if match is None:
                 raise SipError("Content-Length is required over TCP", 0)

@@ -7,9 +7,9 @@ the gateway sends itself (REGISTER, OPTIONS; timers E, F, K).
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -272,23 +272,28 @@ def response_to(request: SipMessage, status: int, peer: Peer, reason: str = "",
 
 def stamp_via(value: str, peer: Peer) -> str:
     """RFC 3261 18.2.1 `received` and RFC 3581 `rport`, so responses find their way back."""
-    via = Via.parse(value)
-    changes: dict[str, str | None] = {}
-    if via.host.strip("[]") != peer.host:
-        changes["received"] = peer.host
+    try:
+        via = Via.parse(value)
+    except ValueError:
+        return value  # copied as it came; the response goes to the source address
+    out = value
     if "rport" in via.parameters:
-        changes["rport"] = str(peer.port)
-        changes["received"] = peer.host
-    if not changes:
-        return value
-    return str(dataclasses.replace(via, parameters=via.parameters.replace(**changes)))
+        out = re.sub(r";\s*rport(?=\s*(;|$))", f";rport={peer.port}", out, count=1)
+        if "received" not in via.parameters:
+            out += f";received={peer.host}"
+    elif via.host.strip("[]") != peer.host and "received" not in via.parameters:
+        out += f";received={peer.host}"
+    return out
 
 
 def response_destination(response: SipMessage, peer: Peer) -> Peer:
     """Where a UDP response goes (RFC 3261 18.2.2, RFC 3581): received/rport, else sent-by."""
     if peer.reliable:
         return peer
-    via = response.vias[0]
+    try:
+        via = response.vias[0]
+    except SipError:
+        return peer
     host = via.parameters.get("received") or via.host
     rport = via.parameters.get("rport")
     port = int(rport) if rport else (via.port or 5060)
