@@ -39,6 +39,7 @@ def start(tmp: Path, synchronous: str, key_file: Path) -> tuple[subprocess.Popen
     cfg.write_text(json.dumps({
         "state_dir": str(tmp / "state"), "listen": {"host": "127.0.0.1", "port": port},
         "store": {"synchronous": synchronous}, "log": {"level": "warning"},
+        "sip": {"enabled": False}, "discovery": {"enabled": False},
         "api": {"host": "127.0.0.1", "port": api_port, "rate_limit": 1e6, "rate_burst": 10**6,
                 "providers": [{"team_id": "BENCH12345", "key_id": "BENCHKEY01",
                                "key_file": str(key_file), "topics": [TOPIC]}]}}))

@@ -38,7 +38,9 @@ def start_gateway(state: Path, port: int) -> tuple[subprocess.Popen, str]:
     cfg = state.parent / "bench.yaml"
     cfg.write_text(f"state_dir: {state}\nlisten: {{host: 127.0.0.1, port: {port}}}\n"
                    "protocol: {heartbeat: 60, hello_timeout: 60, frame_burst: 1000}\n"
-                   "log: {level: warning}\n")
+                   "log: {level: warning}\n"
+                   "api: {enabled: false}\nsip: {enabled: false}\n"
+                   "discovery: {enabled: false}  # no mDNS on the real interfaces\n")
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30

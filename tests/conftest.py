@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_config(state: Path, **overrides: Any) -> config_mod.Config:
     data: dict[str, Any] = {"state_dir": str(state), "listen": {"host": "127.0.0.1", "port": 0},
                             "api": {"host": "127.0.0.1", "port": 0},
+                            "sip": {"enabled": False},
+                            # no mDNS on this machine's real interfaces: tests that advertise
+                            # do it inside network namespaces of their own
+                            "discovery": {"enabled": False},
                             "store": {"synchronous": "NORMAL"}}
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -132,7 +136,8 @@ class GatewayProcess:
         self.port = port
         self.config_path = state.parent / f"{state.name}.yaml"
         data = {"state_dir": str(state), "listen": {"host": "127.0.0.1", "port": port},
-                "api": {"host": "127.0.0.1", "port": 0}}
+                "api": {"host": "127.0.0.1", "port": 0}, "sip": {"enabled": False},
+                "discovery": {"enabled": False}}
         for key, value in (extra or {}).items():
             data[key] = value
         self.config_path.write_text(yaml.safe_dump(data))

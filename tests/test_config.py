@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,20 +103,38 @@ def test_a_secret_file_is_read_and_never_logged(tmp_path):
     assert "s3cr3t" not in repr(cfg.listen)
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                    reason="needs root and iproute2: runs in a network namespace of its own")
 def test_run_on_embedded_defaults_prints_where_it_listens_and_the_pin(tmp_path):
-    """No config file at all: state dir, certificate and database are made on first start."""
+    """No config file at all: state dir, certificate and database are made on first start.
+
+    Defaults bind every address and advertise over mDNS, so this runs in a network
+    namespace with only a loopback: nothing reaches this machine's real interfaces.
+    """
     state = tmp_path / "state"
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "STATE_DIRECTORY": str(state)})
+    ns = f"lpgw-defaults-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        lines = [proc.stdout.readline() for _ in range(4)]
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "gateway.cli",
+                                 "run"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "STATE_DIRECTORY": str(state)})
+        try:
+            lines = []
+            while len(lines) < 8 and (line := proc.stdout.readline()):
+                lines.append(line)
+                if line.startswith("lpgw: state in"):
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(20)
     finally:
-        proc.terminate()
-        proc.wait(20)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
     text = "".join(lines)
-    assert "listening tls on tcp [::]:4433" in text
+    assert "listening tls on tcp [::]:4433" in text, text + proc.stderr.read()
     assert "listening quic on udp [::]:4433" in text
+    assert "provider API (APNs-compatible, HTTP/2) on tcp [::]:2197" in text
     pin = text.split("pin sha256/")[1].split()[0]
     assert len(pin) == 44
     for made in ("gateway.crt", "gateway.key", "lpgw.sqlite3"):
