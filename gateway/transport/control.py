@@ -92,6 +92,8 @@ class ControlServer:
         op = request.get("op")
         if op == "status":
             return {"ok": True, "status": self.status()}
+        if op == "bind":
+            return self._bind(request)
         if op != "send":
             return {"ok": False, "reason": "BadRequest", "message": f"unknown op {op!r}"}
         try:
@@ -110,6 +112,16 @@ class ControlServer:
             return reply
         return {"ok": True, "push_id": result.push_id, "seq": result.seq, "sent": result.sent,
                 "stored": result.stored}
+
+
+    def _bind(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Bind a device to a user (or unbind with user null), as /v1 does, for local tools."""
+        token, user = request.get("token"), request.get("user")
+        if not isinstance(token, str) or not (user is None or isinstance(user, str)):
+            return {"ok": False, "reason": "BadRequest", "message": "token and user"}
+        if not self.delivery.store.set_user(token, user):
+            return {"ok": False, "reason": "BadDeviceToken", "message": "no such device"}
+        return {"ok": True}
 
 
 async def request(path: Path, message: dict[str, Any], timeout: float = 10) -> dict[str, Any]:

@@ -1,0 +1,381 @@
+"""`lpgw selftest`: prove on the device, in seconds, that the whole path works.
+
+Offline checks need no running gateway (config, certificate, clock, store, disk); online
+checks drive the running one the way phones and the PBX do: a reference device over QUIC
+and over TLS receiving a test push, SIP OPTIONS over UDP and TCP, an INVITE that rings the
+test device and is cancelled, the provider API, the Bonjour record, PBX registrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import secrets
+import shutil
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+
+from cryptography.hazmat.primitives import serialization
+
+from gateway import certs, config
+from gateway.client import DeviceClient, DeviceOptions
+from gateway.store import Store
+from gateway.transport import control
+
+CLOCK_FLOOR = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)  # older: no RTC, no NTP yet
+EXPIRY_MARGIN = datetime.timedelta(days=30)
+MIN_FREE = 200 * 1024 * 1024
+SELFTEST_NS = uuid.UUID("6c7067772d73656c66746573742d6964")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: not applicable here
+    detail: str = ""
+    fix: str = ""
+
+
+def _check(name: str, ok: bool, detail: str, fix: str = "") -> Check:
+    return Check(name, ok, detail, "" if ok else fix)
+
+
+# --- offline -----------------------------------------------------------------------------
+
+
+def offline_checks(path: str | None, now: datetime.datetime | None = None
+                   ) -> tuple[list[Check], config.Config | None]:
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as exc:
+        return [Check("config", False, str(exc), "fix the key named above; "
+                      "`lpgw check-config -c FILE` checks a file")], None
+    checks = [Check("config", True, path or "embedded defaults")]
+    checks += _certificate_checks(cfg, now)
+    checks.append(_store_check(cfg))
+    checks.append(_disk_check(cfg))
+    return checks, cfg
+
+
+def _certificate_checks(cfg: config.Config, now: datetime.datetime) -> list[Check]:
+    if not cfg.cert_path.exists():
+        return [Check("certificate", False, f"{cfg.cert_path} is missing",
+                      "start the gateway once (it makes one) or install the site certificate")]
+    try:
+        cert = certs.load_cert(cfg.cert_path)
+        key = serialization.load_pem_private_key(cfg.key_path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        return [Check("certificate", False, f"unreadable: {exc}",
+                      f"check {cfg.cert_path} and {cfg.key_path}")]
+    pin = certs.spki_pin(cert)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    matches = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == cert.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    out = [_check("certificate", matches and start <= now <= end - EXPIRY_MARGIN,
+                  f"sha256/{pin}, valid {start:%Y-%m-%d} to {end:%Y-%m-%d}"
+                  + ("" if matches else "; the key does not belong to it"),
+                  "renew the certificate with the SAME key (phones pin the key): see README"
+                  if matches else f"{cfg.key_path} is not the key of {cfg.cert_path}")]
+    clock_ok = now >= start and now >= CLOCK_FLOOR
+    out.append(_check(
+        "clock", clock_ok, f"now {now:%Y-%m-%d %H:%M} UTC",
+        "the clock is behind the certificate's start: every TLS handshake fails until it is "
+        "right. A Raspberry Pi has no RTC: fit one (see hardware.md) or let NTP reach "
+        "a time server, then restart lpgw"))
+    return out
+
+
+def _store_check(cfg: config.Config) -> Check:
+    if not cfg.store_path.exists():
+        return Check("store", None, "no database yet (made on first start)")
+    try:
+        store = Store(cfg.store_path, cfg.store.synchronous)
+        try:
+            result, devices = store.integrity(), store.count_devices()
+        finally:
+            store.close()
+    except Exception as exc:  # sqlite3 or schema errors: all say the same to an operator
+        return Check("store", False, str(exc), f"restore {cfg.store_path} from backup")
+    return _check("store", result == "ok", f"integrity {result}, {devices} devices",
+                  f"the database is damaged: stop lpgw, back up {cfg.store_path}, restore")
+
+
+def _disk_check(cfg: config.Config) -> Check:
+    where = cfg.state_path if cfg.state_path.exists() else cfg.state_path.parent
+    usage = shutil.disk_usage(where)
+    return _check("disk", usage.free >= MIN_FREE,
+                  f"{usage.free // 2**20} MiB free of {usage.total // 2**20} MiB at {where}",
+                  "free space: journald (`journalctl --vacuum-size=50M`), old files")
+
+
+# --- online ------------------------------------------------------------------------------
+
+
+async def online_checks(cfg: config.Config, timeout: float = 8.0) -> list[Check]:
+    try:
+        status = (await control.request(cfg.control_path, {"op": "status"}, 3))["status"]
+    except (OSError, TimeoutError, KeyError) as exc:
+        return [Check("gateway", False, f"no answer on {cfg.control_path}: {exc}",
+                      "is it running? `systemctl status lpgw`, `journalctl -u lpgw -b`")]
+    checks = [Check("gateway", True, f"{status['name']} ({status['gateway_id']}), up "
+                    f"{status['uptime']:.0f} s")]
+    pin = status["pin"]
+    host = _loopback(status["listen"]["host"])
+    port = status["listen"]["port"]
+    jobs: list[Awaitable[list[Check]]] = [
+        _device_check(cfg, status, t, host, port, pin, timeout)
+        for t in status["listen"]["transports"]]
+    sip = status.get("sip")
+    if sip:
+        jobs += [_sip_options(_loopback(sip["host"]), sip["port"], t) for t in ("udp", "tcp")]
+    if status.get("api"):
+        jobs.append(_api_check(_loopback(cfg.api.host), status["api"]["port"]))
+    jobs.append(_mdns_check(cfg, status))
+    results = await asyncio.gather(*(asyncio.wait_for(j, timeout) for j in jobs),
+                                   return_exceptions=True)
+    for job, result in zip(jobs, results, strict=True):
+        if isinstance(result, BaseException):
+            name = getattr(job, "__qualname__", "check")
+            checks.append(Check(name, False, f"{type(result).__name__}: {result}",
+                                "see `journalctl -u lpgw`"))
+        else:
+            checks.extend(result)
+    checks += _network_checks(status)
+    checks += _pbx_checks(status)
+    return checks
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("::", "0.0.0.0", "") else host
+
+
+async def _device_check(cfg: config.Config, status: dict, transport: str, host: str,
+                        port: int, pin: str, timeout: float) -> list[Check]:
+    """A reference device receives a test push (and, over QUIC, rings and ends a SIP call)."""
+    events: asyncio.Queue[dict] = asyncio.Queue()
+    install = str(uuid.uuid5(SELFTEST_NS, f"{status['gateway_id']}/{transport}"))
+    device = DeviceClient(DeviceOptions(host=host, port=port, pin=pin, transport=transport,
+                                        install_id=install, topic="lpgw.selftest",
+                                        push_types=("alert", "voip"), reconnect=False),
+                          events.put_nowait)
+    task = asyncio.create_task(device.run())
+    name = f"device over {transport}"
+    try:
+        welcome = await _next(events, "welcome", timeout)
+        token = welcome["token"]
+        marker = secrets.token_hex(4)
+        reply = await control.request(cfg.control_path, {
+            "op": "send", "token": token, "push_type": "alert", "expiration": 0,
+            "payload": {"selftest": marker}})
+        if not reply.get("ok"):
+            return [Check(name, False, f"test push refused: {reply}", "see the journal")]
+        push = await _next(events, "push", timeout)
+        checks = [_check(name, push["payload"] == {"selftest": marker},
+                         f"welcome and a test push on port {port}", "see the journal")]
+        sip = status.get("sip")
+        if transport == "quic" and sip:
+            checks.append(await _sip_call(cfg, sip, token, events, timeout))
+        return checks
+    finally:
+        device.stop()
+        await asyncio.wait_for(task, 3)
+
+
+async def _next(events: asyncio.Queue, kind: str, timeout: float) -> dict:
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await events.get()
+            if event["event"] == kind:
+                return event
+            if event["event"] == "disconnected":
+                raise ConnectionError(f"{event.get('reason')}: {event.get('message')}")
+
+
+async def _sip_call(cfg: config.Config, sip: dict, token: str, events: asyncio.Queue,
+                    timeout: float) -> Check:
+    """INVITE -> the test device's push -> 180 -> CANCEL -> 487, through the SIP port."""
+    user = f"lpgw-selftest-{token[:8]}"
+    bound = await control.request(cfg.control_path, {"op": "bind", "token": token,
+                                                     "user": user})
+    if not bound.get("ok"):
+        return Check("sip call", False, f"cannot bind the test device: {bound}")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        target = (_loopback(sip["host"]), sip["port"])
+        branch = "z9hG4bK-selftest-" + secrets.token_hex(6)
+        invite = _sip_request("INVITE", user, sock.getsockname()[1], branch, target)
+        sock.sendto(invite, target)
+        call = await _next(events, "push", timeout)
+        if "call" not in call["payload"]:
+            return Check("sip call", False, "the device got no incoming-call push")
+        statuses = await _sip_statuses(loop, sock, {180}, timeout)
+        sock.sendto(_sip_request("CANCEL", user, sock.getsockname()[1], branch, target), target)
+        statuses |= await _sip_statuses(loop, sock, {487}, timeout)
+        ended = await _next(events, "push", timeout)
+        ack = _sip_request("ACK", user, sock.getsockname()[1], branch, target)
+        sock.sendto(ack, target)
+        ok = {180, 487} <= statuses and "call_ended" in ended["payload"]
+        return _check("sip call", ok, "INVITE -> push -> 180 -> CANCEL -> 487 -> call ended",
+                      f"got {sorted(statuses)}; see `journalctl -u lpgw`")
+    finally:
+        sock.close()
+        await control.request(cfg.control_path, {"op": "bind", "token": token, "user": None})
+
+
+def _sip_request(method: str, user: str, port: int, branch: str,
+                 target: tuple[str, int]) -> bytes:
+    cseq = "1 INVITE" if method == "ACK" else f"1 {method}"
+    return (f"{method} sip:{user}@{target[0]}:{target[1]} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n"
+            f"From: \"lpgw selftest\" <sip:selftest@127.0.0.1>;tag=st\r\n"
+            f"To: <sip:{user}@{target[0]}>\r\nCall-ID: {branch}@selftest\r\n"
+            f"CSeq: {cseq}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+async def _sip_statuses(loop, sock: socket.socket, want: set[int],
+                        timeout: float) -> set[int]:
+    seen: set[int] = set()
+    async with asyncio.timeout(timeout):
+        while not want <= seen:
+            data = await loop.sock_recv(sock, 65535)
+            seen.add(int(data.split(b" ", 2)[1]))
+    return seen
+
+
+async def _sip_options(host: str, port: int, transport: str) -> list[Check]:
+    request = (f"OPTIONS sip:lpgw@{host}:{port} SIP/2.0\r\n"
+               f"Via: SIP/2.0/{transport.upper()} 127.0.0.1:9;branch=z9hG4bK-st"
+               f"{secrets.token_hex(6)};rport\r\nFrom: <sip:selftest@127.0.0.1>;tag=st\r\n"
+               f"To: <sip:lpgw@{host}>\r\nCall-ID: {secrets.token_hex(8)}@selftest\r\n"
+               f"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+    name = f"sip {transport}"
+    if transport == "tcp":
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(request)
+            answer = await reader.readuntil(b"\r\n")
+        finally:
+            writer.close()
+    else:
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.bind(("127.0.0.1", 0))
+            # rport sends the answer to our real port, whatever the Via says
+            sock.sendto(request, (host, port))
+            answer = await loop.sock_recv(sock, 65535)
+    ok = answer.startswith(b"SIP/2.0 200")
+    first = answer.split(b"\r\n")[0].decode(errors="replace")
+    return [_check(name, ok, f"OPTIONS on {port}: {first}",
+                   "check sip.* in the config and the journal")]
+
+
+async def _api_check(host: str, port: int) -> list[Check]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # liveness only; providers verify the certificate
+    ctx.set_alpn_protocols(["http/1.1"])
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+    try:
+        writer.write(b"GET /v1/health HTTP/1.1\r\nHost: lpgw\r\nConnection: close\r\n\r\n")
+        head = await reader.readuntil(b"\r\n")
+    finally:
+        writer.close()
+    ok = head.startswith(b"HTTP/1.1 200")
+    return [_check("provider api", ok, f"GET /v1/health on {port}: {head.decode().strip()}",
+                   "check api.* in the config and the journal")]
+
+
+async def _mdns_check(cfg: config.Config, status: dict) -> list[Check]:
+    if not cfg.discovery.enabled:
+        return [Check("bonjour", None, "discovery is off in the config")]
+    from gateway.net.browse import Browser
+
+    browser = Browser(tuple(status["listen"]["transports"]))
+    await browser.start()
+    try:
+        found = await browser.wait(
+            lambda f: any(x.gateway_id == status["gateway_id"] for x in f), 4)
+    finally:
+        await browser.close()
+    mine = [f for f in found if f.gateway_id == status["gateway_id"]]
+    if not mine:
+        return [Check("bonjour", False, "this gateway's record is not visible from itself",
+                      "check discovery.* (interfaces, require_ssid) and `lpgw status` network")]
+    pins = {f.pin for f in mine}
+    return [_check("bonjour", pins == {status["pin"]},
+                   f"{mine[0].instance!r} on {', '.join(mine[0].addresses)}",
+                   f"the advertised pin {pins} is not the certificate's {status['pin']}: "
+                   "restart lpgw after changing the certificate")]
+
+
+def _network_checks(status: dict) -> list[Check]:
+    network = status.get("network")
+    if not network:
+        return []
+    advertising = network.get("advertising")
+    reason = network.get("reason") or network.get("error") or ""
+    return [_check("network", bool(advertising) or not reason,
+                   json.dumps({k: network.get(k) for k in ("interfaces", "ssid", "addresses")
+                               if k in network})[:300] or "ok",
+                   f"not advertising: {reason}")]
+
+
+def _pbx_checks(status: dict) -> list[Check]:
+    pbx = (status.get("sip") or {}).get("pbx")
+    if not pbx:
+        return []
+    checks = [_check("pbx", bool(pbx.get("reachable")), f"{pbx['pbx']} answers OPTIONS",
+                     "the PBX does not answer: check sip.pbx_host/pbx_port and the firewall")]
+    for reg in pbx.get("registrations", []):
+        checks.append(_check(f"registration {reg['user']}", reg["state"] == "registered",
+                             f"{reg['state']}" + (f": {reg['error']}" if reg.get("error")
+                                                  else ""),
+                             "check the account's password file and the PBX's logs"))
+    return checks
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def run(path: str | None, offline: bool, as_json: bool,
+        print_: Callable[[str], None] = print) -> int:
+    started = time.monotonic()
+    checks, cfg = offline_checks(path)
+    if cfg is not None and not offline:
+        checks += asyncio.run(online_checks(cfg))
+    ok = all(c.ok is not False for c in checks)
+    seconds = round(time.monotonic() - started, 2)
+    if as_json:
+        print_(json.dumps({"ok": ok, "seconds": seconds,
+                           "checks": [asdict(c) for c in checks]}))
+    else:
+        print_(render(checks, ok, seconds))
+    return 0 if ok else 1
+
+
+def render(checks: list[Check], ok: bool, seconds: float) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        mark = {True: "ok  ", False: "FAIL", None: "n/a "}[c.ok]
+        lines.append(f"{mark}  {c.name:<{width}}  {c.detail}")
+        if c.fix:
+            lines.append(f"      {'':<{width}}  -> {c.fix}")
+    failed = sum(c.ok is False for c in checks)
+    lines.append(f"\n{'all checks passed' if ok else f'{failed} check(s) FAILED'} "
+                 f"in {seconds} s")
+    return "\n".join(lines)
+
+
