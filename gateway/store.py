@@ -238,6 +238,20 @@ class Store:
     def integrity(self) -> str:
         return self._db.execute("PRAGMA quick_check").fetchone()[0]
 
+    # group commit: many writes, one fsync
+
+    def begin(self) -> None:
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
     # plumbing
 
     def _tx(self):

@@ -25,8 +25,11 @@ async def test_sigkill_loses_no_accepted_push(tmp_path, transport):
     received: dict[str, dict] = {}
     welcomed = asyncio.Event()
     token_box: list[str] = []
+    log: list[dict] = []
 
     def emit(event: dict) -> None:
+        if event["event"] != "push":
+            log.append(event)
         if event["event"] == "welcome":
             token_box.append(event["token"])
             welcomed.set()
@@ -74,9 +77,14 @@ async def test_sigkill_loses_no_accepted_push(tmp_path, transport):
         await asyncio.wait_for(asyncio.gather(pusher(), killer()), 60)
         assert refused_while_down > 0, "the kill happened while pushes were flowing"
 
-        async with asyncio.timeout(30):
-            while not set(accepted) <= set(received):
-                await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(30):
+                while not set(accepted) <= set(received):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            missing = len(set(accepted) - set(received))
+            raise AssertionError(f"{missing} of {len(accepted)} accepted pushes never arrived;"
+                                 f" device events: {log[-10:]}") from None
         for push_id, payload in accepted.items():
             assert received[push_id] == payload
         assert len(accepted) == TOTAL

@@ -677,3 +677,37 @@ def test_a_device_unseen_for_too_long_is_unregistered(store):
     with pytest.raises(Rejected) as caught:
         d.submit(token, alert(), NOW + 2 * 86400)
     assert caught.value.reason == "Unregistered" and caught.value.timestamp == NOW
+
+
+def test_group_commit_holds_pushes_until_one_commit(delivery, store, tmp_path):
+    import sqlite3
+
+    link = FakeLink()
+    token = delivery.admit(link, hello(), NOW)
+    results = [delivery.submit(token, alert(i), NOW, group=True) for i in range(5)]
+    assert all(r.stored for r in results)
+    other = sqlite3.connect(store.path)  # another reader sees nothing before the commit
+    assert other.execute("SELECT count(*) FROM pushes").fetchone()[0] == 0
+    assert link.pushes == []  # nor has the device been sent anything
+    delivery.commit(NOW)
+    assert other.execute("SELECT count(*) FROM pushes").fetchone()[0] == 5
+    assert [p.seq for p in link.pushes] == [r.seq for r in results]
+    other.close()
+
+
+def test_a_plain_submit_lands_an_open_group_with_it(delivery, store):
+    import sqlite3
+
+    token = register(delivery)
+    delivery.submit(token, alert(0), NOW, group=True)
+    delivery.submit(token, alert(1), NOW)  # e.g. the SIP bridge, in between
+    other = sqlite3.connect(store.path)
+    assert other.execute("SELECT count(*) FROM pushes").fetchone()[0] == 2
+    other.close()
+
+
+def test_rollback_of_a_group_forgets_its_pushes(delivery, store):
+    token = register(delivery)
+    delivery.submit(token, alert(0), NOW, group=True)
+    delivery.rollback()
+    assert store.count_pending(token) == 0

@@ -37,6 +37,7 @@ class Response:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    after_commit: bool = False  # send only once the open group commit is on disk
 
     @classmethod
     def json(cls, status: int, value: Any, headers: list | None = None) -> Response:
@@ -72,6 +73,7 @@ class Router:
         self.limiter = limiter
         self.metrics_need_auth = metrics_need_auth
         self.draining = False
+        self.group_commit = False  # the transport commits groups of pushes (one fsync each)
 
     def handle(self, req: Request, now: float) -> Response:
         try:
@@ -134,11 +136,12 @@ class Router:
             raise ApiError("TooManyRequests", "this key is over its rate limit")
         push = apns.push_request(headers, req.body, key)
         try:
-            accepted = self.delivery.submit(token.lower(), push, now)
+            accepted = self.delivery.submit(token.lower(), push, now, group=self.group_commit)
         except Rejected as exc:
             raise ApiError(exc.reason, str(exc), exc.timestamp) from None
         # APNs echoes apns-id as sent; when it made one, it is the id the device sees
-        return Response(200, [("apns-id", headers.get("apns-id") or accepted.push_id)])
+        return Response(200, [("apns-id", headers.get("apns-id") or accepted.push_id)],
+                        after_commit=self.group_commit and accepted.stored)
 
     # --- lpgw /v1 ---------------------------------------------------------------------
 

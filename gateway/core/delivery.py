@@ -88,6 +88,8 @@ class Delivery:
         self.metrics = metrics
         self._secret = token_secret
         self._live: dict[str, _Live] = {}
+        self._waiting: set[str] = set()  # devices with pushes in the open group commit
+        self._warned: dict[str, float] = {}
         self.call_listeners: list[Callable[[str, CallAction, float], None]] = []
         # (token, push id, now) for each push a device acknowledged
         self.delivered_listeners: list[Callable[[str, str, float], None]] = []
@@ -185,15 +187,36 @@ class Delivery:
 
     # --- pushes ----------------------------------------------------------------------
 
-    def submit(self, token: str, req: PushRequest, now: float) -> Accepted:
-        """Validate, make durable, then send if the device is here. Raises Rejected."""
+    def submit(self, token: str, req: PushRequest, now: float,
+               group: bool = False) -> Accepted:
+        """Validate, make durable, then send if the device is here. Raises Rejected.
+
+        With `group`, the push joins an open group commit instead: it is durable, and sent,
+        only once `commit()` returns, and the caller must not report it accepted before.
+        """
         try:
-            return self._submit(token, req, now)
+            result = self._submit(token, req, now, group)
         except Rejected as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             raise
+        if not group:
+            self.commit(now)  # a no-op unless a group is open: then it lands with this push
+        return result
 
-    def _submit(self, token: str, req: PushRequest, now: float) -> Accepted:
+    def commit(self, now: float) -> None:
+        """End the open group commit (one fsync for all of it), then send what it held."""
+        self.store.commit()
+        waiting, self._waiting = self._waiting, set()
+        for token in waiting:
+            live = self._live.get(token)
+            if live is not None:
+                self._flush(token, live, now)
+
+    def rollback(self) -> None:
+        self.store.rollback()
+        self._waiting.clear()
+
+    def _submit(self, token: str, req: PushRequest, now: float, group: bool) -> Accepted:
         if not is_token(token):
             raise Rejected("BadDeviceToken", "a device token is 64 lowercase hex characters")
         device = self.store.get_device(token)
@@ -253,6 +276,8 @@ class Delivery:
             self._send(live, StoredPush(token, seq, push_id, req.push_type, req.priority, 0,
                                         payload_json, req.collapse_id, now), now)
             return Accepted(push_id, seq, sent=True, stored=False)
+        if group:
+            self.store.begin()
         stored, collapsed, evicted = self.store.add_push(
             token, push_id, req.push_type, req.priority, expiration, req.collapse_id,
             payload_json, now, self.settings.queue_limit)
@@ -260,9 +285,15 @@ class Delivery:
             self.metrics.dropped.labels("collapsed").inc(len(collapsed))
         if evicted:
             self.metrics.dropped.labels("queue_full").inc(len(evicted))
-            log.warning("device %s queue full: dropped %d oldest", short(token), len(evicted))
+            if now - self._warned.get(token, 0.0) > 60:  # once a minute per device
+                self._warned[token] = now
+                log.warning("device %s queue full (%d): dropping the oldest pushes",
+                            short(token), self.settings.queue_limit)
         if live is not None:
-            self._flush(token, live, now)
+            if group:
+                self._waiting.add(token)
+            else:
+                self._flush(token, live, now)
         return Accepted(push_id, stored.seq, sent=live is not None, stored=True)
 
     def expire(self, now: float) -> int:
