@@ -1,4 +1,4 @@
-"""`lpgw run | device | send | pin | status | check-config`."""
+"""`lpgw run | device | send | pin | status | check-config | discover`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import __version__, certs, config, logs
 
+if TYPE_CHECKING:
+    from gateway.client import DeviceClient
+    from gateway.net.browse import Browser
+
 EXIT_CONFIG = 2
+EXIT_NOT_FOUND = 5  # discovery found no gateway, or several and no way to choose
 
 
 def _load_config(path: str | None) -> config.Config:
@@ -89,8 +95,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_device(args: argparse.Namespace) -> int:
     from gateway.client import DeviceClient, DeviceOptions
 
+    if not args.pin and not args.discover:
+        print("lpgw device: --pin is required (or --discover, with --tofu or a pin kept in "
+              "--state)", file=sys.stderr)
+        return EXIT_CONFIG
     options = DeviceOptions(
-        host=args.host, port=args.port, pin=args.pin, transport=args.transport,
+        host=args.host, port=args.port, pin=args.pin or "", transport=args.transport,
         topic=args.topic, push_types=tuple(args.push_types.split(",")),
         assertion=args.assertion, ack=not args.no_ack, reconnect=not args.once,
         auto_call=args.auto_call, state_file=Path(args.state) if args.state else None)
@@ -102,18 +112,73 @@ def cmd_device(args: argparse.Namespace) -> int:
 
     async def main() -> str:
         client = DeviceClient(options, emit)
-        runner = asyncio.create_task(client.run())
-        commands = asyncio.create_task(_device_commands(client))
-        done, _ = await asyncio.wait({runner, commands}, return_when=asyncio.FIRST_COMPLETED)
-        if commands in done and not runner.done():
-            client.stop()
-        reason = await runner
-        commands.cancel()
-        return reason
+        if args.discover and not options.pin and not args.tofu:
+            emit({"event": "error", "message": "no pin: give --pin, or --tofu to trust the "
+                                               "gateway discovery finds (kept in --state)"})
+            return "usage"
+        browser = await _discover(client, args) if args.discover else None
+        if isinstance(browser, str):
+            return browser
+        try:
+            runner = asyncio.create_task(client.run())
+            commands = asyncio.create_task(_device_commands(client))
+            done, _ = await asyncio.wait({runner, commands}, return_when=asyncio.FIRST_COMPLETED)
+            if commands in done and not runner.done():
+                client.stop()
+            reason = await runner
+            commands.cancel()
+            return reason
+        finally:
+            if browser is not None:
+                await browser.close()
 
     with contextlib.suppress(KeyboardInterrupt):
         reason = asyncio.run(main())
-        return {"pin_mismatch": 4, "unauthorized": 3}.get(reason, 0)
+        return {"pin_mismatch": 4, "unauthorized": 3, "not_found": EXIT_NOT_FOUND,
+                "usage": EXIT_CONFIG}.get(reason, 0)
+    return 0
+
+
+async def _discover(client: DeviceClient, args: argparse.Namespace) -> Browser | str:
+    """Browse, pick the gateway, trust its pin on --tofu; the browser stays open to re-find
+    it after every disconnect. Returns the browser, or the reason to stop."""
+    from gateway.net.browse import Browser, Locator
+
+    browser = Browser((args.transport,))
+    await browser.start()
+    try:
+        found = await browser.find(args.instance, args.gateway_id, args.discover_timeout)
+    except LookupError as exc:
+        client.emit({"event": "discover_failed", "message": str(exc)})
+        await browser.close()
+        return "not_found"
+    client.emit({"event": "discovered", **found.to_dict()})
+    if not client.o.pin:
+        client.trust(found.pin)
+    client.o.locate = Locator(browser, found.gateway_id)
+    return browser
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    """What a phone on this network would find: one JSON line per gateway service."""
+    from gateway.net.browse import Browser
+
+    async def main() -> int:
+        browser = Browser(("quic", "tls") if args.transport == "any" else (args.transport,))
+        await browser.start()
+        try:
+            if args.watch:  # one line with every gateway, each time that changes
+                async for found in browser.watch():
+                    print(json.dumps({"gateways": [f.to_dict() for f in found]}), flush=True)
+            found = await browser.wait(lambda f: False, args.timeout)
+            for f in found:
+                print(json.dumps(f.to_dict()), flush=True)
+            return 0 if found else EXIT_NOT_FOUND
+        finally:
+            await browser.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(main())
     return 0
 
 
@@ -185,7 +250,16 @@ def parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("device", help="run a reference device")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=4433)
-    dev.add_argument("--pin", required=True, help="sha256/<base64> from `lpgw pin`")
+    dev.add_argument("--pin", help="sha256/<base64> from `lpgw pin`")
+    dev.add_argument("--discover", action="store_true",
+                     help="find the gateway over Bonjour instead of --host/--port, and again "
+                          "after every disconnect")
+    dev.add_argument("--instance", help="with --discover: the gateway's instance name")
+    dev.add_argument("--gateway-id", help="with --discover: the gateway's id")
+    dev.add_argument("--tofu", action="store_true",
+                     help="with --discover and no pin: trust the advertised pin on first use "
+                          "and keep it in --state")
+    dev.add_argument("--discover-timeout", type=float, default=5.0, metavar="SECONDS")
     dev.add_argument("--transport", choices=("quic", "tls"), default="quic")
     dev.add_argument("--topic", default="com.example.lpgw")
     dev.add_argument("--push-types", default="alert,voip,background,pushtotalk")
@@ -197,6 +271,12 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--auto-call", choices=("ringing", "decline", "busy"),
                      help="answer incoming-call pushes with this action")
     dev.set_defaults(func=cmd_device)
+
+    disc = sub.add_parser("discover", help="list the gateways Bonjour finds here")
+    disc.add_argument("--transport", choices=("quic", "tls", "any"), default="any")
+    disc.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    disc.add_argument("--watch", action="store_true", help="keep printing changes")
+    disc.set_defaults(func=cmd_discover)
     return p
 
 

@@ -13,7 +13,7 @@ import random
 import socket
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,10 @@ class DeviceOptions:
     connect_timeout: float = 10.0
     backoff_min: float = 0.5
     backoff_max: float = 30.0
+    # discovery: before each attempt, where the gateway is now and the pin it advertises;
+    # called with an address that just failed (to try another), raises LookupError if none
+    locate: Callable[[str | None], Awaitable[tuple[str, int, str]]] | None = None
+    remember_pin: bool = False  # keep the pin in state_file (trust on first use)
 
 
 class _QuicClient(QuicConnectionProtocol):
@@ -107,17 +111,24 @@ class DeviceClient:
     async def run(self) -> str:
         """Connect and stay connected; returns the reason it gave up."""
         delay = self.o.backoff_min
+        avoid: str | None = None
         while True:
             loop = asyncio.get_running_loop()
             started = loop.time()
             try:
+                if self.o.locate is not None:
+                    await self._locate(avoid)
                 reason = await self.connect_once()
             except PinMismatch as exc:
                 self.emit({"event": "disconnected", "reason": "pin_mismatch", "message": str(exc)})
                 return "pin_mismatch"
+            except LookupError as exc:
+                reason = "not_found"
+                self.emit({"event": "discover_failed", "message": str(exc)})
             except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as exc:
                 reason = "connect_failed"
                 self.emit({"event": "connect_failed", "message": str(exc) or type(exc).__name__})
+            avoid = self.o.host if reason == "connect_failed" else None
             if self._stopping or reason in FINAL_REASONS or not self.o.reconnect:
                 return reason
             if loop.time() - started > 10 or self.token is not None:
@@ -135,6 +146,27 @@ class DeviceClient:
             self._flush()
         self._close()
         self._finish("stopped")
+
+    def trust(self, advertised_pin: str) -> None:
+        """Trust on first use: adopt the pin discovery found, and keep it in the state file.
+
+        From then on it is checked like a configured pin: against every advertisement
+        (_locate) and against the key in every handshake (_check_pin).
+        """
+        self.o.pin = advertised_pin
+        self.o.remember_pin = True
+        self._save_state()
+        self.emit({"event": "trusted", "pin": f"sha256/{normalize_pin(advertised_pin)}"})
+
+    async def _locate(self, avoid: str | None) -> None:
+        """Ask discovery where the gateway is now; refuse one advertising another key."""
+        host, port, pin = await self.o.locate(avoid)
+        if normalize_pin(pin) != normalize_pin(self.o.pin):
+            raise PinMismatch(f"the gateway advertises pin sha256/{normalize_pin(pin)}, not "
+                              f"the expected sha256/{normalize_pin(self.o.pin)}")
+        if (host, port) != (self.o.host, self.o.port):
+            self.o.host, self.o.port = host, port
+            self.emit({"event": "located", "host": host, "port": port})
 
     async def connect_once(self) -> str:
         loop = asyncio.get_running_loop()
@@ -352,6 +384,8 @@ class DeviceClient:
         self.gateway_id = state.get("gateway_id")
         self.last_ack = int(state.get("last_ack", 0))
         self.seen = list(state.get("seen", []))[-1024:]
+        if state.get("pin") and not self.o.pin:
+            self.o.pin, self.o.remember_pin = state["pin"], True
 
     def _save_state(self) -> None:
         path = self.o.state_file
@@ -359,10 +393,12 @@ class DeviceClient:
             return
         if self.session is not None:
             self.seen = self.session.seen_ids
+        state = {"install_id": self.o.install_id, "gateway_id": self.gateway_id,
+                 "last_ack": self.last_ack, "seen": self.seen[-1024:]}
+        if self.o.remember_pin:
+            state["pin"] = self.o.pin
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"install_id": self.o.install_id,
-                                   "gateway_id": self.gateway_id, "last_ack": self.last_ack,
-                                   "seen": self.seen[-1024:]}))
+        tmp.write_text(json.dumps(state))
         tmp.replace(path)
 
 

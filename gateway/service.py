@@ -24,6 +24,7 @@ from gateway.config import Config, hs256_secret
 from gateway.core.assertions import AssertionPolicy
 from gateway.core.delivery import Delivery, DeliverySettings
 from gateway.core.metrics import Metrics
+from gateway.net.discovery import Identity, NetworkService
 from gateway.protocol.messages import CALL_ACTIONS
 from gateway.protocol.session import SessionSettings
 from gateway.store import Store
@@ -60,6 +61,7 @@ class Gateway:
         self.api_port: int | None = None
         self.router: Router | None = None
         self._sweeper: asyncio.Task | None = None
+        self.network: NetworkService | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -97,6 +99,8 @@ class Gateway:
                 await self._serve_api()
             self._control = ControlServer(c.control_path, self.delivery, self.status)
             await self._control.start()
+            if c.discovery.enabled:
+                await self._advertise()
         except BaseException:
             await self.stop()
             raise
@@ -133,6 +137,19 @@ class Gateway:
                                           create_protocol=protocol)
             transports.append("quic")
         self.listening = Listening(host or "::", port, transports)
+
+    async def _advertise(self) -> None:
+        """Bonjour for the bound listeners; a failure here costs discovery, not the gateway."""
+        c = self.config
+        identity = Identity(instance=c.discovery.instance or c.name, gateway_id=self.gateway_id,
+                            pin=f"sha256/{self.pin}", port=self.listening.port,
+                            transports=tuple(self.listening.transports))
+        self.network = NetworkService(c.discovery, identity, self.listening.host)
+        try:
+            await self.network.start()
+        except Exception as exc:
+            log.error("discovery is off: %s", exc)
+            self.network.error = str(exc)
 
     async def _serve_api(self) -> None:
         a = self.config.api
@@ -175,6 +192,8 @@ class Gateway:
             "listen": {"host": self.listening.host, "port": self.listening.port,
                        "transports": self.listening.transports} if self.listening else None,
             "api": {"port": self.api_port} if self.api_port else None,
+            "network": (self.network.status() if self.network
+                        else {"advertising": False, "reason": "discovery is disabled"}),
             "uptime": round(time.time() - self.started_at, 1) if self.started_at else 0,
             "devices": {"connected": by_transport,
                         "known": self.store.count_devices() if self.store else 0},
@@ -194,6 +213,12 @@ class Gateway:
                                     "control": str(self.config.control_path)}))
 
     async def stop(self) -> None:
+        if self.network is not None:  # goodbyes first: phones stop trying before we close
+            network, self.network = self.network, None
+            try:
+                await network.stop()
+            except Exception:
+                log.exception("stopping discovery failed")
         if self.router is not None:
             self.router.draining = True  # providers get 503 Shutdown from here on
         if self._sweeper is not None:
