@@ -25,3 +25,4 @@ def setup(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic logs every connection
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # and pyroute2 every message
