@@ -36,13 +36,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     logs.setup(args.log_level or cfg.log.level)
     try:
-        asyncio.run(service.run(cfg))
+        asyncio.run(service.run(cfg, args.config))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
         print(f"lpgw: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from gateway import selftest
+
+    return selftest.run(args.config, offline=args.offline, as_json=args.json)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -225,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
     run = with_config(sub.add_parser("run", help="run the gateway"))
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run.set_defaults(func=cmd_run)
+
+    test = with_config(sub.add_parser("selftest", help="check this gateway end to end"))
+    test.add_argument("--offline", action="store_true",
+                      help="only what needs no running gateway (config, certificate, clock, "
+                           "store, disk)")
+    test.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    test.set_defaults(func=cmd_selftest)
 
     with_config(sub.add_parser("check-config", help="validate a config file")).set_defaults(
         func=cmd_check_config)

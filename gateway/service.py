@@ -1,9 +1,10 @@
-"""Wiring and lifecycle: state, certificate, store, core, listeners, control socket."""
+"""Wiring and lifecycle: start, reload (SIGHUP), drain and stop (SIGTERM), systemd notify."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,23 +17,33 @@ from pathlib import Path
 
 from aioquic.asyncio import serve as quic_serve
 
-from gateway import __version__, certs
+from gateway import __version__, certs, config, logs
 from gateway.api import server as http_server
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
 from gateway.api.router import RateLimiter, Router
 from gateway.config import Config, hs256_secret
 from gateway.core.assertions import AssertionPolicy
+from gateway.core.calls import CallSettings
 from gateway.core.delivery import Delivery, DeliverySettings
 from gateway.core.metrics import Metrics
 from gateway.net.discovery import Identity, NetworkService
+from gateway.notify import Notifier
 from gateway.protocol.messages import CALL_ACTIONS
 from gateway.protocol.session import SessionSettings
+from gateway.sip.bridge import Route
 from gateway.store import Store
 from gateway.transport import quic, tls
 from gateway.transport.control import ControlServer
 from gateway.transport.link import GatewayLink, LinkContext
+from gateway.transport.sip import SipTransport, pbx_link, routes, start_sip
 
 log = logging.getLogger("lpgw")
+
+DRAIN_SECONDS = 5.0  # at most this long for devices to take their last pushes and go
+STATUS_EVERY = 10.0
+# what only a restart can change (sockets, files opened once)
+RESTART_KEYS = ("state_dir", "control_socket", "listen", "store", "api.enabled", "api.host",
+                "api.port", "sip.enabled", "sip.host", "sip.port", "sip.udp", "sip.tcp")
 
 
 @dataclass
@@ -42,11 +53,45 @@ class Listening:
     transports: list[str] = field(default_factory=list)
 
 
-class Gateway:
-    """One running gateway. `start()` binds everything or raises; `stop()` undoes it."""
+def assertion_policy(c: Config) -> AssertionPolicy:
+    return AssertionPolicy(
+        hs256_secret=hs256_secret(c),
+        es256_public_key=(Path(c.assertions.es256_public_key_file).read_text()
+                          if c.assertions.es256_public_key_file else None),
+        audience=c.assertions.audience or None, issuer=c.assertions.issuer or None,
+        required=c.assertions.required)
 
-    def __init__(self, config: Config) -> None:
+
+def delivery_settings(c: Config) -> DeliverySettings:
+    d = c.delivery
+    return DeliverySettings(queue_limit=d.queue_limit, default_ttl=d.default_ttl,
+                            forget_after=d.unregistered_after_days * 86400)
+
+
+def session_settings(c: Config) -> SessionSettings:
+    p = c.protocol
+    return SessionSettings(max_frame=p.max_frame, heartbeat=p.heartbeat,
+                           heartbeat_misses=p.heartbeat_misses, hello_timeout=p.hello_timeout,
+                           frame_rate=p.frame_rate, frame_burst=p.frame_burst)
+
+
+def provider_auth(c: Config) -> ProviderAuth:
+    keys = [ProviderKey(p.team_id, p.key_id,
+                        certs.load_public_key(Path(p.key_file).read_bytes()), p.topics)
+            for p in c.api.providers]
+    admin = (Path(c.api.admin_token_file).read_text().strip() if c.api.admin_token_file
+             else None)
+    if not keys:
+        log.warning("the API has no provider keys configured: every push will get 403")
+    return ProviderAuth(keys, admin)
+
+
+class Gateway:
+    """One running gateway. `start()` binds everything or raises; `stop()` drains it."""
+
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
         self.store: Store | None = None
         self.delivery: Delivery | None = None
@@ -54,19 +99,25 @@ class Gateway:
         self.pin = ""
         self.gateway_id = ""
         self.started_at = 0.0
+        self.last_reload: dict | None = None
         self._tcp: asyncio.AbstractServer | None = None
+        self._tls_ctx = None
         self._quic = None
+        self._quic_config = None
         self._control: ControlServer | None = None
         self._api: asyncio.AbstractServer | None = None
+        self._api_ctx = None
         self.api_port: int | None = None
         self.router: Router | None = None
-        self._sweeper: asyncio.Task | None = None
+        self.sip: SipTransport | None = None
         self.network: NetworkService | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # --- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
         c = self.config
-        state = c.state_path
-        state.mkdir(parents=True, exist_ok=True, mode=0o750)
+        c.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
         if certs.ensure_self_signed(c.cert_path, c.key_path, c.name):
             log.info("made a self-signed P-256 certificate at %s", c.cert_path)
         self.pin = certs.spki_pin(certs.load_cert(c.cert_path))
@@ -74,29 +125,17 @@ class Gateway:
         secret = self.store.get_or_create_meta("token_secret", lambda: os.urandom(32))
         self.gateway_id = self.store.get_or_create_meta(
             "gateway_id", lambda: uuid.uuid4().hex[:16].encode()).decode()
-        policy = AssertionPolicy(
-            hs256_secret=hs256_secret(c),
-            es256_public_key=(Path(c.assertions.es256_public_key_file).read_text()
-                              if c.assertions.es256_public_key_file else None),
-            audience=c.assertions.audience or None, issuer=c.assertions.issuer or None,
-            required=c.assertions.required)
-        d = c.delivery
-        self.delivery = Delivery(self.store, secret, self.gateway_id,
-                                 DeliverySettings(queue_limit=d.queue_limit,
-                                                  default_ttl=d.default_ttl,
-                                                  forget_after=d.unregistered_after_days * 86400),
-                                 policy, self.metrics)
-        p = c.protocol
-        self.link_context = LinkContext(
-            delivery=self.delivery, metrics=self.metrics, gateway_id=self.gateway_id,
-            settings=SessionSettings(max_frame=p.max_frame, heartbeat=p.heartbeat,
-                                     heartbeat_misses=p.heartbeat_misses,
-                                     hello_timeout=p.hello_timeout, frame_rate=p.frame_rate,
-                                     frame_burst=p.frame_burst))
+        self.delivery = Delivery(self.store, secret, self.gateway_id, delivery_settings(c),
+                                 assertion_policy(c), self.metrics)
+        self.link_context = LinkContext(delivery=self.delivery, metrics=self.metrics,
+                                        gateway_id=self.gateway_id,
+                                        settings=session_settings(c))
         try:
             await self._listen()
             if c.api.enabled:
                 await self._serve_api()
+            if c.sip.enabled:
+                self.sip = await start_sip(c.sip, self.delivery, self.metrics, c.name)
             self._control = ControlServer(c.control_path, self.delivery, self.status)
             await self._control.start()
             if c.discovery.enabled:
@@ -104,9 +143,12 @@ class Gateway:
         except BaseException:
             await self.stop()
             raise
-        self._sweeper = asyncio.create_task(self._sweep())
+        self._tasks = [asyncio.create_task(self._sweep()),
+                       asyncio.create_task(self._report()),
+                       asyncio.create_task(self.notifier.watchdog())]
         self.started_at = time.time()
         self._write_runtime()
+        self.notifier.ready(self.summary())
 
     def make_link(self, transport: str, peer: str, write, close) -> GatewayLink:
         return GatewayLink(self.link_context, transport, peer, write, close)
@@ -117,8 +159,9 @@ class Gateway:
         port = c.listen.port or _free_port(host)
         transports = []
         if c.listen.tls:
-            factory = tls.serve_factory(tls.server_context(str(c.cert_path), str(c.key_path)),
-                                        self.make_link, self.metrics, c.protocol.hello_timeout)
+            self._tls_ctx = tls.server_context(str(c.cert_path), str(c.key_path))
+            factory = tls.serve_factory(self._tls_ctx, self.make_link, self.metrics,
+                                        c.protocol.hello_timeout)
             # host None: asyncio binds IPv4 and IPv6 apart (it sets IPV6_V6ONLY on "::")
             self._tcp = await asyncio.get_running_loop().create_server(
                 factory, None if host in ("::", "") else host, port, reuse_address=True)
@@ -126,17 +169,33 @@ class Gateway:
         if c.listen.quic:
             p = c.protocol
             idle = p.heartbeat * (p.heartbeat_misses + 1) + 5
-            qconf = quic.server_configuration(str(c.cert_path), str(c.key_path), idle,
-                                              p.max_frame)
+            self._quic_config = quic.server_configuration(str(c.cert_path), str(c.key_path),
+                                                          idle, p.max_frame)
 
             def protocol(*args, **kwargs):
                 return quic.QuicDeviceProtocol(*args, make_link=self.make_link,
                                                metrics=self.metrics, **kwargs)
 
-            self._quic = await quic_serve(host or "::", port, configuration=qconf,
+            self._quic = await quic_serve(host or "::", port, configuration=self._quic_config,
                                           create_protocol=protocol)
             transports.append("quic")
         self.listening = Listening(host or "::", port, transports)
+
+    async def _serve_api(self) -> None:
+        a = self.config.api
+        self.router = Router(self.delivery, provider_auth(self.config), self.metrics,
+                             self.status, RateLimiter(a.rate_limit, a.rate_burst),
+                             a.metrics_need_auth)
+        self._api_ctx = tls.server_context(*self._api_cert(self.config), http_server.ALPN)
+        factory = http_server.serve_factory(self._api_ctx, self.router, self.metrics,
+                                            self.config.protocol.hello_timeout, a.idle_timeout)
+        self._api = await asyncio.get_running_loop().create_server(
+            factory, None if a.host in ("::", "") else a.host, a.port, reuse_address=True)
+        self.api_port = self._api.sockets[0].getsockname()[1]
+
+    @staticmethod
+    def _api_cert(c: Config) -> tuple[str, str]:
+        return c.api.cert or str(c.cert_path), c.api.key or str(c.key_path)
 
     async def _advertise(self) -> None:
         """Bonjour for the bound listeners; a failure here costs discovery, not the gateway."""
@@ -151,25 +210,6 @@ class Gateway:
             log.error("discovery is off: %s", exc)
             self.network.error = str(exc)
 
-    async def _serve_api(self) -> None:
-        a = self.config.api
-        keys = [ProviderKey(p.team_id, p.key_id,
-                            certs.load_public_key(Path(p.key_file).read_bytes()), p.topics)
-                for p in a.providers]
-        admin = Path(a.admin_token_file).read_text().strip() if a.admin_token_file else None
-        self.router = Router(self.delivery, ProviderAuth(keys, admin), self.metrics, self.status,
-                             RateLimiter(a.rate_limit, a.rate_burst), a.metrics_need_auth)
-        cert = a.cert or str(self.config.cert_path)
-        key = a.key or str(self.config.key_path)
-        factory = http_server.serve_factory(
-            tls.server_context(cert, key, http_server.ALPN), self.router, self.metrics,
-            self.config.protocol.hello_timeout, a.idle_timeout)
-        self._api = await asyncio.get_running_loop().create_server(
-            factory, None if a.host in ("::", "") else a.host, a.port, reuse_address=True)
-        self.api_port = self._api.sockets[0].getsockname()[1]
-        if not keys:
-            log.warning("the API has no provider keys configured: every push will get 403")
-
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.config.delivery.expire_interval)
@@ -178,12 +218,161 @@ class Gateway:
             except Exception:
                 log.exception("expiry sweep failed")
 
+    async def _report(self) -> None:
+        """STATUS= for `systemctl status`, kept current."""
+        while True:
+            await asyncio.sleep(STATUS_EVERY)
+            self.notifier.status(self.summary())
+
+    # --- reload (SIGHUP) ---------------------------------------------------------------
+
+    async def reload(self, path: str | None) -> bool:
+        """Re-read the config and certificate; apply what can change live, keep the rest.
+
+        Devices stay connected. A bad config changes nothing and says why.
+        """
+        self.notifier.reloading()
+        try:
+            new = config.load(path)
+            self._check_restart_only(new)
+            await self._apply(new)
+        except (config.ConfigError, OSError, ValueError) as exc:
+            self.last_reload = {"ok": False, "at": time.time(), "error": str(exc)}
+            log.error("reload refused, still running the previous configuration:\n%s", exc)
+            self.notifier.ready(f"reload FAILED, running the previous config; {self.summary()}")
+            return False
+        self.last_reload = {"ok": True, "at": time.time()}
+        log.info("configuration reloaded")
+        self.notifier.ready(self.summary())
+        return True
+
+    def _check_restart_only(self, new: Config) -> None:
+        for key in RESTART_KEYS:
+            old_value, new_value = self.config, new
+            for part in key.split("."):
+                old_value, new_value = getattr(old_value, part), getattr(new_value, part)
+            if old_value != new_value:
+                log.warning("%s changed: that takes effect at the next restart", key)
+
+    async def _apply(self, new: Config) -> None:
+        old = self.config
+        # everything that can fail (files, keys) is read before anything changes
+        policy = assertion_policy(new)
+        auth = provider_auth(new) if self.router else None
+        pin = certs.spki_pin(certs.load_cert(new.cert_path))
+        cert_files = (str(new.cert_path), str(new.key_path))
+        if self._tls_ctx is not None:
+            self._tls_ctx.load_cert_chain(*cert_files)  # new handshakes only
+        if self._quic_config is not None:
+            self._quic_config.load_cert_chain(*cert_files)
+        if self._api_ctx is not None:
+            self._api_ctx.load_cert_chain(*self._api_cert(new))
+        if pin != self.pin:
+            log.warning("the gateway's key changed: phones pinned to sha256/%s will refuse "
+                        "it until they get sha256/%s", self.pin, pin)
+            self.pin = pin
+        self.delivery.policy = policy
+        self.delivery.settings = dataclasses.replace(
+            delivery_settings(new), max_payload=self.delivery.settings.max_payload,
+            max_payload_voip=self.delivery.settings.max_payload_voip)
+        self.link_context = dataclasses.replace(self.link_context,
+                                                settings=session_settings(new))
+        if self.router is not None:
+            a = new.api
+            self.router.auth = auth
+            self.router.limiter = RateLimiter(a.rate_limit, a.rate_burst)
+            self.router.metrics_need_auth = a.metrics_need_auth
+        if self.sip is not None:
+            bridge = self.sip.bridge
+            bridge.router.routes = [Route(*r) for r in routes(new.sip)]
+            bridge.router.static = {b.user: list(b.tokens) for b in new.sip.static_bindings}
+            bridge.calls.settings = CallSettings(new.sip.ring_window, new.sip.reach_timeout)
+            pbx_fields = ("pbx_host", "pbx_port", "pbx_transport", "domain", "register",
+                          "keepalive_interval")
+            if any(getattr(old.sip, f) != getattr(new.sip, f) for f in pbx_fields):
+                bridge.pbx = pbx_link(new.sip, self.sip.port, time.time())
+                self.sip.kick()
+        logs.setup(new.log.level)
+        self.config = new
+        discovery_changed = (old.discovery != new.discovery or old.name != new.name
+                             or pin != certs.spki_pin(certs.load_cert(old.cert_path)))
+        if discovery_changed:
+            if self.network is not None:
+                await self.network.stop()
+                self.network = None
+            if new.discovery.enabled:
+                await self._advertise()
+        self._write_runtime()
+
+    # --- stop (SIGTERM) ----------------------------------------------------------------
+
+    async def stop(self, drain: float = DRAIN_SECONDS) -> None:
+        """Drain, in order: stop advertising, refuse new work, say bye, let the last pushes
+        and acks through, then close listeners and the store."""
+        self.notifier.stopping()
+        if self.network is not None:  # goodbyes first: phones stop trying before we close
+            network, self.network = self.network, None
+            try:
+                await network.stop()
+            except Exception:
+                log.exception("stopping discovery failed")
+        if self.router is not None:
+            self.router.draining = True  # providers get 503 Shutdown from here on
+        if self.sip is not None:
+            self.sip.bridge.draining = True  # new INVITEs get 503
+            self.sip.bridge.calls.shutdown(time.time())
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        if self.delivery is not None:
+            with contextlib.suppress(Exception):
+                self.delivery.commit(time.time())  # an open group commit lands
+            self.delivery.shutdown()
+            await self._quiet(drain)
+        if self._control is not None:
+            await self._control.stop()
+            self._control = None
+        for name in ("_tcp", "_api", "_quic"):
+            server = getattr(self, name)
+            if server is not None:
+                server.close()
+                setattr(self, name, None)
+        if self.sip is not None:
+            await self.sip.stop()
+            self.sip = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        log.info("stopped")
+
+    async def _quiet(self, limit: float) -> None:
+        """Give the byes (and SIP's final answers) time to leave, up to `limit`."""
+        deadline = time.monotonic() + limit
+        await asyncio.sleep(0.05)
+        while time.monotonic() < deadline and self.sip is not None and any(
+                tx.is_invite and tx.state == "completed"
+                for tx in self.sip.bridge.tx.server.values()):
+            await asyncio.sleep(0.05)  # the PBX's ACKs for the last final responses
+
+    # --- what it says about itself -----------------------------------------------------
+
+    def summary(self) -> str:
+        connected = self.delivery.connected() if self.delivery else {}
+        quic_n = sum(1 for t in connected.values() if t == "quic")
+        net = self.network.status() if self.network else None
+        where = (f"advertising on {', '.join(net.get('addresses', [])) or 'nothing'}"
+                 if net and net.get("advertising") else
+                 f"not advertising ({(net or {}).get('reason') or 'discovery off'})")
+        return (f"{len(connected)} devices connected ({quic_n} quic, "
+                f"{len(connected) - quic_n} tls); {where}")
+
     def status(self) -> dict:
         connected = self.delivery.connected() if self.delivery else {}
         by_transport: dict[str, int] = {"quic": 0, "tls": 0}
         for transport in connected.values():
             by_transport[transport] = by_transport.get(transport, 0) + 1
         m = self.metrics
+        now = time.time()
         return {
             "version": __version__,
             "gateway_id": self.gateway_id,
@@ -192,9 +381,12 @@ class Gateway:
             "listen": {"host": self.listening.host, "port": self.listening.port,
                        "transports": self.listening.transports} if self.listening else None,
             "api": {"port": self.api_port} if self.api_port else None,
+            "sip": ({"host": self.config.sip.host, "port": self.sip.port,
+                     **self.sip.bridge.status(now)} if self.sip else None),
             "network": (self.network.status() if self.network
                         else {"advertising": False, "reason": "discovery is disabled"}),
-            "uptime": round(time.time() - self.started_at, 1) if self.started_at else 0,
+            "uptime": round(now - self.started_at, 1) if self.started_at else 0,
+            "last_reload": self.last_reload,
             "devices": {"connected": by_transport,
                         "known": self.store.count_devices() if self.store else 0},
             "pushes": {"delivered": m.value("lpgw_pushes_delivered_total"),
@@ -209,39 +401,9 @@ class Gateway:
         path = self.config.state_path / "runtime.json"
         path.write_text(json.dumps({"pid": os.getpid(), "gateway_id": self.gateway_id,
                                     "port": self.listening.port, "api_port": self.api_port,
+                                    "sip_port": self.sip.port if self.sip else None,
                                     "pin": f"sha256/{self.pin}",
                                     "control": str(self.config.control_path)}))
-
-    async def stop(self) -> None:
-        if self.network is not None:  # goodbyes first: phones stop trying before we close
-            network, self.network = self.network, None
-            try:
-                await network.stop()
-            except Exception:
-                log.exception("stopping discovery failed")
-        if self.router is not None:
-            self.router.draining = True  # providers get 503 Shutdown from here on
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        if self.delivery is not None:
-            self.delivery.shutdown()
-            await asyncio.sleep(0.05)  # let the byes leave
-        if self._control is not None:
-            await self._control.stop()
-            self._control = None
-        if self._tcp is not None:
-            self._tcp.close()
-            self._tcp = None
-        if self._api is not None:
-            self._api.close()
-            self._api = None
-        if self._quic is not None:
-            self._quic.close()
-            self._quic = None
-        if self.store is not None:
-            self.store.close()
-            self.store = None
 
 
 def _free_port(host: str) -> int:
@@ -260,14 +422,22 @@ def _free_port(host: str) -> int:
     raise OSError("no free port found for both TCP and UDP")
 
 
-async def run(config: Config) -> None:
-    """`lpgw run`: start, say where we are, serve until SIGTERM or SIGINT."""
+async def run(cfg: Config, path: str | None = None) -> None:
+    """`lpgw run`: start, say where we are, reload on SIGHUP, drain on SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop during start is clean
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(config)
+    gateway = Gateway(cfg, Notifier())
+    reloads: set[asyncio.Task] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(gateway.reload(path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     await gateway.start()
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     listening = gateway.listening
     for transport in listening.transports:
         proto = "udp" if transport == "quic" else "tcp"
@@ -275,14 +445,16 @@ async def run(config: Config) -> None:
               flush=True)
     if gateway.api_port:
         print(f"lpgw: provider API (APNs-compatible, HTTP/2) on tcp "
-              f"[{config.api.host}]:{gateway.api_port}", flush=True)
+              f"[{cfg.api.host}]:{gateway.api_port}", flush=True)
+    if gateway.sip:
+        print(f"lpgw: SIP on udp+tcp [{cfg.sip.host}]:{gateway.sip.port}", flush=True)
     print(f"lpgw: gateway {gateway.gateway_id} pin sha256/{gateway.pin}", flush=True)
-    print(f"lpgw: state in {config.state_path}", flush=True)
+    print(f"lpgw: state in {cfg.state_path}", flush=True)
     try:
         await stop.wait()
-        log.info("stopping")
+        log.info("draining")
     finally:
         with contextlib.suppress(Exception):
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         await gateway.stop()

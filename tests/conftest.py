@@ -54,7 +54,7 @@ async def gateway_factory(tmp_path):
 
     yield start
     for gw in started:
-        await gw.stop()
+        await gw.stop(drain=0.2)
 
 
 @pytest.fixture

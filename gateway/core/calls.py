@@ -95,6 +95,11 @@ class Calls:
         """The caller hung up, or the call was answered elsewhere (RFC 3326 Reason)."""
         self._finish(call, TERMINATED, reason or "caller cancelled", now)
 
+    def shutdown(self, now: float) -> None:
+        """The gateway stops: every ringing call ends, so the PBX and the phones know."""
+        for call in list(self.calls.values()):
+            self._finish(call, UNAVAILABLE, "gateway stopping", now)
+
     def next_timer(self) -> float | None:
         times = [c.ring_deadline if c.reached else min(c.reach_deadline, c.ring_deadline)
                  for c in self.calls.values()]

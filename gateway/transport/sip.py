@@ -60,10 +60,13 @@ class SipTransport:
     async def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if self._udp is not None:
             self._udp.close()
+            self._udp = None
         if self._tcp_server is not None:
             self._tcp_server.close()
+            self._tcp_server = None
         for conn in list(self._conns.values()):
             conn.transport.close()
 
@@ -83,7 +86,7 @@ class SipTransport:
     def send(self, sends: list[Send]) -> None:
         for s in sends:
             if s.peer.transport == "udp":
-                if self._udp is not None:
+                if self._udp is not None and not self._udp.is_closing():
                     self._udp.sendto(s.data, (self._udp_host(s.peer.host), s.peer.port))
             elif s.peer.conn == 0:
                 self._outbound(s.peer, s.data)
@@ -133,6 +136,8 @@ class SipTransport:
         return host
 
     def _arm(self) -> None:
+        if self._udp is None and self._tcp_server is None:
+            return  # stopped
         at = self.bridge.next_timer()
         if self._timer is not None:
             self._timer.cancel()
@@ -202,6 +207,10 @@ def _host(host: str) -> str:
     return host.removeprefix("::ffff:")
 
 
+def routes(cfg: SipConfig) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile(r.match), r.user) for r in cfg.routes]
+
+
 def _local_address(host: str, port: int) -> str:
     """The address of ours that the PBX sees: the source of a socket routed toward it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -225,7 +234,7 @@ def pbx_link(cfg: SipConfig, port: int, now: float) -> PbxLink | None:
 async def start_sip(cfg: SipConfig, delivery: Delivery, metrics: Metrics,
                     name: str) -> SipTransport:
     """The SIP bridge as configured, listening."""
-    router = UserRouter([Route(re.compile(r.match), r.user) for r in cfg.routes],
+    router = UserRouter([Route(*r) for r in routes(cfg)],
                         {b.user: list(b.tokens) for b in cfg.static_bindings}, delivery)
     calls = Calls(delivery, CallSettings(cfg.ring_window, cfg.reach_timeout),
                   router.devices_of)
