@@ -25,7 +25,7 @@ class Notifier:
         if self.env.get("NOTIFY_SOCKET"):
             try:
                 self._notifier = sdnotify.SystemdNotifier(debug=True)
-            except OSError as exc:
+            except (OSError, TypeError, IndexError) as exc:  # sdnotify reads os.environ
                 log.error("cannot reach systemd's NOTIFY_SOCKET %s: %s",
                           self.env["NOTIFY_SOCKET"], exc)
 

@@ -130,25 +130,26 @@ async def online_checks(cfg: config.Config, timeout: float = 8.0) -> list[Check]
     pin = status["pin"]
     host = _loopback(status["listen"]["host"])
     port = status["listen"]["port"]
-    jobs: list[Awaitable[list[Check]]] = [
-        _device_check(cfg, status, t, host, port, pin, timeout)
+    jobs: list[tuple[str, Awaitable[list[Check]]]] = [
+        (f"device over {t}", _device_check(cfg, status, t, host, port, pin, timeout))
         for t in status["listen"]["transports"]]
     sip = status.get("sip")
     if sip:
-        jobs += [_sip_options(_loopback(sip["host"]), sip["port"], t) for t in ("udp", "tcp")]
+        jobs += [(f"sip {t}", _sip_options(_loopback(sip["host"]), sip["port"], t))
+                 for t in ("udp", "tcp")]
     if status.get("api"):
-        jobs.append(_api_check(_loopback(cfg.api.host), status["api"]["port"]))
-    jobs.append(_mdns_check(cfg, status))
-    results = await asyncio.gather(*(asyncio.wait_for(j, timeout) for j in jobs),
+        jobs.append(("provider api", _api_check(_loopback(cfg.api.host),
+                                                status["api"]["port"])))
+    jobs.append(("bonjour", _mdns_check(cfg, status)))
+    results = await asyncio.gather(*(asyncio.wait_for(j, timeout) for _, j in jobs),
                                    return_exceptions=True)
-    for job, result in zip(jobs, results, strict=True):
+    for (name, _), result in zip(jobs, results, strict=True):
         if isinstance(result, BaseException):
-            name = getattr(job, "__qualname__", "check")
-            checks.append(Check(name, False, f"{type(result).__name__}: {result}",
-                                "see `journalctl -u lpgw`"))
+            checks.append(Check(name, False, f"{type(result).__name__}: {result}".strip(),
+                                "nothing answers there: `journalctl -u lpgw -b` says why"))
         else:
             checks.extend(result)
-    checks += _network_checks(status)
+    checks += _network_checks(cfg, status)
     checks += _pbx_checks(status)
     return checks
 
@@ -320,16 +321,18 @@ async def _mdns_check(cfg: config.Config, status: dict) -> list[Check]:
                    "restart lpgw after changing the certificate")]
 
 
-def _network_checks(status: dict) -> list[Check]:
-    network = status.get("network")
-    if not network:
-        return []
-    advertising = network.get("advertising")
-    reason = network.get("reason") or network.get("error") or ""
-    return [_check("network", bool(advertising) or not reason,
-                   json.dumps({k: network.get(k) for k in ("interfaces", "ssid", "addresses")
-                               if k in network})[:300] or "ok",
-                   f"not advertising: {reason}")]
+def _network_checks(cfg: config.Config, status: dict) -> list[Check]:
+    """Interfaces up and the SSID as configured: the gateway advertises, or says why not."""
+    if not cfg.discovery.enabled:
+        return [Check("network", None, "discovery is off in the config")]
+    network = status.get("network") or {}
+    addresses = ", ".join(network.get("addresses") or []) or "none"
+    reason = network.get("reason") or network.get("error") or "unknown"
+    return [_check("network", bool(network.get("advertising")),
+                   f"advertising on {addresses}" if network.get("advertising")
+                   else f"not advertising: {reason}",
+                   "check discovery.interfaces / wifi_only / require_ssid and the Wi-Fi "
+                   "association (`lpgw status` shows the interfaces it sees)")]
 
 
 def _pbx_checks(status: dict) -> list[Check]:

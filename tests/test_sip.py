@@ -262,6 +262,16 @@ async def test_call_cancelled_while_away_arrives_then_ends(pbx_side, devices, ra
     assert ended["id"] == call["id"] and ended["status"] == 487
 
 
+async def test_a_draining_gateway_answers_new_invites_503(pbx_side, devices, raw):
+    device = devices(pbx_side, "quic", assertion=assertion("nurse"))
+    await device.welcome()
+    pbx_side.sip.bridge.draining = True
+    raw.send(raw.request("INVITE", branch="z9hG4bK-drain"))
+    got = await raw.responses(0.5)
+    assert [s for _, s, _ in got] == [100, 503] and "Retry-After: 30" in got[-1][2]
+    assert pushes(device) == []
+
+
 async def test_cancel_for_an_unknown_invite_is_481(pbx_side, raw):
     raw.send(raw.request("CANCEL", branch="z9hG4bK-ghost"))
     assert await raw.status() == 481
