@@ -67,7 +67,11 @@ class Calls:
         delivery.call_listeners.append(self._action)
 
     def offer(self, user: str, caller: Caller, now: float) -> Call | None:
-        """Push the call to every device of `user`; None when there is none to push to."""
+        """Push the call to every device of `user`; None when there is none to push to.
+
+        The pushes are written to connected devices before they are fsynced: the caller
+        must call `delivery.commit()` next (the SIP shell does, after timing the write).
+        """
         s = self.settings
         call = Call(id=str(uuid.uuid4()), user=user, caller=caller, started=now,
                     reach_deadline=now + s.reach_timeout, ring_deadline=now + s.ring_window)
@@ -77,8 +81,8 @@ class Calls:
         for token in self.devices_of(user):
             push = PushRequest(push_type="voip", payload=payload, priority=10,
                                expiration=int(call.ring_deadline) + 1)
-            try:
-                accepted = self.delivery.submit(token, push, now)
+            try:  # rings at once; the caller commits right after (see Delivery.submit)
+                accepted = self.delivery.submit(token, push, now, group=True, send_first=True)
             except Rejected as exc:
                 log.info("call %s: not pushed to %s: %s", call.id, short(token), exc.reason)
                 continue

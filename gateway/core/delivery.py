@@ -188,14 +188,17 @@ class Delivery:
     # --- pushes ----------------------------------------------------------------------
 
     def submit(self, token: str, req: PushRequest, now: float,
-               group: bool = False) -> Accepted:
+               group: bool = False, send_first: bool = False) -> Accepted:
         """Validate, make durable, then send if the device is here. Raises Rejected.
 
         With `group`, the push joins an open group commit instead: it is durable, and sent,
         only once `commit()` returns, and the caller must not report it accepted before.
+        With `send_first` too, it goes to the device at once and the caller commits right
+        after (an incoming call: the phone must ring now; the PBX hears nothing but
+        100 Trying before the commit).
         """
         try:
-            result = self._submit(token, req, now, group)
+            result = self._submit(token, req, now, group, send_first)
         except Rejected as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             raise
@@ -216,7 +219,8 @@ class Delivery:
         self.store.rollback()
         self._waiting.clear()
 
-    def _submit(self, token: str, req: PushRequest, now: float, group: bool) -> Accepted:
+    def _submit(self, token: str, req: PushRequest, now: float, group: bool,
+                send_first: bool = False) -> Accepted:
         if not is_token(token):
             raise Rejected("BadDeviceToken", "a device token is 64 lowercase hex characters")
         device = self.store.get_device(token)
@@ -290,7 +294,7 @@ class Delivery:
                 log.warning("device %s queue full (%d): dropping the oldest pushes",
                             short(token), self.settings.queue_limit)
         if live is not None:
-            if group:
+            if group and not send_first:
                 self._waiting.add(token)
             else:
                 self._flush(token, live, now)

@@ -86,15 +86,27 @@ class SipMessage:
     def remove(self, name: str) -> None:
         name = name.lower()
         self.headers = [(k, v) for k, v in self.headers if k != name]
+        self.__dict__.pop("_parsed", None)
 
     # typed views (sipmessage does the grammar)
 
+    def _memo(self, key: str, make):
+        """Parsed header values, kept while the headers are unchanged (they are parsed by
+        regular expressions, and a request is read many times on its way)."""
+        memo = self.__dict__.setdefault("_parsed", {})
+        stamp = (key, len(self.headers))
+        if stamp not in memo:
+            memo[stamp] = make()
+        return memo[stamp]
+
     @property
     def vias(self) -> list[Via]:
-        try:
-            return [Via.parse(v) for v in self.get_all("via")]
-        except ValueError:
-            raise SipError("bad Via header") from None
+        def make() -> list[Via]:
+            try:
+                return [Via.parse(v) for v in self.get_all("via")]
+            except ValueError:
+                raise SipError("bad Via header") from None
+        return self._memo("via", make)
 
     @property
     def cseq(self) -> CSeq:
@@ -104,10 +116,12 @@ class SipMessage:
             raise SipError("bad CSeq header") from None
 
     def address(self, name: str) -> Address:
-        try:
-            return Address.parse(self.get(name) or "")
-        except ValueError:
-            raise SipError(f"bad {canonical(name)} header") from None
+        def make() -> Address:
+            try:
+                return Address.parse(self.get(name) or "")
+            except ValueError:
+                raise SipError(f"bad {canonical(name)} header") from None
+        return self._memo(name.lower(), make)
 
     @property
     def request_uri(self) -> URI:
@@ -149,6 +163,8 @@ def _clean(value: str) -> str:
 
 def split_commas(value: str) -> list[str]:
     """Split a header value on commas that are outside quotes and angle brackets."""
+    if '"' not in value and "<" not in value:
+        return [p.strip() for p in value.split(",") if p.strip()]  # the common case
     parts, depth, quoted, current = [], 0, False, []
     escaped = False
     for ch in value:

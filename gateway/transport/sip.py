@@ -74,11 +74,14 @@ class SipTransport:
 
     def received(self, data: bytes, peer: Peer, stream: bool) -> None:
         started = time.perf_counter()
-        outcome = self.bridge.receive(data, peer, time.time(), stream=stream)
-        if outcome == "invite":
-            elapsed = time.perf_counter() - started
-            self.metrics.sip_invite_to_push.observe(elapsed)
-            self.invite_latencies.append(elapsed)
+        try:
+            outcome = self.bridge.receive(data, peer, time.time(), stream=stream)
+            if outcome == "invite":  # the incoming-call frames are written by now
+                elapsed = time.perf_counter() - started
+                self.metrics.sip_invite_to_push.observe(elapsed)
+                self.invite_latencies.append(elapsed)
+        finally:
+            self.bridge.delivery.commit(time.time())  # and on disk before anything else
         self._arm()
 
     # --- out --------------------------------------------------------------------------
