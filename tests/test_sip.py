@@ -433,3 +433,17 @@ async def test_answered_elsewhere_through_a_forking_proxy(pbx_side, devices, tmp
                 proc.kill()
                 await proc.wait()
         proxy_log.close()
+
+
+async def test_call_pushes_are_on_disk_once_the_invite_is_handled(pbx_side, devices, raw):
+    import sqlite3
+
+    device = devices(pbx_side, "quic", assertion=assertion("nurse"), ack=False)
+    await device.welcome()
+    raw.send(raw.request("INVITE", branch="z9hG4bK-disk"))
+    await device.next("push")  # written to the device first ...
+    other = sqlite3.connect(pbx_side.config.store_path)
+    try:  # ... and committed: another connection sees it
+        assert other.execute("SELECT count(*) FROM pushes").fetchone()[0] == 1
+    finally:
+        other.close()
