@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
 from gateway.core.delivery import Delivery, DeliverySettings, Refused
 from gateway.core.metrics import Metrics
-from gateway.protocol.messages import Hello, Push
+from gateway.protocol.messages import Hello
 from gateway.store import Store
+from tests.fakelink import FakeLink
 
 NOW = 1_800_000_000.0
 HS_SECRET = b"s" * 32
@@ -206,21 +207,6 @@ def test_issuer_is_checked_when_configured():
 
 
 # --- through Delivery.admit --------------------------------------------------------------
-
-
-class FakeLink:
-    def __init__(self, transport: str = "quic") -> None:
-        self.transport = transport
-        self.events: list[tuple[Any, ...]] = []
-
-    def welcome(self, token: str, user: str | None) -> None:
-        self.events.append(("welcome", token, user))
-
-    def send_push(self, push: Push) -> None:
-        self.events.append(("push", push))
-
-    def close(self, reason: str, code: str | None = None, message: str | None = None) -> None:
-        self.events.append(("close", reason, code, message))
 
 
 def hello(assertion: str | None = None) -> Hello:

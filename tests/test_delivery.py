@@ -19,8 +19,9 @@ from gateway.core.delivery import (
 from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
 from gateway.core.tokens import derive_token, is_token, short
-from gateway.protocol.messages import CallAction, Hello, Push
+from gateway.protocol.messages import CallAction, Hello
 from gateway.store import Store
+from tests.fakelink import FakeLink
 
 NOW = 1_800_000_000.0
 SECRET = b"k" * 32
@@ -28,38 +29,6 @@ GATEWAY_ID = "gw1"
 TOPIC = "com.example.app"
 INSTALL = "5f0c6a1e-3b7d-4c2a-9e8f-1a2b3c4d5e6f"
 OTHER_INSTALL = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
-
-
-class FakeLink:
-    """A DeviceLink that records every call, in order."""
-
-    def __init__(self, transport: str = "quic") -> None:
-        self.transport = transport
-        self.events: list[tuple[Any, ...]] = []
-
-    def welcome(self, token: str, user: str | None) -> None:
-        self.events.append(("welcome", token, user))
-
-    def send_push(self, push: Push) -> None:
-        self.events.append(("push", push))
-
-    def close(self, reason: str, code: str | None = None, message: str | None = None) -> None:
-        self.events.append(("close", reason, code, message))
-
-    @property
-    def pushes(self) -> list[Push]:
-        return [e[1] for e in self.events if e[0] == "push"]
-
-    @property
-    def seqs(self) -> list[int]:
-        return [p.seq for p in self.pushes]
-
-    @property
-    def closes(self) -> list[tuple[Any, ...]]:
-        return [e for e in self.events if e[0] == "close"]
-
-    def clear(self) -> None:
-        self.events.clear()
 
 
 def hello(install: str = INSTALL, topic: str = TOPIC,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import shutil
 import socket
@@ -307,59 +308,55 @@ async def sip_with_pbx(gateway_factory, tmp_path, pbx_port: int, **sip):
     return gw
 
 
-@needs_sipp
-async def test_register_with_digest_and_refresh(gateway_factory, tmp_path):
+@contextlib.asynccontextmanager
+async def registering(gateway_factory, tmp_path, password: str):
+    """A SIPp registrar (digest, user 2001) and a gateway registering with it."""
     from gateway.config import SipRegistration
 
-    password = tmp_path / "2001.secret"
-    password.write_text("s3cret-pass\n")
+    secret = tmp_path / "2001.secret"
+    secret.write_text(password + "\n")
     pbx_port = _free_port("127.0.0.1")
     pbx = await start_pbx("registrar.xml", pbx_port)
     await asyncio.sleep(0.3)
     gw = await sip_with_pbx(gateway_factory, tmp_path, pbx_port, keepalive_interval=300,
-                            register=(SipRegistration(user="2001",
-                                                      password_file=str(password)),))
+                            register=(SipRegistration(user="2001", password_file=str(secret)),))
     try:
-        async with asyncio.timeout(10):
-            while True:
-                (reg,) = gw.sip.bridge.status(time.time())["pbx"]["registrations"]
-                if reg["state"] == "registered":
-                    break
-                await asyncio.sleep(0.05)
-        assert reg["user"] == "2001" and 0 < reg["expires_in"] <= 4
-        out, _ = await asyncio.wait_for(pbx.communicate(), 15)  # the refresh ends it
-        assert pbx.returncode == 0, out.decode()
-        (reg,) = gw.sip.bridge.status(time.time())["pbx"]["registrations"]
-        assert reg["state"] == "registered" and reg["expires_in"] > 30  # refreshed: 60 s
+        yield gw, pbx
     finally:
         if pbx.returncode is None:
             pbx.kill()
         await gw.sip.stop()
 
 
+def registration(gw) -> dict:
+    (reg,) = gw.sip.bridge.status(time.time())["pbx"]["registrations"]
+    return reg
+
+
+async def until_state(gw, state: str) -> dict:
+    async with asyncio.timeout(10):
+        while (reg := registration(gw))["state"] != state:
+            await asyncio.sleep(0.05)
+    return reg
+
+
+@needs_sipp
+async def test_register_with_digest_and_refresh(gateway_factory, tmp_path):
+    async with registering(gateway_factory, tmp_path, "s3cret-pass") as (gw, pbx):
+        reg = await until_state(gw, "registered")
+        assert reg["user"] == "2001" and 0 < reg["expires_in"] <= 4
+        out, _ = await asyncio.wait_for(pbx.communicate(), 15)  # the refresh ends it
+        assert pbx.returncode == 0, out.decode()
+        reg = registration(gw)
+        assert reg["state"] == "registered" and reg["expires_in"] > 30  # refreshed: 60 s
+
+
 @needs_sipp
 async def test_wrong_password_backs_off(gateway_factory, tmp_path):
-    from gateway.config import SipRegistration
-
-    password = tmp_path / "2001.secret"
-    password.write_text("wrong\n")
-    pbx_port = _free_port("127.0.0.1")
-    pbx = await start_pbx("registrar.xml", pbx_port)
-    await asyncio.sleep(0.3)
-    gw = await sip_with_pbx(gateway_factory, tmp_path, pbx_port, keepalive_interval=300,
-                            register=(SipRegistration(user="2001",
-                                                      password_file=str(password)),))
-    try:
-        async with asyncio.timeout(10):
-            while (reg := gw.sip.bridge.status(time.time())["pbx"]["registrations"][0]
-                   )["state"] != "failed":
-                await asyncio.sleep(0.05)
+    async with registering(gateway_factory, tmp_path, "wrong") as (gw, _):
+        reg = await until_state(gw, "failed")
         assert "403" in reg["error"]
-        registration = gw.sip.bridge.pbx.registrations[0]
-        assert registration.due > time.time() + 3  # backing off, not hammering
-    finally:
-        pbx.kill()
-        await gw.sip.stop()
+        assert gw.sip.bridge.pbx.registrations[0].due > time.time() + 3  # not hammering
 
 
 @needs_sipp
