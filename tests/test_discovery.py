@@ -408,3 +408,19 @@ def test_choosing_among_gateways_and_where_they_advertise(lab, tmp_path):
     listed = Events(pd, "discover", "--timeout", "2")
     code, found = listed.finish()
     assert code == 0 and {f["gateway_id"] for f in found} == {deck5.id}
+
+
+def test_selftest_sees_its_own_bonjour_record(lab, tmp_path):
+    """On the appliance, `lpgw selftest` checks the advertisement a phone would see."""
+    gw_ns = lab.add("gw")
+    lab.plug(gw_ns, "g0", "10.77.0.1/24")
+    gateway = GatewayInNs(gw_ns, tmp_path).started()
+    done = gw_ns.exec(PY, "-m", "gateway.cli", "selftest", "-c", str(gateway.config), "--json",
+                      timeout=30, check=False)
+    report = json.loads(done.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["bonjour"]["ok"] is True, checks["bonjour"]
+    assert "10.77.0.1" in checks["bonjour"]["detail"]
+    assert checks["network"]["ok"] is True and "10.77.0.1" in checks["network"]["detail"]
+    assert report["ok"] and done.returncode == 0, report
+    gateway.stop()

@@ -444,3 +444,34 @@ async def test_call_pushes_are_on_disk_once_the_invite_is_handled(pbx_side, devi
         assert other.execute("SELECT count(*) FROM pushes").fetchone()[0] == 1
     finally:
         other.close()
+
+
+async def test_routes_map_extensions_and_static_bindings_ring_fixed_devices(gateway_factory,
+                                                                          devices, tmp_path):
+    from gateway.config import SipConfig, SipRouteConfig, SipStaticBinding
+
+    secret = tmp_path / "jwt.secret"
+    secret.write_text(SECRET)
+    gw = await gateway_factory(assertions={"hs256_secret_file": str(secret)})
+    nurse = devices(gw, "quic", assertion=assertion("nurse001"))
+    await nurse.welcome()
+    desk = devices(gw, "tls")  # no assertion: reachable only through the static binding
+    desk_token = await desk.welcome()
+    gw.sip = await start_sip(SipConfig(
+        host="127.0.0.1", port=_free_port("127.0.0.1"),
+        routes=(SipRouteConfig(match=r"2(\d{3})", user=r"nurse\1"),),
+        static_bindings=(SipStaticBinding(user="ward3", tokens=(desk_token,)),)),
+        gw.delivery, gw.metrics, "lpgw-test")
+    raw = RawUdp(gw)
+    try:
+        raw.send(raw.request("INVITE", user="2001", branch="z9hG4bK-route"))
+        call = (await nurse.next("push"))["payload"]["call"]
+        assert call["user"] == "nurse001" and call["to"].startswith("sip:2001@")
+        raw.send(raw.request("INVITE", user="ward3", branch="z9hG4bK-static"))
+        assert (await desk.next("push"))["payload"]["call"]["user"] == "ward3"
+        raw.send(raw.request("INVITE", user="3001", branch="z9hG4bK-none"))
+        statuses = [s for _, s, _ in await raw.responses(1.0)]
+        assert 480 in statuses  # no route, nobody bound: at once
+        assert len(pushes(nurse)) == 1 and len(pushes(desk)) == 1
+    finally:
+        raw.sock.close()
