@@ -111,11 +111,10 @@ def _store_check(cfg: config.Config) -> Check:
 def _read_only_integrity(path: Path) -> tuple[str, int]:
     """quick_check without writing a byte: run as root, the self-test must not leave
     root-owned -wal/-shm files the service then cannot open."""
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        db.execute("SELECT 1 FROM meta LIMIT 1")
-    except sqlite3.OperationalError:  # WAL and no -shm (the service is stopped)
-        db = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    # no -wal file: nobody is writing (the service is stopped, or never wrote), so the file
+    # can be read as immutable, which creates no -wal/-shm either
+    live = Path(f"{path}-wal").exists()
+    db = sqlite3.connect(f"file:{path}?{'mode=ro' if live else 'immutable=1'}", uri=True)
     try:
         result = db.execute("PRAGMA quick_check").fetchone()[0]
         devices = db.execute("SELECT count(*) FROM devices").fetchone()[0]
@@ -162,7 +161,7 @@ async def online_checks(cfg: config.Config, timeout: float = 8.0) -> list[Check]
     for (name, _), result in zip(jobs, results, strict=True):
         if isinstance(result, BaseException):
             checks.append(Check(name, False, f"{type(result).__name__}: {result}".strip(),
-                                "nothing answers there: `journalctl -u lpgw -b` says why"))
+                                "`journalctl -u lpgw -b` says why"))
         else:
             checks.extend(result)
     checks += _network_checks(cfg, status)
@@ -219,8 +218,12 @@ def _assertion(cfg: config.Config) -> str | None:
         return None
     if not secret:
         return None
-    return jwt.encode({"sub": "lpgw-selftest", "exp": int(time.time()) + 120}, secret,
-                      algorithm="HS256")
+    claims: dict = {"sub": "lpgw-selftest", "exp": int(time.time()) + 120}
+    if cfg.assertions.issuer:
+        claims["iss"] = cfg.assertions.issuer
+    if cfg.assertions.audience:
+        claims["aud"] = cfg.assertions.audience
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 async def _next(events: asyncio.Queue, kind: str, timeout: float) -> dict:
