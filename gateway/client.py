@@ -211,8 +211,14 @@ class DeviceClient:
         self._check_pin(stream.ssl.getpeercert(binary_form=True), stream.close)
         stream.on_data = self._on_data
         stream.on_lost = self._on_lost
+
+        def close() -> None:
+            stream.on_data = lambda data: None  # a dead connection must not speak into
+            stream.on_lost = lambda why: None   # the session of the next one
+            stream.close()
+
         self._write = stream.write
-        self._close = stream.close
+        self._close = close
         self.emit({"event": "connected", "transport": "tls",
                    "peer": f"{self.o.host}:{self.o.port}"})
 
@@ -236,6 +242,8 @@ class DeviceClient:
         stream_id = conn.get_next_available_stream_id()
 
         def close() -> None:
+            protocol.on_data = lambda data: None  # late events of this connection (its
+            protocol.on_lost = lambda why: None   # close completes later) are not the next's
             conn.close(error_code=0, reason_phrase="bye")
             protocol.transmit()
             protocol._transport.close()
@@ -340,6 +348,8 @@ class DeviceClient:
             self._finish("lost")
 
     def _finish(self, reason: str) -> None:
+        self._close()
+        self._close = lambda: None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -267,3 +267,23 @@ async def test_call_actions_reach_the_core(gateway, devices, transport):
     device.client.call("busy", "call-8")
     await eventually(lambda: len(heard) == 2)
     assert heard == [(token, "ringing", "call-7"), (token, "busy", "call-8")]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_dead_connection_cannot_speak_into_the_next(gateway, devices, transport):
+    """Found by the SIGKILL test: a QUIC close completes later, and its late events once
+    ended the device's new connection and fed it the old stream's bytes."""
+    device = devices(gateway, transport)
+    await device.welcome()
+    old = device.client._quic if transport == "quic" else None
+    old_callbacks = (old.on_data, old.on_lost) if old else None
+    device.client.session.close("client")  # the device leaves; it reconnects by itself
+    device.client._flush()
+    device.client._finish("test")
+    await device.next("welcome")
+    if old is not None:
+        assert (old.on_data, old.on_lost) != old_callbacks
+        old.on_data(b"\x00\x00\x10\x00garbage")  # what a late stream frame would do
+        old.on_lost("QUIC closed: bye")
+    await asyncio.sleep(0.3)
+    assert device.client.session.closed is None  # the new connection is untouched
