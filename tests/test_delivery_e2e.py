@@ -78,7 +78,7 @@ async def test_a_device_drops_duplicates_by_push_id(gateway, devices, transport)
     reply = await send(gateway, token, {"x": 1})
     assert not (await device.next("push"))["duplicate"]
     # the connection breaks before the ack; the same client (same memory) reconnects
-    device.client._close()
+    device.client._on_lost("simulated break")
     await device.next("welcome")
     again = await device.next("push")
     assert again["id"] == reply["push_id"] and again["duplicate"]

@@ -4,6 +4,12 @@ aioquic has no keepalive of its own; the session's pings keep the connection ins
 idle timeout. Connection migration (a phone whose address changes) is aioquic's, unchanged.
 The same listener answers ALPN "h3" with a liveness check only (see h3health): such a
 connection is handed to H3Health and never reaches the device code.
+
+Memory: phones keep one idle connection each, so what an idle connection holds is the
+gateway's size. aioquic keeps some handshake-only state for a connection's whole life;
+`release_handshake_state` and `share_frame_handler_epochs` below take it back (the only two
+places that touch aioquic internals; tests/test_quic_memory.py fails if aioquic changes
+underneath them).
 """
 
 from __future__ import annotations
@@ -12,10 +18,17 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+import aioquic.quic.connection as aioquic_connection
+from aioquic import tls
 from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import stream_is_client_initiated, stream_is_unidirectional
+from aioquic.quic.connection import (
+    QuicConnection,
+    stream_is_client_initiated,
+    stream_is_unidirectional,
+)
 
 from gateway.core.metrics import Metrics
 from gateway.protocol import ALPN
@@ -31,7 +44,9 @@ def server_configuration(cert: str, key: str, idle_timeout: float,
     config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN, h3health.ALPN],
                                idle_timeout=idle_timeout)
     config.load_cert_chain(cert, key)
-    # room for one frame in flight plus a little, per stream and connection
+    # room for one frame in flight plus a little, per stream and connection. The windows
+    # bound what a peer can make us buffer (out-of-order data); an idle connection holds no
+    # buffer of that size, aioquic's stream buffers grow with the data only.
     config.max_stream_data = max(4 * max_frame, 65536)
     config.max_data = config.max_stream_data * 2
     return config
@@ -53,6 +68,7 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         if self._h3 is not None:
             self._h3.quic_event_received(event)
         elif isinstance(event, events.HandshakeCompleted):
+            release_handshake_state(self._quic)
             if event.alpn_protocol == h3health.ALPN:
                 self._h3 = h3health.H3Health(self._quic, self.transmit, self._peer())
                 return
@@ -106,3 +122,86 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
     def _peer(self) -> str:
         addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
         return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+# --- what an idle connection keeps -------------------------------------------------------
+
+_NO_CRYPTO_OUTPUT = Buffer(capacity=0)  # shared: nothing can be written into it, ever
+
+
+def release_handshake_state(quic: QuicConnection) -> bool:
+    """Free what a server connection keeps only for its handshake; True if it did.
+
+    Call it at HandshakeCompleted. aioquic (read against 1.7.2) keeps, for the life of
+    every connection:
+
+    - `_crypto_buffers`: three 16 KiB output buffers (Initial, Handshake, 1-RTT) that its
+      TLS engine writes handshake messages into; ~48 KiB a connection, most of what an idle
+      connection costs. A server's TLS in SERVER_POST_HANDSHAKE refuses every message
+      (AlertUnexpectedMessage) without writing any: its last output, the NewSessionTicket
+      when tickets are on, is written with the client's Finished and at once moved into the
+      1-RTT crypto *stream*, which keeps it for retransmission until acked. So once the
+      buffers are drained (all at position 0) they are dead weight: each is replaced by one
+      shared zero-capacity Buffer (reads give b"", a write would raise BufferWriteError
+      rather than go anywhere).
+    - the TLS key schedule (transcript hash, master secret; ~0.8 KiB with its OpenSSL hash
+      context) and the ephemeral (EC)DHE private key: used up to the client's Finished and
+      the ticket only. Dropping them is also forward-secrecy hygiene: an ephemeral key that
+      outlives its handshake only adds risk.
+
+    What stays is what the connection uses from now on: the 1-RTT CryptoPair with its own
+    secrets (key updates are derived from it, RFC 9001 §6, not from TLS), the packet spaces,
+    connection ids and network paths (migration), the crypto streams, the idle timer.
+    aioquic itself already tears down the Initial and Handshake keys (RFC 9001 §4.9).
+
+    Defensive on purpose: if aioquic's internals are not what this expects it changes
+    nothing and returns False, so an aioquic upgrade costs memory, not connections; the
+    tests assert it returns True.
+    """
+    ctx = getattr(quic, "tls", None)
+    buffers = getattr(quic, "_crypto_buffers", None)
+    if (quic.configuration.is_client or ctx is None
+            or getattr(ctx, "state", None) is not tls.State.SERVER_POST_HANDSHAKE
+            or not isinstance(buffers, dict)
+            or not all(isinstance(b, Buffer) and b.tell() == 0 for b in buffers.values())):
+        return False
+    quic._crypto_buffers = dict.fromkeys(buffers, _NO_CRYPTO_OUTPUT)
+    for name, empty in (("key_schedule", None), ("_ec_private_keys", []),
+                        ("_x25519_private_key", None), ("_x448_private_key", None)):
+        if hasattr(ctx, name):
+            setattr(ctx, name, empty)
+    return True
+
+
+def share_frame_handler_epochs() -> bool:
+    """Let every QuicConnection share its frame table's epoch sets; True if in place.
+
+    QuicConnection.__init__ builds a table of ~33 frame handlers, each with
+    `EPOCHS("IH01")`-style sets: a pure function of a short string that returns a new
+    frozenset each call, ~7 KiB a connection of identical immutable sets. Memoising it
+    changes no behaviour (frozensets can't be mutated; anything that is not str -> frozenset
+    passes through uncached).
+    """
+    original = getattr(aioquic_connection, "EPOCHS", None)
+    if original is None:
+        return False
+    if getattr(original, "lpgw_shared", False):
+        return True
+    cache: dict[str, frozenset] = {}
+
+    def epochs(shortcut):
+        if isinstance(shortcut, str):
+            found = cache.get(shortcut)
+            if found is not None:
+                return found
+        value = original(shortcut)
+        if isinstance(shortcut, str) and isinstance(value, frozenset):
+            cache[shortcut] = value
+        return value
+
+    epochs.lpgw_shared = True
+    aioquic_connection.EPOCHS = epochs
+    return True
+
+
+share_frame_handler_epochs()
