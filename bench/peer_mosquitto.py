@@ -1,0 +1,217 @@
+"""The reference peer: Mosquitto (a persistent-connection push broker written in C).
+
+The same idle and storm scenarios, the same harness, the same CPU placement and /proc
+readings, against Mosquitto (Debian `mosquitto`) with one TLS 1.3 listener on a loopback
+port, a self-signed P-256 certificate (the same kind of key lpgw makes), and MQTT 3.1.1
+clients driven by the load generator over the same TlsStream as lpgw's TLS devices:
+
+- a device is CONNECT (persistent session: clean session 0, keepalive 1.5 x heartbeat) +
+  SUBSCRIBE to its own topic `bench/<client id>` at QoS 1; it is "welcomed" at SUBACK, and
+  on a reconnect at CONNACK (the session, and so the subscription, is still there);
+- the heartbeat is the client's PINGREQ every `--heartbeat` s (MQTT pings from the client;
+  lpgw's gateway pings the device: the same traffic, the other way round);
+- a queued push is a QoS 1 PUBLISH to an offline device's topic, from one publisher
+  connection; the broker keeps it in the session and sends it on the reconnect; the
+  device PUBACKs it.
+
+Mosquitto runs with persistence off (lpgw fsyncs every push and every device record to
+SQLite; Mosquitto keeps them in memory), so the broker does less work than the gateway.
+
+    .venv/bin/python bench/peer_mosquitto.py --scenario both --devices 1k,2k,5k,10k
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loadgen import (
+    RESULTS,
+    MqttDecoder,
+    Target,
+    default_workers,
+    free_port,
+    idle,
+    mqtt_connect,
+    mqtt_publish,
+    parse_steps,
+    pin_server,
+    plan_cpus,
+)
+from storm import storm
+
+from gateway import certs
+
+
+def mosquitto_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    first = (out.stdout or out.stderr).splitlines()
+    return first[0].strip() if first else "?"
+
+
+class MosquittoTarget(Target):
+    system = "mosquitto"
+    kind = "mqtt"
+
+    def __init__(self, tmp: Path, heartbeat: float = 10.0, binary: str | None = None) -> None:
+        super().__init__("tls", tmp, heartbeat)
+        self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.conf = ""
+
+    def start(self) -> None:
+        self.port = free_port()
+        cert, key = self.tmp / "broker.crt", self.tmp / "broker.key"
+        certs.ensure_self_signed(cert, key, "mosquitto-bench")
+        self.pin = "sha256/" + certs.spki_pin(certs.load_cert(cert))
+        self.conf = "\n".join([
+            "per_listener_settings false",
+            "allow_anonymous true",
+            "persistence false",
+            "user root" if os.geteuid() == 0 else "",  # else it drops to 'mosquitto'
+
+            "max_queued_messages 1000",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            f"listener {self.port} 127.0.0.1",
+            f"certfile {cert}",
+            f"keyfile {key}",
+            "tls_version tlsv1.3",
+            "",
+        ])
+        path = self.tmp / "mosquitto.conf"
+        path.write_text(self.conf)
+        out = self.log.open("w")
+        self.proc = subprocess.Popen([self.binary, "-c", str(path)], stdout=out,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+        pin_server(self.proc.pid)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            self.alive()
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening within 20 s")
+
+    def queue_pushes(self, addresses: list[str], per_device: int) -> dict[str, Any]:
+        """K QoS 1 PUBLISHes to each device's topic from one connection, PUBACK each."""
+        started = time.monotonic()
+        n = asyncio.run(publish(self.host, self.port, addresses, per_device))
+        took = time.monotonic() - started
+        return {"queued": n, "seconds": round(took, 3),
+                "per_second": round(n / took, 1) if took else None, "sent_at_once": 0}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "version": mosquitto_version(self.binary),
+                "config": self.conf, "command": f"{self.binary} -c CONF"}
+
+
+async def publish(host: str, port: int, topics: list[str], per_topic: int,
+                  window: int = 100, timeout: float = 120) -> int:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), 10)
+    decoder = MqttDecoder()
+    acked = 0
+
+    async def read_until(kind: int, count: int) -> None:
+        nonlocal acked
+        got = 0
+        while got < count:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("broker closed the publisher's connection")
+            for first, _ in decoder.feed(data):
+                if first >> 4 == kind:
+                    got += 1
+                    if kind == 4:
+                        acked += 1
+
+    async def run() -> None:
+        writer.write(mqtt_connect("bench-publisher", 60, True))
+        await read_until(2, 1)  # CONNACK
+        payload = json.dumps({"aps": {"alert": "bench"}}).encode()
+        sent = 0
+        for _ in range(per_topic):
+            for topic in topics:
+                sent += 1
+                writer.write(mqtt_publish(topic, payload, packet_id=(sent - 1) % 65535 + 1))
+                if sent - acked >= window:
+                    await writer.drain()
+                    await read_until(4, sent - acked - window // 2)
+        await writer.drain()
+        await read_until(4, sent - acked)
+        writer.write(b"\xe0\x00")
+        await writer.drain()
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    finally:
+        writer.close()
+    return acked
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="idle and storm against Mosquitto over TLS")
+    p.add_argument("--scenario", choices=("idle", "storm", "both"), default="both")
+    p.add_argument("--devices", default="1000,2000,5000,10000",
+                   help="idle steps and storm sizes, comma-separated")
+    p.add_argument("--pushes", type=int, default=1, help="queued per device, final storm")
+    p.add_argument("--window", type=float, default=20.0, help="idle seconds per step")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="PINGREQ interval, s")
+    p.add_argument("--spread", type=float, default=1.0)
+    p.add_argument("--timeout", type=float, default=90)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--budget", type=float, default=260, help="seconds per scenario, at most")
+    p.add_argument("--settle", type=float, default=3.0, help="idle: pause after connecting")
+    p.add_argument("--quiet-wait", type=float, default=30,
+                   help="wait up to this long for other processes to go quiet first")
+    p.add_argument("--no-pin", action="store_true",
+                   help="don't give the broker a CPU of its own")
+    p.add_argument("--binary", default=None, help="mosquitto executable")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-report", action="store_true")
+    args = p.parse_args()
+    import report
+
+    binary = args.binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        raise SystemExit("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    plan_cpus(not args.no_pin)
+    sizes = parse_steps(args.devices)
+    workers = args.workers or default_workers(max(sizes))
+    scenarios = ("idle", "storm") if args.scenario == "both" else (args.scenario,)
+    for scenario in scenarios:
+        with tempfile.TemporaryDirectory(prefix="lpgw-bench-mosquitto-") as tmp:
+            target = MosquittoTarget(Path(tmp), heartbeat=args.heartbeat, binary=binary)
+            if scenario == "idle":
+                result = idle(target, sizes, window=args.window, workers=workers,
+                              budget=args.budget, settle=args.settle,
+                              quiet_wait=args.quiet_wait)
+            else:
+                result = storm(target, sizes, pushes=args.pushes, workers=workers,
+                               spread=args.spread, timeout=args.timeout, budget=args.budget,
+                               quiet_wait=args.quiet_wait)
+        if not args.no_report:
+            report.save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
