@@ -229,7 +229,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=64, help="handshakes in flight at most")
     p.add_argument("--idle", type=float, default=2.0, help="seconds idle before measuring")
     p.add_argument("--heap", action="store_true",
-                   help="also report the gateway's Python heap (tracemalloc; slower)")
+                   help="also report the gateway's Python heap (tracemalloc: 3x slower "
+                        "handshakes, practical up to a few thousand devices)")
     p.add_argument("--gateway-log", action="store_true", help="show the gateway's stderr")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
