@@ -237,6 +237,10 @@ class DeviceClient:
         except ConnectionError:
             protocol._transport.close()
             raise ConnectionError("QUIC handshake failed") from None
+        except BaseException:  # the connect timeout: nothing may keep retransmitting
+            conn.close()
+            protocol._transport.close()
+            raise
         peer = conn.tls._peer_certificate  # aioquic keeps the leaf here after the handshake
         self._quic = protocol
         stream_id = conn.get_next_available_stream_id()
