@@ -331,6 +331,12 @@ class Target:
         """How many devices the server says are connected, if it can say."""
         return None
 
+    def restart(self) -> None:
+        """Kill the server (as a power cut would) and start it again on the same state."""
+        if self.proc is not None:
+            stop_process(self.proc, grace=0.5)
+        self.start()
+
     def queue_pushes(self, addresses: list[str], per_device: int) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -378,8 +384,10 @@ class LpgwTarget(Target):
         self.config: dict[str, Any] = {}
 
     def start(self) -> None:
-        self.port = free_port()
+        self.port = self.port or free_port()  # a restart keeps its port, state and key
         state = self.tmp / "state"
+        with contextlib.suppress(FileNotFoundError):
+            (state / "runtime.json").unlink()
         self.config = {
             "state_dir": str(state),
             "listen": {"host": "127.0.0.1", "port": self.port,
