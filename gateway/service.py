@@ -41,6 +41,9 @@ log = logging.getLogger("lpgw")
 
 DRAIN_SECONDS = 5.0  # at most this long for devices to take their last pushes and go
 STATUS_EVERY = 10.0
+# a reconnect storm after a Wi-Fi outage: 10,000 phones at once overflow the default of 100,
+# and refused SYNs come back only after the kernel's 1 s, 3 s, 7 s... retries
+LISTEN_BACKLOG = 4096
 # what only a restart can change (sockets, files opened once)
 RESTART_KEYS = ("state_dir", "control_socket", "listen", "store", "api.enabled", "api.host",
                 "api.port", "sip.enabled", "sip.host", "sip.port", "sip.udp", "sip.tcp")
@@ -164,7 +167,8 @@ class Gateway:
                                         c.protocol.hello_timeout)
             # host None: asyncio binds IPv4 and IPv6 apart (it sets IPV6_V6ONLY on "::")
             self._tcp = await asyncio.get_running_loop().create_server(
-                factory, None if host in ("::", "") else host, port, reuse_address=True)
+                factory, None if host in ("::", "") else host, port, reuse_address=True,
+                backlog=LISTEN_BACKLOG)
             transports.append("tls")
         if c.listen.quic:
             p = c.protocol
@@ -189,8 +193,11 @@ class Gateway:
         self._api_ctx = tls.server_context(*self._api_cert(self.config), http_server.ALPN)
         factory = http_server.serve_factory(self._api_ctx, self.router, self.metrics,
                                             self.config.protocol.hello_timeout, a.idle_timeout)
+        # port 0 on "::" would give IPv4 and IPv6 two different ports: choose one first
+        port = a.port or _free_port(a.host)
         self._api = await asyncio.get_running_loop().create_server(
-            factory, None if a.host in ("::", "") else a.host, a.port, reuse_address=True)
+            factory, None if a.host in ("::", "") else a.host, port, reuse_address=True,
+            backlog=LISTEN_BACKLOG)
         self.api_port = self._api.sockets[0].getsockname()[1]
 
     @staticmethod

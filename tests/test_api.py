@@ -492,3 +492,14 @@ async def test_user_query_is_url_decoded(api, h2, keys, devices):
     await h2.put(f"/v1/devices/{token}/user", headers=auth, json={"user": "alice@ward 3"})
     found = await h2.get("/v1/devices", params={"user": "alice@ward 3"}, headers=auth)
     assert [d["token"] for d in found.json()["devices"]] == [token]
+
+
+async def test_port_0_on_every_address_is_one_port_for_ipv4_and_ipv6(gateway_factory):
+    """asyncio binds "::" as two sockets; with port 0 each would get its own number, and a
+    client on the other family would be refused (the self-test once was, half the time)."""
+    gw = await gateway_factory(api={"host": "::", "port": 0})
+    ports = {s.getsockname()[1] for s in gw._api.sockets}
+    assert len(gw._api.sockets) == 2 and ports == {gw.api_port}
+    for host in ("127.0.0.1", "::1"):
+        _, writer = await asyncio.open_connection(host, gw.api_port)
+        writer.close()
