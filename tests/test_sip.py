@@ -76,6 +76,9 @@ async def test_invite_rings_then_cancel_ends_it(pbx_side, devices, transport, tm
     ended = (await device.next("push"))["payload"]["call_ended"]
     assert ended == {"id": call["id"], "reason": "Call completed elsewhere", "status": 487}
     assert pbx_side.metrics.value("lpgw_sip_invite_to_push_seconds_count") == 1
+    # one 180 for the call, timed from the INVITE read (the device acked within the call)
+    assert pbx_side.metrics.value("lpgw_sip_invite_to_ringing_seconds_count") == 1
+    assert 0 < pbx_side.sip.ringing_latencies[0] < 5
 
 
 @needs_sipp

@@ -43,6 +43,11 @@ class Metrics:
         self.sip_invite_to_push = Histogram(
             "lpgw_sip_invite_to_push_seconds", "From an INVITE read to its pushes written",
             registry=r, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))
+        self.sip_invite_to_ringing = Histogram(
+            "lpgw_sip_invite_to_ringing_seconds",
+            "From an INVITE read to the 180 sent once a device acknowledged the call",
+            registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                                 5, 10, 30))
         self.call_actions = Counter("lpgw_call_actions", "Call actions from devices",
                                     ["action"], registry=r)
 

@@ -91,6 +91,8 @@ class SipBridge:
         self.pbx: PbxLink | None = None
         self._invite_of: dict[str, ServerTransaction] = {}  # call id -> INVITE transaction
         self._call_of: dict[int, Call] = {}  # id(INVITE transaction) -> call
+        # INVITE read -> 180 sent, seconds; the shell keeps them for benchmarks
+        self.on_ringing: Callable[[float], None] = lambda seconds: None
         calls.on_answer = self._answer
 
     # --- input ------------------------------------------------------------------------
@@ -238,6 +240,9 @@ class SipBridge:
             del self._invite_of[call.id]
             self._call_of.pop(id(tx), None)
         self._reply(tx, status, now)
+        if status == 180:
+            self.metrics.sip_invite_to_ringing.observe(now - call.started)
+            self.on_ringing(now - call.started)
 
     def _reply(self, tx: ServerTransaction, status: int, now: float, reason: str = "",
                headers: list[tuple[str, str]] | None = None) -> None:

@@ -42,6 +42,8 @@ class SipTransport:
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._tasks: set[asyncio.Task] = set()
         self.invite_latencies: collections.deque[float] = collections.deque(maxlen=10000)
+        self.ringing_latencies: collections.deque[float] = collections.deque(maxlen=10000)
+        bridge.on_ringing = self.ringing_latencies.append
         self.port = 0
         bridge.on_send = self.send
 
