@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 from contextlib import closing
 
 import pytest
 
 from gateway.store import SCHEMA_VERSION, Store, StoreError
+from tests.conftest import ROOT
 
 NOW = 1_800_000_000.0
 TOKEN = "a" * 64
@@ -312,3 +316,39 @@ def test_expire_drops_only_pushes_past_expiration(store):
     assert sorted(gone) == [(TOKEN, "id-1"), (OTHER, "id-4")]
     assert [p.push_id for p in store.pending(TOKEN, 0)] == ["id-2", "id-3"]
     assert store.expire(NOW + 50) == []
+
+
+FSYNC_SCRIPT = """
+import sys
+from gateway.store import Store
+s = Store(sys.argv[1])
+def mark(name):
+    sys.stderr.write(f"MARK {name}\\n"); sys.stderr.flush()
+mark("connects")
+for i in range(20):
+    s.upsert_device(f"{i:064x}", "t", ("alert",), None, 1.0 + i)
+    s.touch(f"{i:064x}", 2.0 + i)
+mark("pushes")
+for i in range(5):
+    s.add_push(f"{i:064x}", f"p{i}", "alert", 10, 0, None, "{}", 3.0, 100)
+mark("end")
+s.close()
+"""
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace is not installed")
+def test_connects_cost_no_fsync_and_every_accepted_push_does(tmp_path):
+    """A reconnect storm must not wait on the disk; an accepted push must be on it."""
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=fsync,fdatasync,write",
+                    sys.executable, "-c", FSYNC_SCRIPT, str(tmp_path / "db")],
+                   check=True, capture_output=True, timeout=60, cwd=ROOT)
+    counts: dict[str, int] = {}
+    phase = "open"
+    for line in trace.read_text().splitlines():
+        if "MARK " in line:
+            phase = line.split("MARK ")[1].split("\\")[0]
+        elif "fsync(" in line or "fdatasync(" in line:
+            counts[phase] = counts.get(phase, 0) + 1
+    assert counts.get("connects", 0) == 0, counts
+    assert counts.get("pushes", 0) >= 5, counts

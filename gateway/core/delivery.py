@@ -126,9 +126,10 @@ class Delivery:
         self._count_connected(link, +1)
         self.metrics.handshakes.labels(link.transport, "welcome").inc()
         link.welcome(token, user)
-        log.info("device %s connected over %s (topic %s%s), %d queued", short(token),
-                 link.transport, hello.topic, f", user {user}" if user else "",
-                 self.store.count_pending(token))
+        if log.isEnabledFor(logging.INFO):  # counting the queue is a query: only when said
+            log.info("device %s connected over %s (topic %s%s), %d queued", short(token),
+                     link.transport, hello.topic, f", user {user}" if user else "",
+                     self.store.count_pending(token))
         self._flush(token, live, now)
         return token
 
