@@ -15,8 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aioquic.asyncio import serve as quic_serve
-
 from gateway import __version__, certs, config, logs
 from gateway.api import server as http_server
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
@@ -180,7 +178,7 @@ class Gateway:
                 return quic.QuicDeviceProtocol(*args, make_link=self.make_link,
                                                metrics=self.metrics, **kwargs)
 
-            self._quic = await quic_serve(host or "::", port, configuration=self._quic_config,
+            self._quic = await quic.serve(host or "::", port, configuration=self._quic_config,
                                           create_protocol=protocol)
             transports.append("quic")
         self.listening = Listening(host or "::", port, transports)
@@ -429,12 +427,28 @@ def _free_port(host: str) -> int:
     raise OSError("no free port found for both TCP and UDP")
 
 
+def raise_open_files() -> int:
+    """Take the hard open-file limit: each TLS device is a descriptor, and a shell's soft
+    limit (often 1,024) would refuse the thousandth phone (the unit sets 65,536)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
 async def run(cfg: Config, path: str | None = None) -> None:
     """`lpgw run`: start, say where we are, reload on SIGHUP, drain on SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop during start is clean
         loop.add_signal_handler(sig, stop.set)
+    open_files = raise_open_files()
     gateway = Gateway(cfg, Notifier())
     reloads: set[asyncio.Task] = set()
 
@@ -457,6 +471,8 @@ async def run(cfg: Config, path: str | None = None) -> None:
         print(f"lpgw: SIP on udp+tcp [{cfg.sip.host}]:{gateway.sip.port}", flush=True)
     print(f"lpgw: gateway {gateway.gateway_id} pin sha256/{gateway.pin}", flush=True)
     print(f"lpgw: state in {cfg.state_path}", flush=True)
+    print(f"lpgw: open-file limit {open_files}: room for about {max(0, open_files - 256)} TLS "
+          f"devices", flush=True)
     try:
         await stop.wait()
         log.info("draining")

@@ -143,13 +143,15 @@ class GatewayProcess:
         self.config_path.write_text(yaml.safe_dump(data))
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 20) -> None:
+    def start(self, timeout: float = 20, preexec_fn=None) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            preexec_fn=preexec_fn)
         deadline = time.monotonic() + timeout
-        lines = []
+        lines = self.lines
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline().decode()
             lines.append(line)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,22 @@ def test_pin_without_a_certificate_says_so(tmp_path):
     cfg.write_text(f"state_dir: {tmp_path / 'empty'}\n")
     result = lpgw("pin", "-c", str(cfg))
     assert result.returncode == 1 and "lpgw run` makes one" in result.stderr
+
+
+def test_run_takes_the_hard_open_file_limit(tmp_path):
+    """Started from a shell with a soft limit of 1,024, the gateway would refuse the
+    thousandth TLS phone; it raises its own soft limit to the hard one."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard <= 1024:
+        pytest.skip("the hard open-file limit here is 1,024 or less: nothing to raise")
+    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"))
+    gp.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    try:
+        limits = Path(f"/proc/{gp.pid}/limits").read_text()
+        soft = next(line.split()[3] for line in limits.splitlines()
+                    if line.startswith("Max open files"))
+        assert int(soft) == hard
+        said = gp.proc.stdout.readline().decode() + gp.proc.stdout.readline().decode()
+        assert f"open-file limit {hard}: room for about {hard - 256} TLS devices" in said
+    finally:
+        gp.kill(15)

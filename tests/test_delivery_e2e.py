@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -206,6 +207,30 @@ async def test_quic_device_keeps_its_session_when_its_address_changes(gateway, d
     # the gateway now talks to the new port
     (conn,) = set(gateway._quic._protocols.values())  # one connection, several ids
     assert conn._quic._network_paths[0].addr[1] == moved["local"]
+
+
+async def test_quic_connections_that_end_leave_no_ids_behind(gateway, devices):
+    """The listener forgets a connection by its own ids (not aioquic's scan of all of
+    them), including ids issued and retired by a migration."""
+    ids = gateway._quic._protocols
+    assert "_connection_terminated" in vars(gateway._quic)  # ours, not aioquic's O(N) scan
+    kept = devices(gateway, "quic")
+    token = await kept.welcome()
+    kept_ids = set(ids)
+    ending = [devices(gateway, "quic") for _ in range(3)]
+    for d in ending:
+        await d.welcome()
+    await ending[0].client.migrate()
+    await ending[0].next("migrated")
+    await asyncio.sleep(0.3)
+    assert len(set(ids.values())) == 4 and len(ids) > 8
+    for d in ending:
+        await d.stop()
+    await eventually(lambda: set(ids) == kept_ids)
+    assert (await send(gateway, token, {"still": "here"}))["sent"]
+    sock = gateway._quic._transport.get_extra_info("socket")
+    # a storm's Initials need room: 8 MiB (the kernel reports double what was set)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 8 << 20
 
 
 async def test_wrong_pin_is_refused_before_hello(gateway, devices):

@@ -10,17 +10,23 @@ gateway's size. aioquic keeps some handshake-only state for a connection's whole
 `release_handshake_state` and `share_frame_handler_epochs` below take it back (the only two
 places that touch aioquic internals; tests/test_quic_memory.py fails if aioquic changes
 underneath them).
+
+Scale: `serve` below gives the listener a large receive buffer and makes a connection's end
+cost O(its ids) instead of aioquic's scan of every connection (see `forget_ids_only`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 
 import aioquic.quic.connection as aioquic_connection
 from aioquic import tls
 from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.asyncio import serve as aioquic_serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
@@ -205,3 +211,51 @@ def share_frame_handler_epochs() -> bool:
 
 
 share_frame_handler_epochs()
+
+
+# --- the listener ------------------------------------------------------------------------
+
+# A reconnect storm's Initials arrive faster than one core handshakes; the kernel's default
+# ~208 KiB holds about a hundred, and every one dropped costs its phone a backoff (Linux
+# caps this at net.core.rmem_max unless we may force it; the Ansible role raises that).
+RECEIVE_BUFFER = 8 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+async def serve(host: str, port: int, **kwargs) -> QuicServer:
+    """aioquic's server, fitted for thousands of phones."""
+    server = await aioquic_serve(host, port, **kwargs)
+    forget_ids_only(server)
+    sock = server._transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:  # without CAP_NET_ADMIN: as much as rmem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    return server
+
+
+def forget_ids_only(server: QuicServer) -> bool:
+    """Make a connection's end delete only its own connection ids; True if in place.
+
+    aioquic 1.7.2's `QuicServer._connection_terminated` scans the ids of every connection
+    for each one that ends: when thousands of phones drop at once (an access point
+    rebooting) that is O(N^2), and 3,000 ending together kept the gateway busy for ~80 s.
+    A connection's ids are the client's original destination id (no Retry here) and its
+    live host ids (retired ones were removed as they retired). The server binds this
+    handler when it creates each connection, so it must be set before the first one.
+    """
+    if not callable(getattr(server, "_connection_terminated", None)) \
+            or not isinstance(getattr(server, "_protocols", None), dict):
+        return False
+    protocols = server._protocols
+
+    def terminated(protocol: QuicConnectionProtocol) -> None:
+        quic = protocol._quic
+        ids = {quic._original_destination_connection_id, *(c.cid for c in quic._host_cids)}
+        for cid in ids:
+            if protocols.get(cid) is protocol:
+                del protocols[cid]
+
+    server._connection_terminated = terminated
+    return True
