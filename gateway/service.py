@@ -34,6 +34,7 @@ from gateway.transport import quic, tls
 from gateway.transport.control import ControlServer
 from gateway.transport.link import GatewayLink, LinkContext
 from gateway.transport.sip import SipTransport, pbx_link, routes, start_sip
+from gateway.transport.timers import TimerWheel, tick_for
 
 log = logging.getLogger("lpgw")
 
@@ -96,6 +97,7 @@ class Gateway:
         self.metrics = Metrics()
         self.store: Store | None = None
         self.delivery: Delivery | None = None
+        self.link_context: LinkContext | None = None
         self.listening: Listening | None = None
         self.pin = ""
         self.gateway_id = ""
@@ -128,9 +130,10 @@ class Gateway:
             "gateway_id", lambda: uuid.uuid4().hex[:16].encode()).decode()
         self.delivery = Delivery(self.store, secret, self.gateway_id, delivery_settings(c),
                                  assertion_policy(c), self.metrics)
-        self.link_context = LinkContext(delivery=self.delivery, metrics=self.metrics,
-                                        gateway_id=self.gateway_id,
-                                        settings=session_settings(c))
+        self.link_context = LinkContext(
+            delivery=self.delivery, metrics=self.metrics, gateway_id=self.gateway_id,
+            settings=session_settings(c),
+            timers=TimerWheel(asyncio.get_running_loop(), tick_for(c.protocol.heartbeat)))
         try:
             await self._listen()
             if c.api.enabled:
@@ -282,6 +285,7 @@ class Gateway:
             max_payload_voip=self.delivery.settings.max_payload_voip)
         self.link_context = dataclasses.replace(self.link_context,
                                                 settings=session_settings(new))
+        self.link_context.timers.retune(tick_for(new.protocol.heartbeat))
         if self.router is not None:
             a = new.api
             self.router.auth = auth
@@ -345,6 +349,8 @@ class Gateway:
         if self.sip is not None:
             await self.sip.stop()
             self.sip = None
+        if self.link_context is not None:
+            self.link_context.timers.close()  # no heartbeat into a closed store
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -26,6 +26,7 @@ from gateway.protocol.session import (
     SessionSettings,
     UnregisterReceived,
 )
+from gateway.transport.timers import TimerWheel
 
 log = logging.getLogger("lpgw.link")
 
@@ -41,6 +42,7 @@ class LinkContext:
     metrics: Metrics
     settings: SessionSettings
     gateway_id: str
+    timers: TimerWheel
 
 
 class GatewayLink:
@@ -56,7 +58,6 @@ class GatewayLink:
         self._loop = asyncio.get_running_loop()
         self.session = GatewaySession(ctx.settings, self._loop.time())
         self.token: str | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._ended = False
         self._arm()
@@ -150,21 +151,15 @@ class GatewayLink:
 
     def _arm(self) -> None:
         at = self.session.next_timer()
-        if at == self._timer_at:
-            return
-        self._cancel_timer()
-        if at is not None:
-            self._timer = self._loop.call_at(at, self._on_timer)
+        if at != self._timer_at:
             self._timer_at = at
+            self.ctx.timers.schedule(self, at, self._on_timer)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = None
         self._timer_at = None
+        self.ctx.timers.cancel(self)
 
     def _on_timer(self) -> None:
-        self._timer = None
         self._timer_at = None
         if not self._ended:
             self._handle(self.session.handle_timer(self._loop.time()))
