@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -403,7 +405,8 @@ async def test_answered_elsewhere_through_a_forking_proxy(pbx_side, devices, tmp
     proxy_log = (tmp_path / "kamailio.log").open("wb")
     proxy = await asyncio.create_subprocess_exec(
         str(KAMAILIO), "-f", str(cfg), "-DD", "-E", "-Y", str(tmp_path), "-P",
-        str(tmp_path / "kamailio.pid"), stdout=proxy_log, stderr=asyncio.subprocess.STDOUT)
+        str(tmp_path / "kamailio.pid"), stdout=proxy_log, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True)  # its worker processes go with it (killpg below)
     desk = await asyncio.create_subprocess_exec(
         SIPP, "-sf", str(SCENARIOS / "uas_desk.xml"), "-i", "127.0.0.1", "-p", str(desk_port),
         "-t", "u1", "-m", "1", "-timeout", "20s", "-timeout_error", "-nostdin", "-nd",
@@ -428,10 +431,12 @@ async def test_answered_elsewhere_through_a_forking_proxy(pbx_side, devices, tmp
         assert ended["id"] == call["id"] and ended["status"] == 487
         assert ended["reason"] == "Call completed elsewhere"
     finally:
-        for proc in (proxy, desk):
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proxy.pid, signal.SIGKILL)
+        await proxy.wait()
+        if desk.returncode is None:
+            desk.kill()
+            await desk.wait()
         proxy_log.close()
 
 
