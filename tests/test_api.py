@@ -503,3 +503,20 @@ async def test_port_0_on_every_address_is_one_port_for_ipv4_and_ipv6(gateway_fac
     for host in ("127.0.0.1", "::1"):
         _, writer = await asyncio.open_connection(host, gw.api_port)
         writer.close()
+
+
+def test_huffman_decoding_is_memoised_and_still_refuses_garbage():
+    """The same :path decoded twice costs one Huffman decode; bad input still raises."""
+    import hpack
+    import hpack.hpack
+
+    from gateway.api import server  # noqa: F401  (installs the memo)
+
+    path = "/3/device/" + uuid.uuid4().hex * 2
+    block = hpack.Encoder().encode([(":path", path)], huffman=True)
+    hits = hpack.hpack.decode_huffman.cache_info().hits
+    for _ in range(2):
+        assert hpack.Decoder().decode(block) == [(":path", path)]
+    assert hpack.hpack.decode_huffman.cache_info().hits == hits + 1
+    with pytest.raises(hpack.HPACKDecodingError):
+        hpack.hpack.decode_huffman(b"\xff\xff\xff\xff")

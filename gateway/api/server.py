@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h11
+import hpack.hpack
 
 from gateway.api.apns import MAX_BODY
 from gateway.api.router import Request, Response, Router
@@ -26,6 +28,12 @@ from gateway.core.metrics import Metrics
 from gateway.transport.tls import TlsStream
 
 log = logging.getLogger("lpgw.http")
+
+# hpack decodes Huffman strings bit by bit in Python: a ninth of the API's CPU at 2,000
+# pushes/s, decoding again and again the same :path (device tokens repeat) and the same
+# header values. The function is pure and its input is bytes: memoised, bounded.
+if not hasattr(hpack.hpack.decode_huffman, "cache_info"):
+    hpack.hpack.decode_huffman = functools.lru_cache(maxsize=4096)(hpack.hpack.decode_huffman)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ALPN = ("h2", "http/1.1")
