@@ -174,20 +174,22 @@ class Store:
                     "DELETE FROM pushes WHERE token=? AND collapse_id=? RETURNING push_id",
                     (token, collapse_id))]
             row = self._db.execute(
-                "UPDATE devices SET next_seq=next_seq+1 WHERE token=? RETURNING next_seq-1",
-                (token,)).fetchall()
+                """UPDATE devices SET next_seq=next_seq+1 WHERE token=?
+                   RETURNING next_seq-1, acked_seq""", (token,)).fetchall()
             if not row:
                 raise StoreError(f"no device {token[:8]}…")
-            seq = row[0][0]
+            seq, acked = row[0]
             self._db.execute(
                 """INSERT INTO pushes(token, seq, push_id, push_type, priority, expiration,
                    collapse_id, payload, accepted_at) VALUES (?,?,?,?,?,?,?,?,?)""",
                 (token, seq, push_id, push_type, priority, expiration, collapse_id,
                  payload_json, now))
-            evicted = [r[0] for r in self._db.execute(
-                """DELETE FROM pushes WHERE token=? AND seq IN (
-                     SELECT seq FROM pushes WHERE token=? ORDER BY seq DESC LIMIT -1 OFFSET ?)
-                   RETURNING push_id""", (token, token, queue_limit))]
+            evicted: list[str] = []
+            if seq - acked > queue_limit:  # else fewer are stored than that: nothing to scan
+                evicted = [r[0] for r in self._db.execute(
+                    """DELETE FROM pushes WHERE token=? AND seq IN (
+                         SELECT seq FROM pushes WHERE token=? ORDER BY seq DESC
+                         LIMIT -1 OFFSET ?) RETURNING push_id""", (token, token, queue_limit))]
         stored = StoredPush(token, seq, push_id, push_type, priority, expiration, payload_json,
                             collapse_id, now)
         return stored, collapsed, evicted
