@@ -382,13 +382,11 @@ class LpgwTarget(Target):
         self.tuning = {"udp_rcvbuf": udp_rcvbuf, "tcp_backlog": backlog}
         self.control: Path | None = None
         self.config: dict[str, Any] = {}
+        self.runtime: dict[str, Any] = {}  # the gateway's runtime.json (ports, pin, pid)
 
-    def start(self) -> None:
-        self.port = self.port or free_port()  # a restart keeps its port, state and key
-        state = self.tmp / "state"
-        with contextlib.suppress(FileNotFoundError):
-            (state / "runtime.json").unlink()
-        self.config = {
+    def make_config(self, state: Path) -> dict[str, Any]:
+        """The gateway's configuration; a scenario that needs SIP or the API extends it."""
+        return {
             "state_dir": str(state),
             "listen": {"host": "127.0.0.1", "port": self.port,
                        "tls": self.transport == "tls", "quic": self.transport == "quic"},
@@ -398,6 +396,13 @@ class LpgwTarget(Target):
             "api": {"enabled": False}, "sip": {"enabled": False},
             "discovery": {"enabled": False},  # never mDNS on the real interfaces
         }
+
+    def start(self) -> None:
+        self.port = self.port or free_port()  # a restart keeps its port, state and key
+        state = self.tmp / "state"
+        with contextlib.suppress(FileNotFoundError):
+            (state / "runtime.json").unlink()
+        self.config = self.make_config(state)
         cfg = self.tmp / "lpgw.yaml"
         cfg.write_text(json.dumps(self.config, indent=1))  # JSON is YAML
         out = self.log.open("w")
@@ -419,6 +424,7 @@ class LpgwTarget(Target):
                 with contextlib.suppress(ValueError):
                     rt = json.loads(runtime.read_text())
                     self.pin, self.control = rt["pin"], Path(rt["control"])
+                    self.runtime = rt
                     return
             time.sleep(0.05)
         raise RuntimeError("the gateway did not start within 60 s")
@@ -672,6 +678,7 @@ class Device:
     """One simulated phone: connect, hello (or MQTT CONNECT), answer, ack, count."""
 
     __slots__ = (
+        "assertion",
         "attempts",
         "drops",
         "final",
@@ -704,6 +711,7 @@ class Device:
         self.w = w
         self.i = i
         self.ident = ident
+        self.assertion: str | None = None  # a user assertion (JWT) for its hello, if any
         self.state = IDLE
         self.attempts = 0
         self.t_start = 0.0
@@ -809,8 +817,8 @@ class Device:
             return
         self.session = BenchSession(
             Hello(version=VERSIONS[-1], install_id=self.ident, topic=TOPIC,
-                  push_types=("alert", "voip", "background"), last_ack=self.last_ack,
-                  gateway_id=self.gateway_id, client="lpgw-bench"),
+                  push_types=("alert", "voip", "background"), assertion=self.assertion,
+                  last_ack=self.last_ack, gateway_id=self.gateway_id, client="lpgw-bench"),
             w.loop.time(), welcome_timeout=w.connect_timeout)
         if self.seen:
             self.session.remember_ids(self.seen)
@@ -891,6 +899,8 @@ class Device:
         for event in self.session.receive_data(data, self.w.loop.time()):
             if isinstance(event, Welcomed):
                 self.token = event.welcome.token
+                if event.welcome.user:
+                    self.w.count("welcomed_as_user")
                 if self.gateway_id != event.welcome.gateway_id:
                     self.gateway_id, self.last_ack = event.welcome.gateway_id, 0
                 if self.state == CONNECTING:
@@ -1043,8 +1053,8 @@ class Worker:
         self.conn.send({"op": op, "wid": self.wid, **(reply or {})})
 
     async def cmd_setup(self, kind: str, transport: str, host: str, port: int, pin: str,
-                        idents: list[str], heartbeat: float, connect_timeout: float = 20.0
-                        ) -> dict:
+                        idents: list[str], heartbeat: float, connect_timeout: float = 20.0,
+                        assertions: list[str | None] | None = None) -> dict:
         self.kind, self.transport, self.host, self.port = kind, transport, host, port
         self.pin = pin.removeprefix("sha256/")
         self.heartbeat = heartbeat
@@ -1062,6 +1072,8 @@ class Worker:
         if transport == "quic":
             one_key_share()
         self.devices = [Device(self, i, ident) for i, ident in enumerate(idents)]
+        for d, assertion in zip(self.devices, assertions or (), strict=False):
+            d.assertion = assertion
         if kind == "mqtt":
             self.ping_task = self.loop.create_task(self.mqtt_pinger())
         return {"devices": len(self.devices)}
@@ -1265,15 +1277,20 @@ class LoadGen:
                 replies[msg["wid"]] = msg
         return [replies[i] for i in range(len(self.conns))]
 
-    def setup(self, target: Target, devices: int, connect_timeout: float = 20.0) -> None:
+    def setup(self, target: Target, devices: int, connect_timeout: float = 20.0,
+              assertions: list[str | None] | None = None) -> None:
+        """`devices` simulated devices split over the workers; device i says hello with
+        `assertions[i]` (a user assertion, lpgw only) when given."""
         per = math.ceil(devices / self.n)
         self.split = [(min(i * per, devices), min(per, max(0, devices - i * per)))
                       for i in range(self.n)]
         self.call("setup", [{"kind": target.kind, "transport": target.transport,
                              "host": target.host, "port": target.port, "pin": target.pin,
                              "idents": [str(uuid.uuid4()) for _ in range(count)],
-                             "heartbeat": target.heartbeat, "connect_timeout": connect_timeout}
-                            for _, count in self.split])
+                             "heartbeat": target.heartbeat, "connect_timeout": connect_timeout,
+                             "assertions": assertions[first:first + count] if assertions
+                             else None}
+                            for first, count in self.split])
 
     def connect(self, upto: int, *, start_in: float = 0.3, spread: float = 1.0,
                 concurrency: int = 0, timeout: float = 120, expect_pushes: int = 0,
@@ -1448,6 +1465,20 @@ def parse_steps(text: str) -> list[int]:
     return [int(float(x.strip().lower().replace("k", "e3"))) for x in text.split(",") if x.strip()]
 
 
+def common_arguments(p: argparse.ArgumentParser, others: str, quiet_wait: float = 30,
+                     tag: bool = True) -> None:
+    """The switches every scenario has: machine quiet, CPU placement, where results go."""
+    p.add_argument("--quiet-wait", type=float, default=quiet_wait,
+                   help="wait up to this long for other processes to go quiet first")
+    p.add_argument("--no-pin", action="store_true",
+                   help=f"don't give the server a CPU of its own (default: CPU 0 for it, "
+                        f"the rest for {others})")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-report", action="store_true", help="skip writing files")
+    if tag:
+        p.add_argument("--tag", default="", help="suffix for the result files (experiments)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="idle devices: gateway RSS per device and CPU")
     p.add_argument("--transport", choices=("tls", "quic", "both"), default="both")
@@ -1462,14 +1493,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=260,
                    help="seconds per transport, at most (the quiet wait included)")
     p.add_argument("--settle", type=float, default=3.0, help="pause after connecting, s")
-    p.add_argument("--quiet-wait", type=float, default=30,
-                   help="wait up to this long for other processes to go quiet first")
-    p.add_argument("--no-pin", action="store_true",
-                   help="don't give the gateway a CPU of its own (default: CPU 0 for it, "
-                        "the rest for the load generator)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--no-report", action="store_true", help="skip writing files")
-    p.add_argument("--tag", default="", help="suffix for the result files (experiments)")
+    common_arguments(p, "the load generator")
     args = p.parse_args()
     import report  # bench/report.py
 

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import (
-    RESULTS,
     MqttDecoder,
     Target,
+    common_arguments,
     default_workers,
     free_port,
     idle,
@@ -181,13 +181,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--budget", type=float, default=260, help="seconds per scenario, at most")
     p.add_argument("--settle", type=float, default=3.0, help="idle: pause after connecting")
-    p.add_argument("--quiet-wait", type=float, default=30,
-                   help="wait up to this long for other processes to go quiet first")
-    p.add_argument("--no-pin", action="store_true",
-                   help="don't give the broker a CPU of its own")
     p.add_argument("--binary", default=None, help="mosquitto executable")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--no-report", action="store_true")
+    common_arguments(p, "the load generator", quiet_wait=30, tag=False)
     args = p.parse_args()
     import report
 

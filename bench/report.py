@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ TARGETS = {
     "idle_cpu_percent": 5.0,
     "storm_seconds": {"tls": 20.0, "quic": 40.0},
     "handshake_vs_mosquitto": 1.5,
+    "api_per_s": 2000,  # durably accepted pushes per second, sustained ...
+    "api_p99_ms": 50.0,  # ... with accept p99 at most this
 }
 
 LABELS = {("lpgw", "tls"): "lpgw TLS", ("lpgw", "quic"): "lpgw QUIC",
@@ -41,8 +44,11 @@ def name_of(result: dict[str, Any]) -> str:
     return f"{result['scenario']}-{result['system']}-{result['transport']}{tag}"
 
 
-def save(result: dict[str, Any], out: Path = RESULTS, plots: bool = True, tag: str = "") -> Path:
-    """Write <scenario>-<system>-<transport>[-tag].json and .md to `out`, then the summary.
+def save(result: dict[str, Any], out: Path = RESULTS, plots: bool = True, tag: str = "",
+         markdown_of: Callable[[dict[str, Any]], str] | None = None,
+         plot: Callable[[dict[str, Any], Path], bool] | None = None) -> Path:
+    """Write <scenario>-<system>-<transport>[-tag].json and .md to `out` (and .png where the
+    scenario draws its own), then the summary.
 
     Tagged results (experiments) are kept beside the main ones but stay out of the summary.
     """
@@ -52,9 +58,10 @@ def save(result: dict[str, Any], out: Path = RESULTS, plots: bool = True, tag: s
     name = name_of(result)
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{name}.md").write_text(markdown(result))
+    (out / f"{name}.md").write_text((markdown_of or markdown)(result))
+    made = plot is not None and plot(result, out / f"{name}.png")
     build(out, plots=plots)
-    print(f"wrote {path} and {name}.md", flush=True)
+    print(f"wrote {path}, {name}.md{f' and {name}.png' if made else ''}", flush=True)
     return path
 
 
@@ -65,7 +72,8 @@ def load(out: Path) -> dict[str, dict[str, Any]]:
             r = json.loads(path.read_text())
         except ValueError:
             continue
-        if isinstance(r, dict) and r.get("scenario") in ("idle", "storm") and not r.get("tag"):
+        if isinstance(r, dict) and r.get("scenario") in ("idle", "storm", "api", "call") \
+                and not r.get("tag"):
             found[name_of(r)] = r
     return found
 
@@ -196,7 +204,34 @@ def verdicts(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                         f"Mosquitto's", f"{hs['cpu_ms_per_handshake']:.2f} ms vs "
                         f"{mq['cpu_ms_per_handshake']:.2f} ms = {ratio:.2f}x",
                         _yes(ratio <= TARGETS["handshake_vs_mosquitto"])))
+    for r in _results_of(res, "api") + _results_of(res, "call"):
+        out += [(t["target"], t["measured"], f"**{t['met']}**") for t in r.get("targets", [])]
     return out
+
+
+def _results_of(res: dict[str, dict[str, Any]], scenario: str) -> list[dict[str, Any]]:
+    """The scenarios that judge their own targets (api, call), in name order."""
+    return [r for k, r in sorted(res.items()) if r["scenario"] == scenario]
+
+
+def api_table(res: dict[str, dict[str, Any]]) -> str:
+    """The api scenario's steps: offered and achieved rate, accept latency, gateway CPU."""
+    parts = []
+    for r in _results_of(res, "api"):
+        s = r["settings"]
+        sync = r.get("target", {}).get("config", {}).get("store", {}).get("synchronous", "?")
+        rows = [f"API pushes (HTTP/2, {s['devices']} {r['transport'].upper()} devices, store "
+                f"synchronous {sync}): sustained **{_f(r.get('sustained_per_s'), 0)}/s**, max "
+                f"achieved {_f(r.get('max_achieved_per_s'), 0)}/s", "",
+                "| offered /s | achieved /s | accept p50 / p99 ms | non-200 | gateway CPU % |",
+                "|---:|---:|---:|---:|---:|"]
+        for x in r["steps"]:
+            rows.append(f"| {_f(x['offered_per_s'], 0)} | {_f(x['achieved_per_s'], 0)} | "
+                        f"{_f(x['accept_ms']['p50'], 1)} / {_f(x['accept_ms']['p99'], 1)} | "
+                        f"{_f(sum(x['other_status'].values()) + x['no_answer'])} | "
+                        f"{_f(x['gateway_cpu_percent'])} |")
+        parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
 
 
 def _yes(ok: bool) -> str:
@@ -207,7 +242,7 @@ def side_by_side(res: dict[str, dict[str, Any]]) -> str:
     cols = [("lpgw", "tls"), ("lpgw", "quic"), ("mosquitto", "tls")]
     present = [c for c in cols if f"idle-{c[0]}-{c[1]}" in res or f"storm-{c[0]}-{c[1]}" in res]
     if not present:
-        return "No results yet.\n"
+        return "" if _results_of(res, "api") else "No results yet.\n"
     head = "| measure | " + " | ".join(LABELS[c] for c in present) + " |"
     rows = [head, "|---|" + "---:|" * len(present)]
 
@@ -252,20 +287,29 @@ def summary_markdown(res: dict[str, dict[str, Any]]) -> str:
     lines += [f"| {a} | {b} | {c} |" for a, b, c in verdicts(res)]
     machines = sorted({machine_line(r) for r in res.values()})
     runs = "\n".join(f"- `{k}`: {machine_line(r)}" for k, r in sorted(res.items()))
-    return (side_by_side(res) + "\n" + "\n".join(lines) + "\n\n"
+    tables = "\n".join(t for t in (side_by_side(res), api_table(res)) if t)
+    return (tables + "\n" + "\n".join(lines) + "\n\n"
             + ("Runs:\n" + runs if len(machines) > 1 else f"Machine: {machines[0]}") + "\n")
 
 
 # --- plots ---------------------------------------------------------------------------------
 
 
-def make_plots(res: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files, or None (and a word) when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)", flush=True)
+        print("matplotlib is not installed: no plots (pip install -e .[bench])", flush=True)
+        return None
+    return plt
+
+
+def make_plots(res: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    plt = pyplot()
+    if plt is None:
         return []
     made = []
     series = [(s, t) for s, t in LABELS if f"idle-{s}-{t}" in res]

@@ -28,12 +28,12 @@ from typing import Any
 
 import loadgen
 from loadgen import (
-    RESULTS,
     Background,
     LoadGen,
     LpgwTarget,
     Target,
     cap_devices,
+    common_arguments,
     counters_delta,
     default_workers,
     git_state,
@@ -272,13 +272,7 @@ def main() -> None:
                         "once keep it busy for minutes)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--budget", type=float, default=260, help="seconds per transport, at most")
-    p.add_argument("--quiet-wait", type=float, default=30,
-                   help="wait up to this long for other processes to go quiet first")
-    p.add_argument("--no-pin", action="store_true",
-                   help="don't give the gateway a CPU of its own")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--no-report", action="store_true")
-    p.add_argument("--tag", default="", help="suffix for the result files (experiments)")
+    common_arguments(p, "the load generator", quiet_wait=30)
     args = p.parse_args()
     import report
 

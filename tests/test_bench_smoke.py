@@ -1,11 +1,13 @@
 """The benchmarks still run: every scenario at a handful of devices (not a measurement).
 
 bench/ measures; this only keeps its code working: the load generator's workers, lpgw over
-TLS and QUIC (idle and storm with a queued push each), the Mosquitto peer, and the report.
+TLS and QUIC (idle and storm with a queued push each), calls from SIPp to callee devices
+among idle ones, the Mosquitto peer, and the report.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -19,6 +21,7 @@ from tests.conftest import ROOT
 BENCH = ROOT / "bench"
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+SIPP = shutil.which("sipp")
 QUICK = ["--quiet-wait", "0", "--no-pin"]
 
 
@@ -57,6 +60,26 @@ def test_storm_delivers_queued_pushes(tmp_path):
         assert plain["cpu_ms_per_handshake"] > 0
 
 
+@pytest.mark.skipif(SIPP is None, reason="needs Debian package sip-tester (SIPp)")
+def test_call_rings(tmp_path):
+    run("call.py", "--devices", "20", "--callees", "3", "--calls", "10", "--rate", "10",
+        "--baseline", "0.5", "--connect-spread", "0", "--settle", "0.2", "--workers", "1",
+        out=tmp_path)
+    r = result(tmp_path, "call-lpgw-tls")
+    assert r["complete"], r.get("stopped_early") or r.get("calls_incomplete")
+    calls = r["calls"]
+    assert calls["placed"] == calls["answered_180"] == calls["successful"] == 10
+    assert calls["failed"] == 0 and calls["sipp_exit_code"] == 0
+    assert calls["gateway_invites_pushed"] == calls["gateway_180s_sent"] == 10
+    assert calls["callee_pushes_received"] == 20  # each call and its end, both acked
+    assert r["connected_at_start"] == r["connected_at_end"] == 23
+    assert r["latency"]["sipp_invite_to_180"]["count"] == 10
+    assert r["gateway_cpu"]["call_phase_s"] > 0
+    assert (tmp_path / "call-lpgw-tls.md").exists()
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "call-lpgw-tls.png").stat().st_size > 0
+
+
 @pytest.mark.skipif(MOSQUITTO is None, reason="needs Debian package mosquitto")
 def test_mosquitto_peer_and_report(tmp_path):
     run("peer_mosquitto.py", "--scenario", "both", "--devices", "6", "--pushes", "1",
@@ -70,3 +93,22 @@ def test_mosquitto_peer_and_report(tmp_path):
                            "--no-docs"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "Mosquitto" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="needs h2load (nghttp2-client)")
+def test_api_pushes_delivered(tmp_path):
+    run("api_throughput.py", "--devices", "5", "--rates", "50,100", "--step-seconds", "1",
+        "--warmup", "0.2", "--pause", "0.1", out=tmp_path)
+    r = result(tmp_path, "api-lpgw-tls")
+    assert r["complete"], r.get("stopped_early")
+    assert [s["offered_per_s"] for s in r["steps"]] == [50, 100]
+    assert all(s["accepted_200"] == s["pushes"] and not s["other_status"] for s in r["steps"])
+    d = r["delivery"]
+    assert d["all_delivered"] and d["received_by_devices"] == d["accepted_200"] >= 150
+    assert d["acked_per_gateway"] == d["accepted_200"]
+    assert r["steps"][0]["accept_ms"]["p99"] is not None and r["machine"]["cores"]
+    assert r["target"]["config"]["store"]["synchronous"] == "FULL"
+    assert (tmp_path / "api-lpgw-tls.md").exists()
+    assert "API pushes" in (tmp_path / "summary.md").read_text()
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "api-lpgw-tls.png").stat().st_size > 0
