@@ -140,6 +140,12 @@ class Store:
             args.append(user)
         return [_device(r) for r in self._db.execute(sql + " ORDER BY last_seen DESC", args)]
 
+    def tokens_of(self, user: str) -> list[str]:
+        """The registered devices bound to a user, most recently seen first (every call)."""
+        return [r[0] for r in self._db.execute(
+            """SELECT token FROM devices WHERE user=? AND unregistered_at IS NULL
+               ORDER BY last_seen DESC""", (user,))]
+
     def set_user(self, token: str, user: str | None) -> bool:
         """Bind a device to a user (None unbinds); False when there is no such device."""
         cur = self._db.execute("UPDATE devices SET user=? WHERE token=?", (user, token))

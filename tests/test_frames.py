@@ -13,6 +13,7 @@ from gateway.protocol.frames import (
     MessageError,
     decode_body,
     encode_frame,
+    encode_frame_spliced,
 )
 from gateway.protocol.messages import (
     DEVICE_MESSAGES,
@@ -377,3 +378,11 @@ def test_numbers_too_big_for_a_float_are_a_message_error():
 )
 def test_message_round_trip(message, table):
     assert over_the_wire(message.to_dict(), table) == message
+
+
+@pytest.mark.parametrize("payload", [{}, {"aps": {"alert": "Bed 12"}}, {"ü": ["ß", 1.5, None]}])
+def test_a_spliced_payload_is_the_same_frame(payload):
+    """The gateway writes a stored payload's JSON as is; the bytes match encoding it anew."""
+    head = {"type": "push", "seq": 3, "id": "x"}
+    raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    assert encode_frame_spliced(head, "payload", raw) == encode_frame({**head, "payload": payload})

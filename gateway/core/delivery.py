@@ -297,6 +297,8 @@ class Delivery:
         if live is not None:
             if group and not send_first:
                 self._waiting.add(token)
+            elif live.sent_through == stored.seq - 1:  # the next one: no need to look
+                self._send(live, stored, now, req.payload)
             else:
                 self._flush(token, live, now)
         return Accepted(push_id, stored.seq, sent=live is not None, stored=True)
@@ -320,12 +322,13 @@ class Delivery:
             self.store.delete_pushes(token, expired)
             self.metrics.expired.inc(len(expired))
 
-    def _send(self, live: _Live, stored: StoredPush, now: float) -> None:
+    def _send(self, live: _Live, stored: StoredPush, now: float,
+              payload: dict | None = None) -> None:
         live.link.send_push(Push(
             seq=stored.seq, id=stored.push_id, push_type=stored.push_type,
             priority=stored.priority, expiration=stored.expiration,
-            payload=json.loads(stored.payload_json), collapse_id=stored.collapse_id,
-            sent_at=now))
+            payload=json.loads(stored.payload_json) if payload is None else payload,
+            collapse_id=stored.collapse_id, sent_at=now, payload_json=stored.payload_json))
         live.sent_through = max(live.sent_through, stored.seq)
 
     def _lose_ephemeral(self, live: _Live) -> None:

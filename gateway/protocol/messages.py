@@ -288,6 +288,8 @@ class Push:
     payload: dict[str, Any]
     collapse_id: str | None = None
     sent_at: float = field(default=0.0, compare=False)
+    # the payload as the gateway stored it (canonical JSON of `payload`), written as is
+    payload_json: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> Push:

@@ -17,6 +17,7 @@ from gateway.protocol.frames import (
     MessageError,
     decode_body,
     encode_frame,
+    encode_frame_spliced,
 )
 from gateway.protocol.messages import (
     DEVICE_MESSAGES,
@@ -256,7 +257,12 @@ class GatewaySession(_Session):
         self._next_ping = now + self.settings.heartbeat
 
     def push(self, push: Push) -> None:
-        self._send(push.to_dict())
+        if push.payload_json is None:
+            self._send(push.to_dict())
+        elif self.closed is None:
+            head = push.to_dict()
+            del head["payload"]
+            self._out += encode_frame_spliced(head, "payload", push.payload_json)
         self._owed = min(self._owed + 1, MAX_OWED)
 
     # time

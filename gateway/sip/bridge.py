@@ -61,8 +61,7 @@ class UserRouter:
         return uri_user
 
     def devices_of(self, user: str) -> list[str]:
-        bound = [d.token for d in self.delivery.store.list_devices(user=user)
-                 if d.unregistered_at is None]
+        bound = self.delivery.store.tokens_of(user)
         return list(dict.fromkeys([*bound, *self.static.get(user, [])]))
 
 
@@ -93,6 +92,9 @@ class SipBridge:
         self._call_of: dict[int, Call] = {}  # id(INVITE transaction) -> call
         # INVITE read -> 180 sent, seconds; the shell keeps them for benchmarks
         self.on_ringing: Callable[[float], None] = lambda seconds: None
+        # an INVITE's pushes are written (the shell times it)
+        self.on_call_pushed: Callable[[], None] = lambda: None
+        self._trying: ServerTransaction | None = None  # an INVITE still owed its 100
         calls.on_answer = self._answer
 
     # --- input ------------------------------------------------------------------------
@@ -120,6 +122,15 @@ class SipBridge:
         for action in actions:
             if isinstance(action, Send):
                 self.on_send([action])
+            elif isinstance(action, RequestReceived) and action.tx.is_invite:
+                # The phone first: the 100 Trying (ours to send, RFC 3261 17.2.1: we answer
+                # at once) is made and sent once the call's push is written, or just before
+                # any answer of ours.
+                self._trying = action.tx
+                try:
+                    outcome = self._request(action.tx, now)
+                finally:
+                    self._send_trying(now)
             elif isinstance(action, RequestReceived):
                 outcome = self._request(action.tx, now)
             elif isinstance(action, CancelReceived):
@@ -129,6 +140,11 @@ class SipBridge:
                     self.pbx.on_response(action.tx.context, action.response, now)
                 outcome = "response"
         return outcome
+
+    def _send_trying(self, now: float) -> None:
+        tx, self._trying = self._trying, None
+        if tx is not None:
+            self._reply(tx, 100, now)
 
     def _check(self, msg: SipMessage) -> None:
         if not msg.is_request:
@@ -189,6 +205,8 @@ class SipBridge:
         caller = Caller(uri=str(caller_address.uri), display_name=caller_address.name,
                         callee=str(callee), sip_call_id=req.call_id)
         call = self.calls.offer(user, caller, now)
+        if call is not None:
+            self.on_call_pushed()
         if call is None:
             self._reply(tx, 480, now, reason="No Device Bound")
             return "unreachable"
@@ -246,6 +264,8 @@ class SipBridge:
 
     def _reply(self, tx: ServerTransaction, status: int, now: float, reason: str = "",
                headers: list[tuple[str, str]] | None = None) -> None:
+        if self._trying is tx:
+            self._send_trying(now)  # the 100 Trying goes before the answer
         extra = [("server", self.server_name), *(headers or [])]
         self.on_send(self.tx.respond(tx, status, now, reason, extra))
 

@@ -125,10 +125,9 @@ class TransactionLayer:
         if msg.method == "CANCEL":
             invite = self.server.get((*key[:-1], "INVITE"))
             return [CancelReceived(tx, invite)]
-        actions: list = []
-        if tx.is_invite:
-            actions.extend(self.respond(tx, 100, now))
-        return [*actions, RequestReceived(tx)]
+        # an INVITE's 100 Trying is the TU's to send (it answers at once: the bridge sends it
+        # right after the call's push, so the phone is not kept waiting for it)
+        return [RequestReceived(tx)]
 
     def _receive_response(self, msg: SipMessage) -> list:
         try:

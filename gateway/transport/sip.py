@@ -44,6 +44,9 @@ class SipTransport:
         self.invite_latencies: collections.deque[float] = collections.deque(maxlen=10000)
         self.ringing_latencies: collections.deque[float] = collections.deque(maxlen=10000)
         bridge.on_ringing = self.ringing_latencies.append
+        bridge.on_call_pushed = self._call_pushed
+        self._started = 0.0
+        self._receiving = False  # the timers are armed once, when the message is done
         self.port = 0
         bridge.on_send = self.send
 
@@ -75,16 +78,20 @@ class SipTransport:
     # --- in ---------------------------------------------------------------------------
 
     def received(self, data: bytes, peer: Peer, stream: bool) -> None:
-        started = time.perf_counter()
+        self._started = time.perf_counter()
+        self._receiving = True
         try:
-            outcome = self.bridge.receive(data, peer, time.time(), stream=stream)
-            if outcome == "invite":  # the incoming-call frames are written by now
-                elapsed = time.perf_counter() - started
-                self.metrics.sip_invite_to_push.observe(elapsed)
-                self.invite_latencies.append(elapsed)
+            self.bridge.receive(data, peer, time.time(), stream=stream)
         finally:
+            self._receiving = False
             self.bridge.delivery.commit(time.time())  # and on disk before anything else
         self._arm()
+
+    def _call_pushed(self) -> None:
+        """An INVITE's incoming-call frames are written: the latency a phone sees."""
+        elapsed = time.perf_counter() - self._started
+        self.metrics.sip_invite_to_push.observe(elapsed)
+        self.invite_latencies.append(elapsed)
 
     # --- out --------------------------------------------------------------------------
 
@@ -101,7 +108,8 @@ class SipTransport:
                     conn.transport.write(s.data)
                 else:
                     self.metrics.sip_errors.labels("tcp_gone").inc()
-        self._arm()
+        if not self._receiving:
+            self._arm()
 
     def _outbound(self, peer: Peer, data: bytes) -> None:
         """A request of ours over TCP (to the PBX): one kept connection per destination."""
