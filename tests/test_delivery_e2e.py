@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -228,9 +227,6 @@ async def test_quic_connections_that_end_leave_no_ids_behind(gateway, devices):
         await d.stop()
     await eventually(lambda: set(ids) == kept_ids)
     assert (await send(gateway, token, {"still": "here"}))["sent"]
-    sock = gateway._quic._transport.get_extra_info("socket")
-    # a storm's Initials need room: 8 MiB (the kernel reports double what was set)
-    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 8 << 20
 
 
 async def test_wrong_pin_is_refused_before_hello(gateway, devices):
