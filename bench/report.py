@@ -251,7 +251,7 @@ def side_by_side(res: dict[str, dict[str, Any]]) -> str:
         for s, t in present:
             try:
                 cells.append(fn(res.get(f"idle-{s}-{t}"), res.get(f"storm-{s}-{t}")))
-            except (KeyError, TypeError, ZeroDivisionError):
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a run cut short
                 cells.append("-")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
 
