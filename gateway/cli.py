@@ -35,6 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args.config)
     logs.setup(args.log_level or cfg.log.level)
+    service.install_event_loop()
     try:
         asyncio.run(service.run(cfg, args.config))
     except KeyboardInterrupt:

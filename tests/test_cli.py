@@ -134,5 +134,21 @@ def test_run_takes_the_hard_open_file_limit(tmp_path):
         assert int(soft) == hard
         said = gp.proc.stdout.readline().decode() + gp.proc.stdout.readline().decode()
         assert f"open-file limit {hard}: room for about {hard - 256} TLS devices" in said
+        assert said.strip().endswith("event loop uvloop")
+    finally:
+        gp.kill(15)
+
+
+def test_run_on_asyncios_own_loop_when_asked(tmp_path, monkeypatch):
+    """LPGW_EVENT_LOOP=asyncio: the escape hatch if libuv ever misbehaves on a platform."""
+    monkeypatch.setenv("LPGW_EVENT_LOOP", "asyncio")
+    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"))
+    gp.start()
+    try:
+        said = gp.proc.stdout.readline().decode() + gp.proc.stdout.readline().decode()
+        assert said.strip().endswith("event loop asyncio")
+        device = DeviceProcess(gp, "--transport", "tls")
+        assert device.next("welcome")["token"]
+        assert device.stop() == 0
     finally:
         gp.kill(15)
