@@ -364,7 +364,7 @@ if rcvbuf:
 if backlog:
     server = base_events.BaseEventLoop.create_server
     async def create_server(self, *args, **kwargs):
-        kwargs.setdefault("backlog", backlog)
+        kwargs["backlog"] = backlog  # over what the gateway asks for (4,096)
         return await server(self, *args, **kwargs)
     base_events.BaseEventLoop.create_server = create_server
 from gateway.cli import main
