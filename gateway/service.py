@@ -125,6 +125,7 @@ class Gateway:
             log.info("made a self-signed P-256 certificate at %s", c.cert_path)
         self.pin = certs.spki_pin(certs.load_cert(c.cert_path))
         self.store = Store(c.store_path, c.store.synchronous)
+        self.store.start_checkpointer()
         secret = self.store.get_or_create_meta("token_secret", lambda: os.urandom(32))
         self.gateway_id = self.store.get_or_create_meta(
             "gateway_id", lambda: uuid.uuid4().hex[:16].encode()).decode()

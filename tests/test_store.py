@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from contextlib import closing
 
 import pytest
@@ -320,6 +321,7 @@ def test_expire_drops_only_pushes_past_expiration(store):
 
 FSYNC_SCRIPT = """
 import sys
+import time
 from gateway.store import Store
 s = Store(sys.argv[1])
 def mark(name):
@@ -352,3 +354,24 @@ def test_connects_cost_no_fsync_and_every_accepted_push_does(tmp_path):
             counts[phase] = counts.get(phase, 0) + 1
     assert counts.get("connects", 0) == 0, counts
     assert counts.get("pushes", 0) >= 5, counts
+
+
+def test_the_checkpointer_moves_the_wal_into_the_database_off_the_caller(path):
+    """Checkpoints run in their own thread (not inside a COMMIT of the event loop): the
+    database file grows while the caller only commits, far below SQLite's own threshold."""
+    s = Store(path)
+    s.start_checkpointer(every=0.05)
+    assert s._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16384
+    time.sleep(0.2)  # the schema is checkpointed
+    before = path.stat().st_size
+    for i in range(300):
+        s.upsert_device(f"{i:064x}", TOPIC, ("alert",), None, NOW)
+    deadline = time.monotonic() + 5
+    while path.stat().st_size == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.stat().st_size > before  # only a checkpoint writes the database file
+    thread = s._checkpointer[1]
+    s.close()
+    assert not thread.is_alive()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM devices").fetchone()[0] == 300
