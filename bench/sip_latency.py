@@ -69,7 +69,12 @@ async def main(calls: int, rate: int, devices: int, synchronous: str) -> None:
         "-m", str(calls), "-r", str(rate), "-i", "127.0.0.1", "-p", str(_free_port("127.0.0.1")),
         "-timeout", "120s", "-nostdin", "-nd", stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL, cwd=tmp)
-    await asyncio.wait_for(proc.wait(), 180)
+    try:
+        await asyncio.wait_for(proc.wait(), 180)
+    finally:  # stopped by its pid whatever happens
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     samples = sorted(sip.invite_latencies)
     for c, _ in clients:
         c.stop()
