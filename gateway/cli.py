@@ -35,7 +35,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args.config)
     logs.setup(args.log_level or cfg.log.level)
-    service.install_event_loop()
+    try:
+        service.install_event_loop()
+    except ValueError as exc:
+        print(f"lpgw: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(service.run(cfg, args.config))
     except KeyboardInterrupt:

@@ -151,3 +151,11 @@ def test_run_on_asyncios_own_loop_when_asked(tmp_path, monkeypatch):
         assert device.stop() == 0
     finally:
         gp.kill(15)
+
+
+def test_an_unknown_event_loop_stops_the_start_with_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "run"], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT,
+                          env={**os.environ, "LPGW_EVENT_LOOP": "libuv"})
+    assert done.returncode == 2
+    assert "LPGW_EVENT_LOOP: 'libuv' is neither uvloop nor asyncio" in done.stderr

@@ -90,7 +90,7 @@ class SipBridge:
         self.pbx: PbxLink | None = None
         self._invite_of: dict[str, ServerTransaction] = {}  # call id -> INVITE transaction
         self._call_of: dict[int, Call] = {}  # id(INVITE transaction) -> call
-        # INVITE read -> 180 sent, seconds; the shell keeps them for benchmarks
+        # INVITE read -> 180 sent, seconds (the shell records it, as it does INVITE -> push)
         self.on_ringing: Callable[[float], None] = lambda seconds: None
         # an INVITE's pushes are written (the shell times it)
         self.on_call_pushed: Callable[[], None] = lambda: None
@@ -259,7 +259,6 @@ class SipBridge:
             self._call_of.pop(id(tx), None)
         self._reply(tx, status, now)
         if status == 180:
-            self.metrics.sip_invite_to_ringing.observe(now - call.started)
             self.on_ringing(now - call.started)
 
     def _reply(self, tx: ServerTransaction, status: int, now: float, reason: str = "",

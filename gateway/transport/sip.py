@@ -43,7 +43,7 @@ class SipTransport:
         self._tasks: set[asyncio.Task] = set()
         self.invite_latencies: collections.deque[float] = collections.deque(maxlen=10000)
         self.ringing_latencies: collections.deque[float] = collections.deque(maxlen=10000)
-        bridge.on_ringing = self.ringing_latencies.append
+        bridge.on_ringing = self._ringing
         bridge.on_call_pushed = self._call_pushed
         self._started = 0.0
         self._receiving = False  # the timers are armed once, when the message is done
@@ -86,6 +86,10 @@ class SipTransport:
             self._receiving = False
             self.bridge.delivery.commit(time.time())  # and on disk before anything else
         self._arm()
+
+    def _ringing(self, seconds: float) -> None:
+        self.metrics.sip_invite_to_ringing.observe(seconds)
+        self.ringing_latencies.append(seconds)
 
     def _call_pushed(self) -> None:
         """An INVITE's incoming-call frames are written: the latency a phone sees."""
