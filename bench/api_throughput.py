@@ -57,10 +57,8 @@ from loadgen import (
     common_arguments,
     control_call,
     free_port,
-    git_state,
-    machine,
-    now_iso,
     plan_cpus,
+    result_head,
     stop_process,
     summary,
     wait_for_quiet,
@@ -247,8 +245,7 @@ def api(target: ApiTarget, *, rates: list[float], step_seconds: float, devices: 
         keep_going: bool = False) -> dict[str, Any]:
     began = time.monotonic()
     result: dict[str, Any] = {
-        "scenario": "api", "system": target.system, "transport": target.transport,
-        "when": now_iso(), "machine": machine(), "git": git_state(),
+        **result_head("api", target),
         "settings": {"rates_per_s": rates, "step_seconds": step_seconds, "devices": devices,
                      "workers": workers, "h2load_clients": clients,
                      "h2load_streams_per_client": streams, "in_flight_cap": clients * streams,
@@ -493,14 +490,7 @@ def plot(r: dict[str, Any], path: Path) -> bool:
     sync = r["target"]["config"]["store"]["synchronous"]
     fig.suptitle(f"api: lpgw, store synchronous {sync}, {r['settings']['devices']} "
                  f"{r['transport'].upper()} devices", fontsize=10)
-    for ax in (a, b, c):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    a.set_ylim(bottom=0)
-    c.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    report.save_figure(fig, (a, b, c), path, from_zero=(a, c))
     return True
 
 

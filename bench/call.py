@@ -64,12 +64,10 @@ from loadgen import (
     common_arguments,
     default_workers,
     free_port,
-    git_state,
-    machine,
-    now_iso,
     parse_steps,
     pct,
     plan_cpus,
+    result_head,
     stop_process,
     summary,
     wait_for_quiet,
@@ -368,8 +366,7 @@ def call(target: CallTarget, *, devices: int, callees: int, calls: int, rate: fl
     devices = max(0, top - callees) if devices + callees > top else devices
     users = [f"user{i}" for i in range(callees)]
     result: dict[str, Any] = {
-        "scenario": "call", "system": target.system, "transport": target.transport,
-        "when": now_iso(), "machine": machine(), "git": git_state(),
+        **result_head("call", target),
         "settings": {"idle_devices": devices, "callees": callees, "calls": calls,
                      "rate_per_s": rate, "workers": workers, "callee_workers": 1,
                      "baseline_s": baseline, "settle_s": settle, "connect_spread_s": spread,

@@ -1365,6 +1365,13 @@ def default_workers(devices: int) -> int:
     return max(min(cores, 4), math.ceil(devices / per_worker))
 
 
+def result_head(scenario: str, target: Target) -> dict[str, Any]:
+    """What every result starts with: what ran, against what, when, on which machine and
+    commit."""
+    return {"scenario": scenario, "system": target.system, "transport": target.transport,
+            "when": now_iso(), "machine": machine(), "git": git_state()}
+
+
 # --- the idle scenario -------------------------------------------------------------------
 
 
@@ -1376,8 +1383,7 @@ def idle(target: Target, steps: list[int], *, window: float, workers: int,
     top, limit_note = cap_devices(max(steps))
     steps = sorted({min(s, top) for s in steps})
     result: dict[str, Any] = {
-        "scenario": "idle", "system": target.system, "transport": target.transport,
-        "when": now_iso(), "machine": machine(), "git": git_state(),
+        **result_head("idle", target),
         "settings": {"steps": steps, "window_s": window, "warmup_devices": warmup,
                      "concurrency_per_worker": concurrency, "workers": workers,
                      "settle_s": settle, "cpus": CPU_PLAN},

@@ -307,6 +307,20 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, axes: tuple, path: Path, from_zero: tuple = ()) -> Path:
+    """Grid and legend on every panel, y from 0 on `from_zero` (default: all), written as a
+    PNG and closed."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in from_zero or axes:
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+    return path
+
+
 def make_plots(res: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     plt = pyplot()
     if plt is None:
@@ -329,14 +343,7 @@ def make_plots(res: dict[str, dict[str, Any]], out: Path) -> list[Path]:
         a.set(title="server RSS per idle device", xlabel="devices", ylabel="KB")
         b.set(title="server RSS", xlabel="devices", ylabel="MiB")
         c.set(title="server CPU at idle (heartbeats on)", xlabel="devices", ylabel="% of one core")
-        for ax in (a, b, c):
-            ax.grid(alpha=0.3)
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append(out / "rss_vs_devices.png")
-        fig.savefig(made[-1], dpi=90)
-        plt.close(fig)
+        made.append(save_figure(fig, (a, b, c), out / "rss_vs_devices.png"))
     storms = [(s, t) for s, t in LABELS if f"storm-{s}-{t}" in res]
     if storms:
         fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -358,14 +365,7 @@ def make_plots(res: dict[str, dict[str, Any]], out: Path) -> list[Path]:
         b.set(title="storm: time until all welcomed", xlabel="devices", ylabel="s")
         c.set(title="storm: devices welcomed over time", xlabel="s from storm start",
               ylabel="% welcomed")
-        for ax in (a, b, c):
-            ax.grid(alpha=0.3)
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append(out / "storm.png")
-        fig.savefig(made[-1], dpi=90)
-        plt.close(fig)
+        made.append(save_figure(fig, (a, b, c), out / "storm.png"))
     return made
 
 

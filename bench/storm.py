@@ -36,13 +36,11 @@ from loadgen import (
     common_arguments,
     counters_delta,
     default_workers,
-    git_state,
     kernel_counters,
-    machine,
-    now_iso,
     parse_steps,
     pct,
     plan_cpus,
+    result_head,
     summary,
     wait_for_quiet,
 )
@@ -187,8 +185,7 @@ def storm(target: Target, sizes: list[int], *, pushes: int, workers: int, spread
     top, note = cap_devices(max(sizes))
     sizes = sorted({min(s, top) for s in sizes})
     result: dict[str, Any] = {
-        "scenario": "storm", "system": target.system, "transport": target.transport,
-        "when": now_iso(), "machine": machine(), "git": git_state(),
+        **result_head("storm", target),
         "settings": {"sizes": sizes, "pushes_per_device": pushes, "spread_s": spread,
                      "timeout_s": timeout, "workers": workers,
                      "connect_timeout_s": connect_timeout,
