@@ -6,7 +6,6 @@ a push the gateway accepted survives SIGKILL and, on a Pi, a pulled plug.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -87,6 +86,14 @@ class Store:
         self._db.executescript(SCHEMA)
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+        # Writes that are worth no fsync (a device seen, an ack) go through a second
+        # connection that is always synchronous=NORMAL, rather than switching the main one
+        # back and forth around each (two more statements per reconnect). The WAL is one
+        # file: the next FULL commit's fsync carries these frames to disk too.
+        self._lazy = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._lazy.execute("PRAGMA synchronous=NORMAL")
+        self._lazy.execute("PRAGMA foreign_keys=ON")
+        self._lazy.execute("PRAGMA busy_timeout=5000")
 
     def start_checkpointer(self, every: float = 1.0) -> None:
         """Copy the WAL into the database from a thread of its own, every `every` seconds.
@@ -123,6 +130,7 @@ class Store:
             stop.set()
             thread.join(10)
             self._checkpointer = None
+        self._lazy.close()
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
@@ -152,18 +160,16 @@ class Store:
         """Without an fsync of its own: a reconnect storm must not wait on the disk, and a
         row lost to a power cut is written again when the phone reconnects; every accepted
         push is a FULL commit, which makes this row durable before it."""
-        with self._relaxed(), self._tx():
-            self._db.execute(
-                """INSERT INTO devices(token, topic, push_types, user, created_at, last_seen)
-                   VALUES (?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(token) DO UPDATE SET push_types=excluded.push_types,
-                     user=COALESCE(excluded.user, devices.user), last_seen=excluded.last_seen,
-                     unregistered_at=NULL""",
-                (token, topic, json.dumps(list(push_types)), user, now, now),
-            )
-        device = self.get_device(token)
-        assert device is not None
-        return device
+        row = self._relaxed().execute(
+            f"""INSERT INTO devices(token, topic, push_types, user, created_at, last_seen)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT(token) DO UPDATE SET push_types=excluded.push_types,
+                  user=COALESCE(excluded.user, devices.user), last_seen=excluded.last_seen,
+                  unregistered_at=NULL
+                RETURNING {_DEVICE_COLUMNS}""",
+            (token, topic, json.dumps(list(push_types)), user, now, now),
+        ).fetchone()
+        return _device(row)
 
     def get_device(self, token: str) -> DeviceRecord | None:
         row = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE token=?",
@@ -198,8 +204,7 @@ class Store:
         return dict(self._db.execute("SELECT token, count(*) FROM pushes GROUP BY token"))
 
     def touch(self, token: str, now: float) -> None:
-        with self._relaxed():  # last seen is worth no fsync
-            self._db.execute("UPDATE devices SET last_seen=? WHERE token=?", (now, token))
+        self._relaxed().execute("UPDATE devices SET last_seen=? WHERE token=?", (now, token))
 
     def unregister(self, token: str, now: float) -> None:
         with self._tx():
@@ -269,11 +274,12 @@ class Store:
         Without an fsync of its own: an ack lost to a power cut only means a push is sent
         again, and the device drops it by id. The next durable commit carries it to disk.
         """
-        with self._relaxed(), self._tx():
-            accepted = [(r[0], r[1]) for r in self._db.execute(
+        db = self._relaxed()
+        with _Transaction(db):
+            accepted = [(r[0], r[1]) for r in db.execute(
                 "DELETE FROM pushes WHERE token=? AND seq<=? RETURNING push_id, accepted_at",
                 (token, seq))]
-            self._db.execute(
+            db.execute(
                 """UPDATE devices SET acked_seq=max(acked_seq, min(?, next_seq-1)), last_seen=?
                    WHERE token=?""", (seq, now, token))
         return accepted
@@ -312,16 +318,10 @@ class Store:
     def _tx(self):
         return _Transaction(self._db)
 
-    @contextlib.contextmanager
-    def _relaxed(self):
-        if self.synchronous == "NORMAL" or self._db.in_transaction:
-            yield
-            return
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            yield
-        finally:
-            self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+    def _relaxed(self) -> sqlite3.Connection:
+        """The connection for a write worth no fsync: the main one inside an open
+        transaction (the other would wait on its lock for ever, in this same thread)."""
+        return self._db if self._db.in_transaction else self._lazy
 
 
 class _Transaction:

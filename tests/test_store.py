@@ -375,3 +375,47 @@ def test_the_checkpointer_moves_the_wal_into_the_database_off_the_caller(path):
     assert not thread.is_alive()
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*) FROM devices").fetchone()[0] == 300
+
+
+def test_unsynced_writes_join_an_open_group_commit_instead_of_waiting_on_it(store):
+    """Inside a group commit the main connection holds the write lock: a device seen or an
+    ack must go into that transaction (through the other connection it would wait for ever
+    in this same thread) and is undone with it."""
+    device(store)
+    store.begin()
+    add(store, 1)
+    device(store, OTHER)
+    store.ack(TOKEN, 1, NOW + 5)
+    store.touch(TOKEN, NOW + 6)
+    store.rollback()
+    assert store.get_device(OTHER) is None
+    assert store.get_device(TOKEN).last_seen == NOW
+    store.begin()
+    device(store, OTHER)
+    store.commit()
+    assert store.get_device(OTHER) is not None
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from gateway.store import Store
+s = Store(sys.argv[1])
+s.upsert_device("a" * 64, "t", ("alert",), "nurse-1", 1.0)
+s.touch("a" * 64, 7.0)
+s.add_push("a" * 64, "p1", "alert", 10, 0, None, "{}", 3.0, 100)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_device_written_without_fsync_is_durable_once_a_push_to_it_is(path):
+    """The unsynced connection shares the WAL: the push's FULL commit carries the row."""
+    run = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(path)], cwd=ROOT,
+                         capture_output=True, timeout=60)
+    assert run.returncode == -9, run.stderr
+    s = Store(path)
+    try:
+        d = s.get_device("a" * 64)
+        assert (d.user, d.last_seen, d.next_seq) == ("nurse-1", 7.0, 2)
+        assert [p.push_id for p in s.pending("a" * 64, 0)] == ["p1"]
+    finally:
+        s.close()

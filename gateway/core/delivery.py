@@ -118,7 +118,7 @@ class Delivery:
             old.link.close(ByeReason.REPLACED, "replaced",
                            "another connection of this install took over")
             log.info("device %s replaced its %s connection", short(token), old.link.transport)
-        self.store.upsert_device(token, hello.topic, hello.push_types, user, now)
+        device = self.store.upsert_device(token, hello.topic, hello.push_types, user, now)
         if hello.last_ack and hello.gateway_id == self.gateway_id:
             self._ack_stored(token, hello.last_ack, now)
         live = _Live(link=link, since=now, sent_through=0)
@@ -130,7 +130,8 @@ class Delivery:
             log.info("device %s connected over %s (topic %s%s), %d queued", short(token),
                      link.transport, hello.topic, f", user {user}" if user else "",
                      self.store.count_pending(token))
-        self._flush(token, live, now)
+        if device.next_seq - 1 > device.acked_seq:  # else nothing can be stored: no query
+            self._flush(token, live, now)
         return token
 
     def detach(self, token: str, link: DeviceLink, now: float, reason: str) -> None:
