@@ -164,7 +164,8 @@ class Gateway:
         port = c.listen.port or _free_port(host)
         transports = []
         if c.listen.tls:
-            self._tls_ctx = tls.server_context(str(c.cert_path), str(c.key_path))
+            self._tls_ctx = tls.server_context(str(c.cert_path), str(c.key_path),
+                                               session_tickets=False)
             factory = tls.serve_factory(self._tls_ctx, self.make_link, self.metrics,
                                         c.protocol.hello_timeout)
             # host None: asyncio binds IPv4 and IPv6 apart (it sets IPV6_V6ONLY on "::")

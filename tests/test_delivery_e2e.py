@@ -308,3 +308,29 @@ async def test_a_dead_connection_cannot_speak_into_the_next(gateway, devices, tr
         old.on_lost("QUIC closed: bye")
     await asyncio.sleep(0.3)
     assert device.client.session.closed is None  # the new connection is untouched
+
+
+async def _ticket_after_request(port: int, alpn: str, request: bytes) -> bool:
+    """Whether the server sent a TLS 1.3 session ticket once the client had read a reply."""
+    from tests.rawpeer import RawTls
+    peer = await RawTls.open(port, alpn=[alpn])
+    try:
+        await peer.send_bytes(request)
+        await asyncio.wait_for(peer.incoming.get(), 5)
+        ssl_object = peer.writer.get_extra_info("ssl_object")
+        assert ssl_object.version() == "TLSv1.3"
+        return ssl_object.session is not None and ssl_object.session.has_ticket
+    finally:
+        await peer.close()
+
+
+async def test_the_device_port_sends_no_session_tickets_the_api_does(gateway_factory):
+    """Devices never resume: a ticket per connect would be work for nothing in a storm.
+    The API keeps OpenSSL's tickets (app servers do resume); it is also the control that
+    shows this client sees tickets when they are sent."""
+    from gateway.protocol.frames import encode_frame
+    from tests.rawpeer import hello
+    gw = await gateway_factory(api={"host": "127.0.0.1", "port": 0})
+    assert not await _ticket_after_request(gw.listening.port, "lpgw/1", encode_frame(hello()))
+    assert await _ticket_after_request(gw.api_port, "http/1.1",
+                                       b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -20,11 +20,17 @@ log = logging.getLogger("lpgw.tls")
 READ_CHUNK = 16384
 
 
-def server_context(cert: str, key: str, alpn: tuple[str, ...] = (ALPN,)) -> ssl.SSLContext:
+def server_context(cert: str, key: str, alpn: tuple[str, ...] = (ALPN,),
+                   session_tickets: bool = True) -> ssl.SSLContext:
+    """TLS 1.3 only. Without `session_tickets` no NewSessionTicket follows the handshake:
+    the device protocol never resumes (a phone pins the key on every full handshake), and
+    OpenSSL's default two tickets are ~15% of the server's handshake CPU in a storm."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert, key)
     ctx.set_alpn_protocols(list(alpn))
+    if not session_tickets:
+        ctx.num_tickets = 0
     return ctx
 
 
@@ -139,6 +145,8 @@ class TlsStream(asyncio.Protocol):
             if not chunk:
                 break
             self.on_data(chunk)
+            if not self._incoming.pending and not self.ssl.pending():
+                break  # nothing left: spare the SSLWantReadError a further read would raise
         self._flush()
 
     def _flush(self) -> None:
