@@ -77,6 +77,11 @@ class _QuicClient(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self.on_data: Callable[[bytes], None] = lambda data: None
         self.on_lost: Callable[[str], None] = lambda why: None
+        self.on_heard: Callable[[], None] = lambda: None
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.on_heard()  # the gateway's heartbeat is a QUIC PING: no frame will show it
+        super().datagram_received(data, addr)
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
@@ -248,6 +253,7 @@ class DeviceClient:
         def close() -> None:
             protocol.on_data = lambda data: None  # late events of this connection (its
             protocol.on_lost = lambda why: None   # close completes later) are not the next's
+            protocol.on_heard = lambda: None
             conn.close(error_code=0, reason_phrase="bye")
             protocol.transmit()
             protocol._transport.close()
@@ -260,6 +266,7 @@ class DeviceClient:
 
         protocol.on_data = self._on_data
         protocol.on_lost = self._on_lost
+        protocol.on_heard = self._on_heard
         self._write = write
         self._close = close
         self.emit({"event": "connected", "transport": "quic",
@@ -288,6 +295,10 @@ class DeviceClient:
                               f"sha256/{normalize_pin(self.o.pin)}")
 
     # --- protocol --------------------------------------------------------------------
+
+    def _on_heard(self) -> None:
+        if self.session is not None:
+            self.session.heard(asyncio.get_running_loop().time())
 
     def _on_data(self, data: bytes) -> None:
         if self.session is None:

@@ -155,8 +155,8 @@ class Gateway:
         self._write_runtime()
         self.notifier.ready(self.summary())
 
-    def make_link(self, transport: str, peer: str, write, close) -> GatewayLink:
-        return GatewayLink(self.link_context, transport, peer, write, close)
+    def make_link(self, transport: str, peer: str, write, close, ping=None) -> GatewayLink:
+        return GatewayLink(self.link_context, transport, peer, write, close, ping)
 
     async def _listen(self) -> None:
         c = self.config

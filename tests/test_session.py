@@ -18,6 +18,7 @@ from gateway.protocol.session import (
     FrameRejected,
     GatewaySession,
     HelloReceived,
+    PingDue,
     PushReceived,
     SessionSettings,
     UnregisterReceived,
@@ -427,6 +428,31 @@ def test_gateway_pong_resets_misses():
     assert_closed(gw.handle_timer(60.0), ByeReason.HEARTBEAT_TIMEOUT, "heartbeat_timeout")
 
 
+def test_gateway_transport_pings_are_events_and_their_acks_reset_misses():
+    """Over QUIC the heartbeat is the transport's PING: the session decides when and counts
+    misses, the shell sends it and reports its acknowledgement."""
+    gw = gateway_with_hello(0.0, SETTINGS)
+    gw.transport_pings = True
+    gw.welcome(make_welcome(SETTINGS.heartbeat), 0.0)
+    sent(gw)
+    assert gw.handle_timer(10.0) == [PingDue(1)]
+    assert gw.data_to_send() == b""  # no ping frame
+    assert gw.handle_timer(20.0) == [PingDue(2)]
+    assert gw.misses == 1
+    gw.pinged_back(1, 20.5)  # a late acknowledgement of an older ping counts too
+    assert gw.misses == 0
+    assert gw.handle_timer(30.0) == [PingDue(3)]
+    assert gw.misses == 0
+    gw.pinged_back(99, 30.1)  # never sent: ignored
+    assert gw.handle_timer(40.0) == [PingDue(4)]
+    assert gw.handle_timer(50.0) == [PingDue(5)]
+    assert gw.misses == 2
+    assert_closed(gw.handle_timer(60.0), ByeReason.HEARTBEAT_TIMEOUT, "heartbeat_timeout")
+    assert_bye(gw, "heartbeat_timeout", "heartbeat_timeout")
+    gw.pinged_back(5, 61.0)  # after the end: nothing
+    assert gw.misses == 3
+
+
 def test_gateway_any_valid_frame_counts_as_alive():
     gw = welcomed_gateway(now=0.0)
     for t in range(10, 200, 10):
@@ -553,6 +579,17 @@ def test_device_gives_up_on_a_silent_gateway():
     assert_closed(events, ByeReason.HEARTBEAT_TIMEOUT, "gateway_silent")
     assert device.data_to_send() == b""  # gateway_silent is local: no bye
     assert_dead(device, 5.0)
+
+
+def test_device_hears_a_transport_heartbeat_without_a_frame():
+    """A QUIC PING never shows as a frame: the shell says the gateway was heard."""
+    device = welcomed_device(now=0.0, heartbeat=1.0)
+    device.heard(2.5)
+    assert device.next_timer() == 5.5
+    device.heard(1.0)  # an older moment never moves the deadline back
+    assert device.next_timer() == 5.5
+    assert device.handle_timer(5.4) == []
+    assert_closed(device.handle_timer(5.5), ByeReason.HEARTBEAT_TIMEOUT, "gateway_silent")
 
 
 def test_device_bye_from_gateway():

@@ -70,6 +70,15 @@ class FrameRejected:
 
 
 @dataclass(frozen=True)
+class PingDue:
+    """A heartbeat for a transport with pings of its own (QUIC's PING frame, which the
+    device's stack acknowledges without waking the app): the shell sends it and reports
+    the acknowledgement with `GatewaySession.pinged_back`."""
+
+    nonce: int
+
+
+@dataclass(frozen=True)
 class Closed:
     """The session is over; the shell closes the transport after flushing."""
 
@@ -144,9 +153,11 @@ class SessionSettings:
 class GatewaySession(_Session):
     """The gateway's end: admits a hello, heartbeats, and turns frames into events."""
 
-    def __init__(self, settings: SessionSettings, now: float) -> None:
+    def __init__(self, settings: SessionSettings, now: float,
+                 transport_pings: bool = False) -> None:
         super().__init__(settings.max_frame)
         self.settings = settings
+        self.transport_pings = transport_pings
         self.hello: Hello | None = None
         self.welcomed = False
         self._deadline = now + settings.hello_timeout
@@ -288,11 +299,20 @@ class GatewaySession(_Session):
                 return [self.close(ByeReason.HEARTBEAT_TIMEOUT, "heartbeat_timeout",
                                    f"{self.misses} heartbeats unanswered")]
         self._nonce += 1
-        self._send(Ping(self._nonce).to_dict())
-        self._owed = min(self._owed + 1, MAX_OWED)
         self._awaiting_pong = True
         self._next_ping = now + self.settings.heartbeat
+        if self.transport_pings:
+            return [PingDue(self._nonce)]
+        self._send(Ping(self._nonce).to_dict())
+        self._owed = min(self._owed + 1, MAX_OWED)
         return []
+
+    def pinged_back(self, nonce: int, now: float) -> None:
+        """The device's transport acknowledged the `PingDue` with this nonce: it is there.
+        Like any frame from it, an older ping's acknowledgement counts too."""
+        if self.closed is None and 0 < nonce <= self._nonce:
+            self.misses = 0
+            self._awaiting_pong = False
 
 
 class DeviceSession(_Session):
@@ -375,6 +395,11 @@ class DeviceSession(_Session):
         if self.welcome is None:
             return self._welcome_deadline
         return self._last_heard + self.welcome.heartbeat * 3
+
+    def heard(self, now: float) -> None:
+        """The transport heard from the gateway without a frame: over QUIC the heartbeat
+        is a PING frame, acknowledged by the QUIC stack and never shown as a `ping`."""
+        self._last_heard = max(self._last_heard, now)
 
     def handle_timer(self, now: float) -> list[Any]:
         """A gateway that does not welcome or stops pinging is gone: end, to reconnect."""

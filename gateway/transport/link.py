@@ -23,6 +23,7 @@ from gateway.protocol.session import (
     FrameRejected,
     GatewaySession,
     HelloReceived,
+    PingDue,
     SessionSettings,
     UnregisterReceived,
 )
@@ -49,14 +50,19 @@ class GatewayLink:
     """Implements the core's DeviceLink; the transport supplies write and close."""
 
     def __init__(self, ctx: LinkContext, transport: str, peer: str,
-                 write: Callable[[bytes], None], close: Callable[[str], None]) -> None:
+                 write: Callable[[bytes], None], close: Callable[[str], None],
+                 ping: Callable[[int], None] | None = None) -> None:
+        """`ping`, when given, carries the heartbeat in the transport (QUIC PING frames):
+        the transport reports acknowledgements to `ping_acknowledged`."""
         self.ctx = ctx
         self.transport = transport
         self.peer = peer
         self._write = write
         self._close_transport = close
+        self._ping = ping
         self._loop = asyncio.get_running_loop()
-        self.session = GatewaySession(ctx.settings, self._loop.time())
+        self.session = GatewaySession(ctx.settings, self._loop.time(),
+                                      transport_pings=ping is not None)
         self.token: str | None = None
         self._timer_at: float | None = None
         self._ended = False
@@ -79,6 +85,10 @@ class GatewayLink:
             self.ctx.metrics.disconnects.labels(self.transport, "lost").inc()
         if self.token is not None:
             self.ctx.delivery.detach(self.token, self, time.time(), reason)
+
+    def ping_acknowledged(self, nonce: int) -> None:
+        if not self._ended:
+            self.session.pinged_back(nonce, self._loop.time())
 
     # from the core (DeviceLink)
 
@@ -111,6 +121,8 @@ class GatewayLink:
                     log.info("refused a hello from %s: %s", self.peer, exc)
                     self._end(self.session.close(exc.reason, None, str(exc)))
                     return
+            elif isinstance(event, PingDue) and self._ping is not None:
+                self._ping(event.nonce)
             elif isinstance(event, AckReceived) and self.token:
                 delivery.ack(self.token, self, event.seq, wall)
             elif isinstance(event, CallActionReceived) and self.token:

@@ -1,7 +1,8 @@
 """QUIC via aioquic: one client-opened bidirectional stream per device session.
 
-aioquic has no keepalive of its own; the session's pings keep the connection inside the
-idle timeout. Connection migration (a phone whose address changes) is aioquic's, unchanged.
+aioquic has no keepalive of its own: the session's heartbeat, sent as QUIC PING frames
+(docs/protocol.md §6.4), keeps the connection inside the idle timeout. Connection
+migration (a phone whose address changes) is aioquic's, unchanged.
 The same listener answers ALPN "h3" with a liveness check only (see h3health): such a
 connection is handed to H3Health and never reaches the device code.
 
@@ -77,7 +78,11 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
             if event.alpn_protocol == h3health.ALPN:
                 self._h3 = h3health.H3Health(self._quic, self.transmit, self._peer())
                 return
-            self._link = self._make_link("quic", self._peer(), self._write, self._close)
+            self._link = self._make_link("quic", self._peer(), self._write, self._close,
+                                         ping=self._ping)
+        elif isinstance(event, events.PingAcknowledged):
+            if self._link is not None:
+                self._link.ping_acknowledged(event.uid)
         elif isinstance(event, events.StreamDataReceived):
             self._stream_data(event)
         elif isinstance(event, events.ConnectionTerminated):
@@ -111,6 +116,14 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
             return
         self._quic.send_stream_data(self._stream_id, data)
         self.transmit()
+
+    def _ping(self, nonce: int) -> None:
+        """The heartbeat as a QUIC PING frame: the phone's QUIC stack acknowledges it, so
+        a heartbeat is one packet each way (a `ping` frame on the stream was a packet, its
+        `pong` and our acknowledgement of that: measured, half the gateway's CPU)."""
+        if not self._closing:
+            self._quic.send_ping(nonce)
+            self.transmit()
 
     def _close(self, reason: str = "bye") -> None:
         """End the stream (after the bye) and the connection; `reason` is the close phrase."""
