@@ -12,7 +12,7 @@
    in flight on each) and logs every request. Per step: achieved rate (200s over the span
    from the first request to the last response), accept latency p50/p90/p99 (request
    written -> response, h2load's per-request log), answers other than 200, the gateway's
-   CPU (/proc/PID/stat), the load generator's and h2load's CPU and other load.
+   CPU (/proc/PID/task/*/schedstat), the load generator's and h2load's CPU and other load.
 4. Stop early once a step achieves < 80% of its offer, or when the time budget is spent;
    then check that every accepted push reached a device (the devices' count and the
    gateway's own delivered counter, control socket).

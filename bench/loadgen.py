@@ -18,7 +18,7 @@ loopback source address (127.0.0.2, 127.0.0.3, ...) so ephemeral ports never run
 The idle scenario (this file's command line): start the gateway (`python -m gateway.cli
 run -c CFG`, discovery, SIP and the API off), connect devices in steps (N = 1k, 2k, ...),
 and at each step let them heartbeat for a while and read the gateway's RSS (/proc/PID/status)
-and CPU (/proc/PID/stat).
+and CPU (/proc/PID/task/*/schedstat).
 
     .venv/bin/python bench/loadgen.py --transport tls --devices 1000,2000,5000,10000
 """
