@@ -358,26 +358,25 @@ class Target:
 # An experiment, not the product: run the unchanged gateway with a bigger UDP receive buffer
 # and/or TCP listen backlog, to show what those two settings are worth in a storm.
 TUNED_GATEWAY = r"""
-import asyncio, socket, sys
-from asyncio import base_events
+import socket, sys
+from gateway import service
+from gateway.transport import quic
 rcvbuf, backlog = int(sys.argv[1]), int(sys.argv[2])
-if rcvbuf:
-    endpoint = base_events.BaseEventLoop.create_datagram_endpoint
-    async def create_datagram_endpoint(self, *args, **kwargs):
-        transport, protocol = await endpoint(self, *args, **kwargs)
-        sock = transport.get_extra_info("socket")
+if rcvbuf:  # on the socket itself: the gateway runs on uvloop, whose loop can't be patched
+    serve = quic.serve
+    async def tuned_serve(*args, **kwargs):
+        server = await serve(*args, **kwargs)
+        sock = server._transport.get_extra_info("socket")
         try:
             sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE (root)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        return transport, protocol
-    base_events.BaseEventLoop.create_datagram_endpoint = create_datagram_endpoint
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        print(f"bench: QUIC SO_RCVBUF is now {got} bytes", file=sys.stderr, flush=True)
+        return server
+    quic.serve = tuned_serve
 if backlog:
-    server = base_events.BaseEventLoop.create_server
-    async def create_server(self, *args, **kwargs):
-        kwargs["backlog"] = backlog  # over what the gateway asks for (4,096)
-        return await server(self, *args, **kwargs)
-    base_events.BaseEventLoop.create_server = create_server
+    service.LISTEN_BACKLOG = backlog  # over what the gateway asks for (4,096)
 from gateway.cli import main
 sys.exit(main(sys.argv[3:]))
 """

@@ -184,7 +184,7 @@ class Gateway:
                                                metrics=self.metrics, **kwargs)
 
             self._quic = await quic.serve(host or "::", port, configuration=self._quic_config,
-                                          create_protocol=protocol)
+                                          create_protocol=protocol, metrics=self.metrics)
             transports.append("quic")
         self.listening = Listening(host or "::", port, transports)
 

@@ -48,6 +48,9 @@ class Metrics:
             "From an INVITE read to the 180 sent once a device acknowledged the call",
             registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                  5, 10, 30))
+        self.quic_initials_dropped = Counter(
+            "lpgw_quic_initials_dropped", "New QUIC connections' first packets dropped while "
+            "the gateway was busy (the phone retries)", registry=r)
         self.call_actions = Counter("lpgw_call_actions", "Call actions from devices",
                                     ["action"], registry=r)
 

@@ -18,6 +18,7 @@ every connection (see `forget_ids_only`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from collections.abc import Callable
 import aioquic.quic.connection as aioquic_connection
 from aioquic import tls
 from aioquic.asyncio import QuicConnectionProtocol
-from aioquic.asyncio import serve as aioquic_serve
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic import events
@@ -39,6 +39,7 @@ from aioquic.quic.connection import (
 from gateway.core.metrics import Metrics
 from gateway.protocol import ALPN
 from gateway.transport import h3health
+from gateway.transport.initials import InitialQueue, new_connection_id
 
 log = logging.getLogger("lpgw.quic")
 
@@ -227,16 +228,59 @@ share_frame_handler_epochs()
 
 # --- the listener ------------------------------------------------------------------------
 
-async def serve(host: str, port: int, **kwargs) -> QuicServer:
-    """aioquic's server, fitted for thousands of phones.
+class DeviceQuicServer(QuicServer):
+    """aioquic's server, starting at most one new connection per turn of the event loop.
+
+    The Initials of unknown connections wait in an InitialQueue (most recently heard first,
+    bounded); every other packet, above all those of handshakes under way and of connected
+    phones, goes to aioquic at once. So the socket is read empty every turn and a storm of
+    new phones cannot push the packets of the handshakes already paid for out of it.
+    """
+
+    def __init__(self, *args, metrics: Metrics | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._metrics = metrics
+        self._initials = InitialQueue()
+        self._starting = False
+
+    def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[override]
+        cid = new_connection_id(data)
+        if cid is None or cid in self._protocols:
+            super().datagram_received(data, addr)
+            return
+        dropped = self._initials.offer(cid, data, addr)
+        if dropped and self._metrics is not None:
+            self._metrics.quic_initials_dropped.inc(dropped)
+        if not self._starting:
+            self._starting = True
+            self._loop.call_soon(self._start_next)
+
+    def _start_next(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            self._initials = InitialQueue()
+            self._starting = False
+            return
+        for data, addr in self._initials.take() or ():
+            super().datagram_received(data, addr)
+        if len(self._initials):
+            self._loop.call_soon(self._start_next)
+        else:
+            self._starting = False
+
+
+async def serve(host: str, port: int, *, configuration: QuicConfiguration,
+                create_protocol: Callable, metrics: Metrics | None = None) -> QuicServer:
+    """aioquic's server, fitted for thousands of phones (DeviceQuicServer, forget_ids_only).
 
     Its UDP receive buffer is left at the kernel's default on purpose: measured with 10,000
-    phones, an 8 MiB buffer turned a busy moment into a collapse (Initials queued for
-    seconds, phones timed out and retried, the gateway handshook with phones already gone:
-    9,776 of 10,000 registered in 92 s), while the default drops what it cannot take and
-    the phones back off (see docs/performance.md).
+    phones, 2, 4 and 8 MiB buffers did no better or worse (at 8 MiB Initials queued for
+    seconds, phones timed out and retried, the gateway handshook with phones already gone).
+    See docs/performance.md.
     """
-    server = await aioquic_serve(host, port, **kwargs)
+    _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: DeviceQuicServer(configuration=configuration, create_protocol=create_protocol,
+                                 metrics=metrics),
+        local_addr=(host, port))
     forget_ids_only(server)
     return server
 
