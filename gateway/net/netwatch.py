@@ -22,6 +22,8 @@ import logging
 import socket
 import struct
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +175,78 @@ class NetlinkWatcher(Watcher):
             self._events = None
 
 
+class ThreadedWatcher(Watcher):
+    """Another watcher, run on a plain asyncio loop in a thread of its own.
+
+    pyroute2 opens its netlink sockets with `create_datagram_endpoint`, which uvloop (the
+    gateway's loop) refuses for AF_NETLINK ("cannot open a UDP handle, invalid family 16"):
+    on uvloop the netlink watcher could not start, and the gateway fell back to polling,
+    seeing a change ~1 s late instead of ~0.1 s. Its states come back to the caller's loop.
+    """
+
+    def __init__(self, make: Callable[[], Watcher]) -> None:
+        super().__init__()
+        self._make = make
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        main = asyncio.get_running_loop()
+        started: asyncio.Future = main.create_future()
+
+        def run() -> None:
+            loop = asyncio.SelectorEventLoop()  # not uvloop: see above
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._watch(main, started))
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="lpgw-netwatch", daemon=True)
+        self._thread.start()
+        await started
+
+    async def _watch(self, main: asyncio.AbstractEventLoop, started: asyncio.Future) -> None:
+        inner = self._make()
+        try:
+            await inner.start()
+        except BaseException as exc:
+            main.call_soon_threadsafe(_settle, started, exc)
+            return
+        self._task = asyncio.current_task()
+        main.call_soon_threadsafe(self._started, inner, started)
+        try:
+            while True:
+                state = await inner.changed()
+                main.call_soon_threadsafe(self._publish, state)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await inner.close()
+
+    def _started(self, inner: Watcher, started: asyncio.Future) -> None:
+        self.backend = inner.backend
+        self.state = inner.state
+        _settle(started, None)
+
+    async def close(self) -> None:
+        if self._loop is not None and self._task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            self._thread = None
+
+
+def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
+    if not future.done():
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
+
+
 def apply_message(state: InterfaceState, msg: Any) -> InterfaceState:
     """One rtnetlink message (link or address, new or deleted) applied to the state."""
     event = msg.get("event")
@@ -297,7 +371,7 @@ async def open_watcher(poll_interval: float = 2.0, forced: str | None = None) ->
     backend = choose_backend(sys.platform, _importable("pyroute2"), _importable("netifaces"),
                              forced)
     if backend == NETLINK:
-        watcher: Watcher = NetlinkWatcher(wifi_refresh=poll_interval)
+        watcher: Watcher = ThreadedWatcher(lambda: NetlinkWatcher(wifi_refresh=poll_interval))
         try:
             await watcher.start()
             return watcher
