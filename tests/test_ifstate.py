@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from ipaddress import ip_address
 
 import pytest
@@ -15,7 +16,14 @@ from gateway.net.ifstate import (
     decide,
     describe,
 )
-from gateway.net.netwatch import NETIFACES, NETLINK, apply_message, choose_backend
+from gateway.net.netwatch import (
+    NETIFACES,
+    NETLINK,
+    ThreadedWatcher,
+    Watcher,
+    apply_message,
+    choose_backend,
+)
 
 
 def iface(name: str, index: int, *addresses: str, kind: Kind = Kind.ETHERNET, up: bool = True,
@@ -217,3 +225,48 @@ def test_no_backend_says_what_to_install():
         choose_backend("darwin", False, False)
     with pytest.raises(ValueError):
         choose_backend("linux", True, True, "ifconfig")
+
+
+# --- the netlink watcher's own thread (uvloop cannot open netlink sockets) ---------------
+
+
+class _Scripted(Watcher):
+    """A watcher that starts (or fails to) and then changes once, on whatever loop runs it."""
+
+    backend = "scripted"
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.loop_type = ""
+        self.closed = False
+
+    async def start(self) -> None:
+        self.loop_type = type(asyncio.get_running_loop()).__name__
+        if self.fail:
+            raise OSError("no netlink here")
+        self.state = InterfaceState().with_link(1, "e0", up=True, loopback=False)
+        asyncio.get_running_loop().call_later(
+            0.05, self._publish, self.state.with_link(2, "e1", up=True, loopback=False))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_threaded_watcher_runs_on_a_selector_loop_and_posts_changes_back():
+    inner = _Scripted()
+    watcher = ThreadedWatcher(lambda: inner)
+    await watcher.start()
+    assert watcher.backend == "scripted" and inner.loop_type.endswith("SelectorEventLoop")
+    assert [i.name for i in watcher.state.interfaces] == ["e0"]
+    state = await asyncio.wait_for(watcher.changed(), 5)
+    assert sorted(i.name for i in state.interfaces) == ["e0", "e1"]
+    await watcher.close()
+    assert inner.closed
+
+
+async def test_a_threaded_watcher_that_cannot_start_raises_in_the_caller():
+    watcher = ThreadedWatcher(lambda: _Scripted(fail=True))
+    with pytest.raises(OSError, match="no netlink here"):
+        await asyncio.wait_for(watcher.start(), 5)
+    await watcher.close()

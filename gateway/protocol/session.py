@@ -307,7 +307,7 @@ class GatewaySession(_Session):
         self._owed = min(self._owed + 1, MAX_OWED)
         return []
 
-    def pinged_back(self, nonce: int, now: float) -> None:
+    def pinged_back(self, nonce: int) -> None:
         """The device's transport acknowledged the `PingDue` with this nonce: it is there.
         Like any frame from it, an older ping's acknowledgement counts too."""
         if self.closed is None and 0 < nonce <= self._nonce:

@@ -5,7 +5,7 @@ phones send their first packets (Initials) within a second. Left in the socket, 
 its buffer and the kernel drops everything behind them, including the second flights of
 handshakes already under way (work done, then thrown away). The shell reads the socket
 empty each turn of the loop and puts the Initials of unknown connections here; packets of
-known connections go straight on. Sans-IO: datagrams and `now` in, datagrams out.
+known connections go straight on. Sans-IO: datagrams in, datagrams out, no clock.
 """
 
 from __future__ import annotations

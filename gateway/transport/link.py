@@ -88,7 +88,7 @@ class GatewayLink:
 
     def ping_acknowledged(self, nonce: int) -> None:
         if not self._ended:
-            self.session.pinged_back(nonce, self._loop.time())
+            self.session.pinged_back(nonce)
 
     # from the core (DeviceLink)
 

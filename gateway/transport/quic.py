@@ -257,8 +257,7 @@ class DeviceQuicServer(QuicServer):
 
     def _start_next(self) -> None:
         if self._transport is None or self._transport.is_closing():
-            self._initials = InitialQueue()
-            self._starting = False
+            self._starting = False  # the listener is gone: what waits is never started
             return
         for data, addr in self._initials.take() or ():
             super().datagram_received(data, addr)
