@@ -40,6 +40,9 @@ class ListenConfig:
     port: int = _k(4433, "UDP (QUIC) and TCP (TLS) port; 0 picks a free one", lo=0, hi=65535)
     quic: bool = _k(True, "accept devices over QUIC")
     tls: bool = _k(True, "accept devices over TLS 1.3 on TCP")
+    quic_receive_buffer: int = _k(
+        4194304, "bytes of kernel receive buffer for the QUIC socket (0: the kernel's "
+        "default); Linux caps it at net.core.rmem_max", lo=0, hi=268435456)
 
 
 @dataclass(frozen=True)

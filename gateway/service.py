@@ -184,7 +184,8 @@ class Gateway:
                                                metrics=self.metrics, **kwargs)
 
             self._quic = await quic.serve(host or "::", port, configuration=self._quic_config,
-                                          create_protocol=protocol, metrics=self.metrics)
+                                          create_protocol=protocol, metrics=self.metrics,
+                                          receive_buffer=c.listen.quic_receive_buffer)
             transports.append("quic")
         self.listening = Listening(host or "::", port, transports)
 

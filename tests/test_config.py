@@ -40,6 +40,7 @@ def test_no_file_means_embedded_defaults():
     ({"protocol": {"hearbeat": 5}}, "did you mean 'protocol.heartbeat'"),
     ({"log": {"level": "loud"}}, "log.level: must be one of debug, info, warning, error"),
     ({"listen": {"quic": "yes"}}, "listen.quic: must be true or false"),
+    ({"listen": {"quic_receive_buffer": -1}}, "listen.quic_receive_buffer: must be at least 0"),
     ({"listen": {"quic": False, "tls": False}}, "listen: at least one"),
     ({"tls": {"cert": "/nonexistent.pem"}}, "tls: set both cert and key"),
     ({"tls": {"cert": "/no/c.pem", "key": "/no/k.pem"}}, "tls.cert: cannot read /no/c.pem"),

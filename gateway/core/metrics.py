@@ -51,6 +51,9 @@ class Metrics:
         self.quic_initials_dropped = Counter(
             "lpgw_quic_initials_dropped", "New QUIC connections' first packets dropped while "
             "the gateway was busy (the phone retries)", registry=r)
+        self.quic_backlog_dropped = Counter(
+            "lpgw_quic_backlog_dropped", "Packets of QUIC connections dropped because "
+            "too many waited to be handled (the peer retransmits)", registry=r)
         self.call_actions = Counter("lpgw_call_actions", "Call actions from devices",
                                     ["action"], registry=r)
 

@@ -21,7 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import sys
+import time
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import aioquic.quic.connection as aioquic_connection
 from aioquic import tls
@@ -44,12 +49,21 @@ from gateway.transport.initials import InitialQueue, new_connection_id
 log = logging.getLogger("lpgw.quic")
 
 ERROR_STREAM_REFUSED = 0x10  # application error code for a second stream
+INITIAL_RTT = 0.333  # seconds, before the first measurement
+WORK_SLICE = 0.002  # seconds of packet handling between reads of the socket
+BACKLOG_LIMIT = 4096  # datagrams of known connections waiting (~6 MiB at most)
 
 
 def server_configuration(cert: str, key: str, idle_timeout: float,
                          max_frame: int) -> QuicConfiguration:
     config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN, h3health.ALPN],
                                idle_timeout=idle_timeout)
+    # RFC 9002 §6.2.2's initial RTT (aioquic's default is 100 ms): until a phone first
+    # answers, the gateway resends its handshake flight after 2 x this. In a storm phones
+    # answer late because they are many, not because packets were lost, and each early
+    # resend is work for both sides: measured, 10,000 phones at once with 100 ms took
+    # 54.3 s, with 333 ms 46.6 s (docs/performance.md).
+    config.initial_rtt = INITIAL_RTT
     config.load_cert_chain(cert, key)
     # room for one frame in flight plus a little, per stream and connection. The windows
     # bound what a peer can make us buffer (out-of-order data); an idle connection holds no
@@ -229,59 +243,99 @@ share_frame_handler_epochs()
 # --- the listener ------------------------------------------------------------------------
 
 class DeviceQuicServer(QuicServer):
-    """aioquic's server, starting at most one new connection per turn of the event loop.
+    """aioquic's server, reading its socket often and starting new connections last.
 
-    The Initials of unknown connections wait in an InitialQueue (most recently heard first,
-    bounded); every other packet, above all those of handshakes under way and of connected
-    phones, goes to aioquic at once. So the socket is read empty every turn and a storm of
-    new phones cannot push the packets of the handshakes already paid for out of it.
+    Reading is cheap and work is not: a turn of the loop reads at most 32 datagrams
+    (uvloop), and if the packets it read then take 30 ms to handle, a storm's datagrams
+    overflow the socket buffer meanwhile; the kernel drops whatever comes, the second
+    flights of handshakes already paid for included, and those phones wait out their
+    retransmission backoff (measured: the gateway idle half of a 5,000-phone storm while
+    its socket dropped 13,000 datagrams). So a read only sorts datagrams: packets of known
+    connections into a backlog, Initials of unknown ones into an InitialQueue (most
+    recently heard first, bounded). Work runs in slices of WORK_SLICE between reads:
+    the backlog first, in arrival order, and only when it is empty one new connection.
     """
 
     def __init__(self, *args, metrics: Metrics | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._metrics = metrics
         self._initials = InitialQueue()
-        self._starting = False
+        self._backlog: deque[tuple[bytes, Any]] = deque()
+        self._working = False
 
     def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[override]
         cid = new_connection_id(data)
         if cid is None or cid in self._protocols:
-            super().datagram_received(data, addr)
-            return
-        dropped = self._initials.offer(cid, data, addr)
-        if dropped and self._metrics is not None:
-            self._metrics.quic_initials_dropped.inc(dropped)
-        if not self._starting:
-            self._starting = True
-            self._loop.call_soon(self._start_next)
-
-    def _start_next(self) -> None:
-        if self._transport is None or self._transport.is_closing():
-            self._starting = False  # the listener is gone: what waits is never started
-            return
-        for data, addr in self._initials.take() or ():
-            super().datagram_received(data, addr)
-        if len(self._initials):
-            self._loop.call_soon(self._start_next)
+            if len(self._backlog) < BACKLOG_LIMIT:
+                self._backlog.append((data, addr))
+            elif self._metrics is not None:
+                self._metrics.quic_backlog_dropped.inc()
         else:
-            self._starting = False
+            dropped = self._initials.offer(cid, data, addr)
+            if dropped and self._metrics is not None:
+                self._metrics.quic_initials_dropped.inc(dropped)
+        if not self._working:
+            self._working = True
+            self._loop.call_soon(self._work)
+
+    def _work(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            self._working = False  # the listener is gone: what waits is never handled
+            return
+        backlog, handle = self._backlog, super().datagram_received
+        until = time.perf_counter() + WORK_SLICE
+        while backlog:
+            handle(*backlog.popleft())
+            if time.perf_counter() >= until:
+                break
+        else:
+            for data, addr in self._initials.take() or ():
+                handle(data, addr)
+        if backlog or len(self._initials):
+            self._loop.call_soon(self._work)
+        else:
+            self._working = False
 
 
 async def serve(host: str, port: int, *, configuration: QuicConfiguration,
-                create_protocol: Callable, metrics: Metrics | None = None) -> QuicServer:
+                create_protocol: Callable, metrics: Metrics | None = None,
+                receive_buffer: int = 0) -> QuicServer:
     """aioquic's server, fitted for thousands of phones (DeviceQuicServer, forget_ids_only).
 
-    Its UDP receive buffer is left at the kernel's default on purpose: measured with 10,000
-    phones, 2, 4 and 8 MiB buffers did no better or worse (at 8 MiB Initials queued for
-    seconds, phones timed out and retried, the gateway handshook with phones already gone).
-    See docs/performance.md.
+    `receive_buffer`: bytes of kernel socket buffer to ask for (0: the kernel's default).
     """
     _, server = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: DeviceQuicServer(configuration=configuration, create_protocol=create_protocol,
                                  metrics=metrics),
         local_addr=(host, port))
     forget_ids_only(server)
+    if receive_buffer:
+        set_receive_buffer(server._transport.get_extra_info("socket"), receive_buffer)
     return server
+
+
+SO_RCVBUFFORCE = 33  # Linux only (Python doesn't name it): past rmem_max, with CAP_NET_ADMIN
+
+
+def set_receive_buffer(sock, wanted: int) -> int:
+    """Ask for `wanted` bytes of receive buffer; returns (and logs, if short) what was granted.
+
+    Linux caps SO_RCVBUF at net.core.rmem_max (208 KiB unless raised) without an error;
+    a process with CAP_NET_ADMIN may go past it. getsockopt reports twice the usable size
+    (the kernel's bookkeeping share), so granted = reported / 2.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    if granted < wanted and sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
+            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    if granted < wanted:
+        log.warning("QUIC receive buffer: asked for %d bytes, the kernel gave %d; raise "
+                    "net.core.rmem_max (sysctl) to at least %d", wanted, granted, wanted)
+    else:
+        log.info("QUIC receive buffer: %d bytes", granted)
+    return granted
 
 
 def forget_ids_only(server: QuicServer) -> bool:
