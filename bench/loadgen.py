@@ -358,27 +358,11 @@ class Target:
 # An experiment, not the product: run the unchanged gateway with a bigger UDP receive buffer
 # and/or TCP listen backlog, to show what those two settings are worth in a storm.
 TUNED_GATEWAY = r"""
-import socket, sys
+import sys
 from gateway import service
-from gateway.transport import quic
-rcvbuf, backlog = int(sys.argv[1]), int(sys.argv[2])
-if rcvbuf:  # on the socket itself: the gateway runs on uvloop, whose loop can't be patched
-    serve = quic.serve
-    async def tuned_serve(*args, **kwargs):
-        server = await serve(*args, **kwargs)
-        sock = server._transport.get_extra_info("socket")
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE (root)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        print(f"bench: QUIC SO_RCVBUF is now {got} bytes", file=sys.stderr, flush=True)
-        return server
-    quic.serve = tuned_serve
-if backlog:
-    service.LISTEN_BACKLOG = backlog  # over what the gateway asks for (4,096)
+service.LISTEN_BACKLOG = int(sys.argv[1])  # over what the gateway asks for (4,096)
 from gateway.cli import main
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[2:]))
 """
 
 
@@ -386,20 +370,25 @@ class LpgwTarget(Target):
     system = "lpgw"
 
     def __init__(self, transport: str, tmp: Path, heartbeat: float = 10.0,
-                 synchronous: str = "FULL", udp_rcvbuf: int = 0, backlog: int = 0) -> None:
+                 synchronous: str = "FULL", udp_rcvbuf: int | None = None,
+                 backlog: int = 0) -> None:
         super().__init__(transport, tmp, heartbeat)
         self.synchronous = synchronous
-        self.tuning = {"udp_rcvbuf": udp_rcvbuf, "tcp_backlog": backlog}
+        self.udp_rcvbuf = udp_rcvbuf  # None: the gateway's default (listen.quic_receive_buffer)
+        self.tuning = {"tcp_backlog": backlog}
         self.control: Path | None = None
         self.config: dict[str, Any] = {}
         self.runtime: dict[str, Any] = {}  # the gateway's runtime.json (ports, pin, pid)
 
     def make_config(self, state: Path) -> dict[str, Any]:
         """The gateway's configuration; a scenario that needs SIP or the API extends it."""
+        listen = {"host": "127.0.0.1", "port": self.port,
+                  "tls": self.transport == "tls", "quic": self.transport == "quic"}
+        if self.udp_rcvbuf is not None:
+            listen["quic_receive_buffer"] = self.udp_rcvbuf
         return {
             "state_dir": str(state),
-            "listen": {"host": "127.0.0.1", "port": self.port,
-                       "tls": self.transport == "tls", "quic": self.transport == "quic"},
+            "listen": listen,
             "protocol": {"heartbeat": self.heartbeat, "hello_timeout": 30},
             "store": {"synchronous": self.synchronous},
             "log": {"level": "warning"},
@@ -418,8 +407,7 @@ class LpgwTarget(Target):
         out = self.log.open("w")
         command = [sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)]
         if any(self.tuning.values()):
-            command[1:3] = ["-c", TUNED_GATEWAY, str(self.tuning["udp_rcvbuf"]),
-                            str(self.tuning["tcp_backlog"])]
+            command[1:3] = ["-c", TUNED_GATEWAY, str(self.tuning["tcp_backlog"])]
         self.proc = subprocess.Popen(
             command, cwd=ROOT,
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -258,8 +258,9 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=10.0)
     p.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL",
                    help="the gateway's store.synchronous")
-    p.add_argument("--udp-rcvbuf", type=int, default=0, metavar="BYTES",
-                   help="experiment: run the gateway with this SO_RCVBUF on its QUIC socket")
+    p.add_argument("--udp-rcvbuf", type=int, default=None, metavar="BYTES",
+                   help="experiment: the gateway's listen.quic_receive_buffer (0: the "
+                        "kernel's default; unset: the gateway's default)")
     p.add_argument("--backlog", type=int, default=0,
                    help="experiment: run the gateway with this TCP listen backlog")
     p.add_argument("--between", choices=("auto", "close", "restart"), default="auto",
