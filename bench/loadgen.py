@@ -690,6 +690,7 @@ class Device:
         "mqtt",
         "mqtt_decoder",
         "pings",
+        "prepared",
         "pushes",
         "retry",
         "seen",
@@ -736,6 +737,7 @@ class Device:
         self.pings = 0
         self.subscribed = False
         self.task: asyncio.Task | None = None
+        self.prepared: tuple[QuicClientProtocol, list[tuple[bytes, Any]]] | None = None
 
     # connecting
 
@@ -746,24 +748,53 @@ class Device:
 
     def attempt(self) -> None:
         self.retry = None
+        prepared, self.prepared = self.prepared, None
         if self.state in (WELCOMED, FINAL_STATE) or self.w.stopping:
+            if prepared is not None:
+                prepared[0].close()
             return
         self.state = CONNECTING
         self.attempts += 1
         self.t_attempt = self.w.loop.time()
         self.w.inflight += 1
-        self.task = self.w.loop.create_task(self.open())
+        if prepared is None:
+            self.task = self.w.loop.create_task(self.open())
+            return
+        proto, first_flight = prepared
+        self.stream = proto
+        for data, addr in first_flight:
+            proto.transport.sendto(data, addr)
+        proto.transmit()  # nothing more to send yet: arms its retransmission timer
+
+    async def prepare(self, at: float) -> None:
+        """Build this phone's first QUIC flight now, for sending at `at` (loop time).
+
+        A storm of real phones is thousands of CPUs each building its own ClientHello
+        (~0.6 ms of Python here: key share, Initial keys, packet). One load-generator core
+        building 10,000 of them in the storm's first second kept the gateway waiting (40%
+        busy for ~9 s, measured), so the harness does it before the storm. aioquic is
+        given `at` as the time, so its timers and RTT samples are as if built then.
+        """
+        proto = await self.quic_endpoint()
+        proto.quic.connect((self.w.host, self.w.port), now=at)
+        self.prepared = (proto, proto.quic.datagrams_to_send(now=at))
+
+    async def quic_endpoint(self) -> QuicClientProtocol:
+        """A fresh UDP socket on this worker's source address with a new QuicConnection."""
+        w = self.w
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind((w.src, 0))
+        quic = QuicConnection(configuration=w.qconfig)
+        _, proto = await w.loop.create_datagram_endpoint(
+            lambda: QuicClientProtocol(self, quic), sock=sock)
+        return proto
 
     async def open(self) -> None:
         w = self.w
         try:
             if w.transport == "quic":
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sock.setblocking(False)
-                sock.bind((w.src, 0))
-                quic = QuicConnection(configuration=w.qconfig)
-                _, proto = await w.loop.create_datagram_endpoint(
-                    lambda: QuicClientProtocol(self, quic), sock=sock)
+                proto = await self.quic_endpoint()
                 self.stream = proto
                 proto.quic.connect((w.host, w.port), now=w.loop.time())
                 proto.transmit()
@@ -1098,7 +1129,7 @@ class Worker:
     async def cmd_connect(self, first: int, count: int, start_at: float, spread: float,
                           concurrency: int, deadline: float, expect_pushes: int = 0,
                           subscribe: bool = False, clean: bool = True,
-                          max_attempts: int = 20) -> dict:
+                          max_attempts: int = 20, prepare: bool = False) -> dict:
         """Connect devices [first, first+count): start times spread over `spread` seconds
         from `start_at` (monotonic), at most `concurrency` handshakes in flight (0: no cap);
         return when all are welcomed (and got `expect_pushes` each) or at `deadline`."""
@@ -1130,6 +1161,12 @@ class Worker:
             pump = loop.create_task(feed())
         else:
             step = spread / max(1, len(pending))
+            if prepare and self.transport == "quic":
+                for k, d in enumerate(pending):
+                    await d.prepare(start_at + k * step)
+                late = sum(1 for k in range(len(pending)) if start_at + k * step < loop.time())
+                if late:  # built after their start time: the harness asked too little time
+                    self.counts["prepared_late"] = self.counts.get("prepared_late", 0) + late
             for k, d in enumerate(pending):
                 loop.call_at(start_at + k * step, d.start)
         sweeper = loop.create_task(self.sweep(targets))
@@ -1295,10 +1332,13 @@ class LoadGen:
 
     def connect(self, upto: int, *, start_in: float = 0.3, spread: float = 1.0,
                 concurrency: int = 0, timeout: float = 120, expect_pushes: int = 0,
-                subscribe: bool = False, clean: bool = True, first: int = 0) -> dict:
+                subscribe: bool = False, clean: bool = True, first: int = 0,
+                prepare: bool = False) -> dict:
         """Connect the devices [first, upto) of each worker's share (spread evenly), all
         starting within `spread` s of a common start (or at most `concurrency` in flight
-        per worker). Returns the merged report; times are seconds from the common start."""
+        per worker). Returns the merged report; times are seconds from the common start.
+        `prepare` (QUIC): first flights are built before the start (Device.prepare);
+        give `start_in` of at least `prepare_time(upto - first)`."""
         start_at = time.monotonic() + start_in
         deadline = start_at + timeout
         args = []
@@ -1308,9 +1348,14 @@ class LoadGen:
             args.append({"first": lo, "count": max(0, hi - lo), "start_at": start_at,
                          "spread": spread, "concurrency": concurrency, "deadline": deadline,
                          "expect_pushes": expect_pushes, "subscribe": subscribe,
-                         "clean": clean})
+                         "clean": clean, "prepare": prepare})
         replies = self.call("connect", args, timeout=timeout + 30)
         return merge(replies)
+
+    def prepare_time(self, devices: int) -> float:
+        """Seconds to allow for building `devices` first flights (~0.6 ms each measured,
+        per worker process, given twice that)."""
+        return 0.5 + 0.0012 * math.ceil(devices / max(1, self.n))
 
     def close_all(self) -> None:
         self.call("close", timeout=60)

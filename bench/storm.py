@@ -107,14 +107,16 @@ def storm_round(lg: LoadGen, target: Target, n: int, *, pushes: int, tokens: lis
         queue = target.queue_pushes([t for t in tokens if t], pushes)
         print(f"  queued {queue['queued']} pushes in {queue['seconds']} s", flush=True)
     sampler = Sampler(target)
-    start_in = 0.5
+    prepare = target.transport == "quic"  # first flights built before the start
+    start_in = lg.prepare_time(n) if prepare else 0.5
     sampler.sample()
     sampler.start()
     t_call = time.monotonic()
     kc = kernel_counters()
     background = Background(target.pids() + lg.pids)
     r = lg.connect(n, start_in=start_in, spread=spread, concurrency=0, timeout=timeout,
-                   expect_pushes=pushes, subscribe=target.kind == "mqtt", clean=False)
+                   expect_pushes=pushes, subscribe=target.kind == "mqtt", clean=False,
+                   prepare=prepare)
     t_start = t_call + start_in  # the storm's common start (welcome times count from it)
     kernel = counters_delta(kc, kernel_counters())
     others = background.cores()
