@@ -41,7 +41,7 @@ class ListenConfig:
     quic: bool = _k(True, "accept devices over QUIC")
     tls: bool = _k(True, "accept devices over TLS 1.3 on TCP")
     quic_receive_buffer: int = _k(
-        4194304, "bytes of kernel receive buffer for the QUIC socket (0: the kernel's "
+        8388608, "bytes of kernel receive buffer for the QUIC socket (0: the kernel's "
         "default); Linux caps it at net.core.rmem_max", lo=0, hi=268435456)
 
 

@@ -446,7 +446,7 @@ def test_slow_apply_installs_configures_and_keeps_secrets_out(target, wheelhouse
     assert t.path("/etc/sysusers.d/lpgw.conf").exists()
     sysctl = t.path("/etc/sysctl.d/60-lpgw.conf").read_text()  # applied at every boot
     assert "net.core.somaxconn = 4096" in sysctl
-    assert "net.core.rmem_max = 4194304" in sysctl  # room for listen.quic_receive_buffer
+    assert "net.core.rmem_max = 8388608" in sysctl  # room for listen.quic_receive_buffer
 
     # code: /opt/lpgw/venv -> the release of this wheelhouse
     release = json.loads((wheelhouse / "manifest.json").read_text())["release"]
