@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -134,6 +135,10 @@ def test_run_takes_the_hard_open_file_limit(tmp_path):
         said = gp.proc.stdout.readline().decode() + gp.proc.stdout.readline().decode()
         assert f"open-file limit {hard}: room for about {hard - 256} TLS devices" in said
         assert said.strip().endswith("event loop uvloop")
+        gc_line = gp.proc.stdout.readline().decode()  # fewer full GC passes (service.py)
+        frozen = re.fullmatch(r"lpgw: garbage collector thresholds 10000/10/10, (\d+) "
+                              r"start-up objects frozen\n", gc_line)
+        assert frozen and int(frozen[1]) > 10_000, gc_line
     finally:
         gp.kill(15)
 
