@@ -13,6 +13,7 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
+from gateway.protocol.frames import FrameDecoder, decode_body
 from gateway.transport import quic
 from gateway.transport.initials import InitialQueue, new_connection_id
 
@@ -233,3 +234,33 @@ async def test_a_silent_phone_gets_the_first_flight_again_after_rfc_9002s_initia
         assert 2 * quic.INITIAL_RTT - 0.05 <= gap < 2 * quic.INITIAL_RTT + 0.5
     finally:
         phone.close()
+
+
+async def test_a_welcome_and_the_pushes_waiting_for_it_leave_in_one_packet(gateway_factory):
+    """A phone back from an outage with a push waiting: one QUIC packet carries both (each
+    write sent its own packet: in a storm, a packet more per phone, for both sides)."""
+    from tests.conftest import send
+    from tests.rawpeer import RawQuic, hello
+
+    gw = await gateway_factory()
+    first = hello()
+    peer = await RawQuic.open(gw.listening.port)
+    await peer.send(first)
+    token = (await peer.read())["token"]
+    await peer.close()
+    await asyncio.sleep(0.2)
+    waiting = await send(gw, token, {"waiting": 1})
+    assert waiting["stored"] and not waiting["sent"]
+    again = await RawQuic.open(gw.listening.port)
+    try:
+        await again.send(hello(install_id=first["install_id"]))
+        chunk = await asyncio.wait_for(again.incoming.get(), 5)  # one StreamDataReceived
+        frames = [f["type"] for f in map(decode_body, FrameDecoder(1 << 20).feed(chunk))]
+        assert frames == ["welcome", "push"]
+        live = await send(gw, token, {"live": 1})  # and a push on its own goes at once
+        assert live["sent"]
+        chunk = await asyncio.wait_for(again.incoming.get(), 5)
+        assert [f["type"] for f in map(decode_body, FrameDecoder(1 << 20).feed(chunk))] \
+            == ["push"]
+    finally:
+        await again.close()

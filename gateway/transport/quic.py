@@ -84,8 +84,18 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         self._link = None
         self._closing = False
         self._h3: h3health.H3Health | None = None
+        self._in_event = False
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
+        # aioquic transmits once after handling a packet's or a timer's events: what the
+        # link writes meanwhile (a welcome and the pushes waiting for it) leaves together
+        self._in_event = True
+        try:
+            self._event(event)
+        finally:
+            self._in_event = False
+
+    def _event(self, event: events.QuicEvent) -> None:
         if self._h3 is not None:
             self._h3.quic_event_received(event)
         elif isinstance(event, events.HandshakeCompleted):
@@ -130,7 +140,8 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         if self._stream_id is None or self._closing:
             return
         self._quic.send_stream_data(self._stream_id, data)
-        self.transmit()
+        if not self._in_event:  # a push from the API or SIP, a bye: send it now
+            self.transmit()
 
     def _ping(self, nonce: int) -> None:
         """The heartbeat as a QUIC PING frame: the phone's QUIC stack acknowledges it, so
