@@ -46,6 +46,10 @@ class LinkContext:
     timers: TimerWheel
 
 
+def _ignore(*args: object) -> None:
+    pass
+
+
 class GatewayLink:
     """Implements the core's DeviceLink; the transport supplies write and close."""
 
@@ -80,6 +84,11 @@ class GatewayLink:
             return
         self._ended = True
         self._cancel_timer()
+        # the transport holds this link's methods and this link the transport's: let go,
+        # so the pair is freed at once, not by a full garbage-collector pass (see
+        # service.tune_garbage_collector: those are rare now)
+        self._write = self._close_transport = _ignore
+        self._ping = None
         reason = self.session.closed.reason if self.session.closed else why
         if self.session.closed is None:
             self.ctx.metrics.disconnects.labels(self.transport, "lost").inc()

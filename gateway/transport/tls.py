@@ -166,6 +166,7 @@ class TlsStream(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
         callback, self.on_lost = self.on_lost, lambda why: None
+        self.on_data = lambda data: None  # the link holds us: no cycle left behind
         callback(why)
 
     def _handshake_late(self) -> None:
