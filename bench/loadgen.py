@@ -770,10 +770,11 @@ class Device:
         """Build this phone's first QUIC flight now, for sending at `at` (loop time).
 
         A storm of real phones is thousands of CPUs each building its own ClientHello
-        (~0.6 ms of Python here: key share, Initial keys, packet). One load-generator core
-        building 10,000 of them in the storm's first second kept the gateway waiting (40%
-        busy for ~9 s, measured), so the harness does it before the storm. aioquic is
-        given `at` as the time, so its timers and RTT samples are as if built then.
+        (~0.6 ms of Python here: key share, Initial keys, packet; ~1.2 ms with its socket).
+        One load-generator core building 10,000 of them in the storm's first second kept
+        the gateway waiting (40% busy for ~9 s, measured), so the harness does it before
+        the storm. aioquic is given `at` as the time, so its timers and RTT samples are as
+        if built then.
         """
         proto = await self.quic_endpoint()
         proto.quic.connect((self.w.host, self.w.port), now=at)
@@ -1353,9 +1354,10 @@ class LoadGen:
         return merge(replies)
 
     def prepare_time(self, devices: int) -> float:
-        """Seconds to allow for building `devices` first flights (~0.6 ms each measured,
-        per worker process, given twice that)."""
-        return 0.5 + 0.0012 * math.ceil(devices / max(1, self.n))
+        """Seconds to allow for building `devices` first flights: ~1.1-1.25 ms each per
+        worker process, measured in the storm (with its socket and endpoint), given twice
+        that and a second."""
+        return 1.0 + 0.0025 * math.ceil(devices / max(1, self.n))
 
     def close_all(self) -> None:
         self.call("close", timeout=60)
