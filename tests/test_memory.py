@@ -45,3 +45,32 @@ async def test_a_closed_tls_connection_is_freed_without_the_cycle_collector(gate
         assert [ref() is None for ref in gone] == [True, True, True]
     finally:
         gc.enable()
+
+
+async def test_after_many_quic_phones_leave_one_full_pass_frees_them(gateway, devices):
+    """A closed QUIC connection is a reference cycle inside aioquic: freed only by a full
+    GC pass. The gateway runs one when enough connections have ended since the last."""
+    import asyncio
+    import gc
+    import weakref
+
+    from tests.conftest import eventually
+
+    phones = [devices(gateway, "quic") for _ in range(3)]
+    tokens = [await p.welcome() for p in phones]
+    protocols = [weakref.ref(gateway.delivery._live[t].link._write.__self__) for t in tokens]
+    gc.collect()
+    gc.disable()
+    try:
+        assert not gateway.collect_if_many_left(at_least=1)  # nobody has left yet
+        for p in phones[:2]:
+            await p.stop()
+        await eventually(lambda: sum(t in gateway.delivery._live for t in tokens) == 1)
+        await asyncio.sleep(0.2)
+        assert [ref() is None for ref in protocols] == [False, False, False]  # cycles
+        assert not gateway.collect_if_many_left(at_least=3)  # 2 left: not enough
+        assert gateway.collect_if_many_left(at_least=2)
+        assert [ref() is None for ref in protocols] == [True, True, False]
+        assert not gateway.collect_if_many_left(at_least=2)  # counted from the last pass
+    finally:
+        gc.enable()
