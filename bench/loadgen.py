@@ -748,11 +748,10 @@ class Device:
 
     def attempt(self) -> None:
         self.retry = None
-        prepared, self.prepared = self.prepared, None
         if self.state in (WELCOMED, FINAL_STATE) or self.w.stopping:
-            if prepared is not None:
-                prepared[0].close()
+            self.drop_prepared()
             return
+        prepared, self.prepared = self.prepared, None
         self.state = CONNECTING
         self.attempts += 1
         self.t_attempt = self.w.loop.time()
@@ -883,10 +882,17 @@ class Device:
         self.drop_stream()
         self.state = FINAL_STATE
 
+    def drop_prepared(self) -> None:
+        """A first flight built but never sent: its socket goes too."""
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None:
+            prepared[0].close()
+
     def drop_stream(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()  # a TCP connect still pending
         self.task = None
+        self.drop_prepared()
         stream, self.stream = self.stream, None
         if isinstance(stream, TlsStream):
             stream.on_lost = stream.on_data = _ignore  # no late callbacks from this one

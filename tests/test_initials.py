@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 import ssl
+import subprocess
+import sys
 
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
@@ -16,6 +18,8 @@ from aioquic.quic.connection import QuicConnection
 from gateway.protocol.frames import FrameDecoder, decode_body
 from gateway.transport import quic
 from gateway.transport.initials import InitialQueue, new_connection_id
+from tests.conftest import send
+from tests.rawpeer import RawQuic, hello
 
 
 def client_initial() -> tuple[bytes, bytes]:
@@ -195,8 +199,6 @@ def test_a_buffer_over_the_kernels_cap_is_forced_or_reported(caplog):
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops CAP_NET_ADMIN by changing user: root")
 def test_without_the_capability_the_shortfall_is_logged(tmp_path):
     """The appliance's unit has no capabilities: what it gets is rmem_max, said in the log."""
-    import subprocess
-    import sys
     code = ("import logging, os, socket, sys; logging.basicConfig(level=logging.INFO);"
             "from gateway.transport import quic;"  # imported first: root's files stay root's
             "os.setgid(65534); os.setuid(65534);"
@@ -239,9 +241,6 @@ async def test_a_silent_phone_gets_the_first_flight_again_after_rfc_9002s_initia
 async def test_a_welcome_and_the_pushes_waiting_for_it_leave_in_one_packet(gateway_factory):
     """A phone back from an outage with a push waiting: one QUIC packet carries both (each
     write sent its own packet: in a storm, a packet more per phone, for both sides)."""
-    from tests.conftest import send
-    from tests.rawpeer import RawQuic, hello
-
     gw = await gateway_factory()
     first = hello()
     peer = await RawQuic.open(gw.listening.port)

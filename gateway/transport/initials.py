@@ -3,9 +3,10 @@
 A full handshake costs the gateway ~2.5 ms of Python; in a reconnect storm thousands of
 phones send their first packets (Initials) within a second. Left in the socket, they fill
 its buffer and the kernel drops everything behind them, including the second flights of
-handshakes already under way (work done, then thrown away). The shell reads the socket
-empty each turn of the loop and puts the Initials of unknown connections here; packets of
-known connections go straight on. Sans-IO: datagrams in, datagrams out, no clock.
+handshakes already under way (work done, then thrown away). The shell (DeviceQuicServer
+in quic.py) only files what it reads: the Initials of unknown connections here, packets of
+known connections into a backlog it handles first. Sans-IO: datagrams in, datagrams out,
+no clock.
 """
 
 from __future__ import annotations
