@@ -59,9 +59,9 @@ from loadgen import (
     free_port,
     plan_cpus,
     result_head,
+    running,
     stop_process,
     summary,
-    wait_for_quiet,
 )
 
 TEAM, KEY_ID = "BENCH12345", "BENCHKEY01"
@@ -253,12 +253,9 @@ def api(target: ApiTarget, *, rates: list[float], step_seconds: float, devices: 
                      "sustained_share": SUSTAINED, "saturated_share": SATURATED,
                      "budget_s": budget, "body_bytes": len(BODY), "cpus": loadgen.CPU_PLAN},
         "steps": [], "complete": False}
-    result["quiet_before_start_cores"] = wait_for_quiet(most=quiet_wait)
     work = target.tmp / "h2load"
     work.mkdir()
-    target.start()
-    try:
-        result["target"] = target.describe()
+    with running(target, result, quiet_wait):
         result["disk"] = fsync_probe(target.tmp / "state")
         meter = target.meter
         with LoadGen(workers) as lg:
@@ -365,9 +362,7 @@ def api(target: ApiTarget, *, rates: list[float], step_seconds: float, devices: 
                                        f"{accepted} accepted pushes reached a device")
         result["complete"] = "stopped_early" not in result
         print(headline(result), flush=True)
-    finally:
-        target.stop()
-        result["seconds"] = round(time.monotonic() - began, 1)
+    result["seconds"] = round(time.monotonic() - began, 1)
     return result
 
 

@@ -68,9 +68,9 @@ from loadgen import (
     pct,
     plan_cpus,
     result_head,
+    running,
     stop_process,
     summary,
-    wait_for_quiet,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -372,10 +372,7 @@ def call(target: CallTarget, *, devices: int, callees: int, calls: int, rate: fl
                      "baseline_s": baseline, "settle_s": settle, "connect_spread_s": spread,
                      "concurrency_per_worker": concurrency, "cpus": loadgen.CPU_PLAN},
         "fd_limit_note": note, "complete": False}
-    result["quiet_before_start_cores"] = wait_for_quiet(most=quiet_wait)
-    target.start()
-    try:
-        result["target"] = target.describe()
+    with running(target, result, quiet_wait):
         meter = target.meter
         with LoadGen(workers) as lg, LoadGen(1) as phones:
             t0, cpu0 = time.monotonic(), meter.cpu_seconds()
@@ -499,9 +496,7 @@ def call(target: CallTarget, *, devices: int, callees: int, calls: int, rate: fl
             print(headline(result), flush=True)
             target.stop()  # before the devices go: QUIC teardown of N at once is slow
         result["complete"] = not (result.get("stopped_early") or result.get("calls_incomplete"))
-    finally:
-        target.stop()
-        result["seconds"] = round(time.monotonic() - began, 1)
+    result["seconds"] = round(time.monotonic() - began, 1)
     return result
 
 

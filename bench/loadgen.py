@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,12 @@ from gateway.transport.tls import TlsStream  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TOPIC = "com.example.bench"
+# Every result this command writes carries it: figures compared "on the same run" (lpgw
+# beside Mosquitto) are the ones that share it.
+RUN_ID = f"{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}-{os.getpid()}"
+# A push whose payload carries this key (time.monotonic_ns() when the publisher wrote it)
+# is timed at the device: CLOCK_MONOTONIC is one clock for every process on the machine.
+STAMP = "bench_t"
 FINAL = {ByeReason.REPLACED, ByeReason.UNREGISTERED, ByeReason.UNAUTHORIZED,
          ByeReason.UNSUPPORTED_VERSION, "pin_mismatch"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -521,6 +528,16 @@ PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 
 
+def mqtt_stamp(payload: bytes) -> Any:
+    """The publisher's STAMP in a PUBLISH payload (JSON), if it has one."""
+    if STAMP.encode() not in payload:
+        return None
+    try:
+        return json.loads(payload).get(STAMP)
+    except (ValueError, AttributeError):
+        return None
+
+
 class MqttDecoder:
     """Cuts a byte stream into (packet type byte, body)."""
 
@@ -947,7 +964,7 @@ class Device:
             elif isinstance(event, PushReceived):
                 ack = max(ack, event.push.seq)
                 if not event.duplicate:
-                    self.got_push()
+                    self.got_push(event.push.payload.get(STAMP))
                 else:
                     self.w.count("duplicates")
             elif isinstance(event, Closed):
@@ -958,7 +975,9 @@ class Device:
             self.last_ack = self.session.last_ack
         self.flush()
 
-    def got_push(self) -> None:
+    def got_push(self, stamp: Any = None) -> None:
+        if isinstance(stamp, int):
+            self.w.latencies.append((time.monotonic_ns() - stamp) / 1e6)
         self.pushes += 1
         self.t_push = self.w.loop.time()
         self.w.pushes += 1
@@ -1006,7 +1025,7 @@ class Device:
                 if first & 0x08:  # DUP: the broker re-sent it
                     self.w.count("duplicates")
                 else:
-                    self.got_push()
+                    self.got_push(mqtt_stamp(body[2 + tlen + (2 if qos else 0):]))
             elif kind == 13:  # PINGRESP
                 self.pings += 1
                 self.w.pings += 1
@@ -1046,6 +1065,7 @@ class Worker:
         self.welcomed = 0
         self.pushes = 0
         self.pings = 0
+        self.latencies: list[float] = []  # ms, publisher write -> device read (STAMP)
         self.delivered_devices = 0
         self.stopping = False
         self.reconnect = True
@@ -1231,6 +1251,11 @@ class Worker:
                 "cpu_seconds": round(rusage.ru_utime + rusage.ru_stime, 3),
                 "maxrss_kib": rusage.ru_maxrss}
 
+    async def cmd_latencies(self) -> dict:
+        """The push latencies measured since the last call (and forget them)."""
+        out, self.latencies = self.latencies, []
+        return {"latencies": out}
+
     async def cmd_close(self, timeout: float = 10.0) -> dict:
         self.stopping = True
         for d in self.devices:
@@ -1368,6 +1393,10 @@ class LoadGen:
     def close_all(self) -> None:
         self.call("close", timeout=60)
 
+    def latencies(self) -> list[float]:
+        """Every worker's push latencies (ms) since the last call."""
+        return [x for r in self.call("latencies", timeout=30) for x in r["latencies"]]
+
     def stats(self) -> dict:
         replies = self.call("stats", timeout=30)
         out: dict[str, Any] = {"connected": 0, "pings": 0, "pushes": 0, "cpu_seconds": 0.0,
@@ -1423,7 +1452,20 @@ def result_head(scenario: str, target: Target) -> dict[str, Any]:
     """What every result starts with: what ran, against what, when, on which machine and
     commit."""
     return {"scenario": scenario, "system": target.system, "transport": target.transport,
-            "when": now_iso(), "machine": machine(), "git": git_state()}
+            "when": now_iso(), "run": RUN_ID, "machine": machine(), "git": git_state()}
+
+
+@contextlib.contextmanager
+def running(target: Target, result: dict[str, Any], quiet_wait: float) -> Iterator[None]:
+    """The machine quiet (up to `quiet_wait` s), then the server started and described in
+    `result`; it is stopped by its pid at the end, whatever happens."""
+    result["quiet_before_start_cores"] = wait_for_quiet(most=quiet_wait)
+    target.start()
+    try:
+        result["target"] = target.describe()
+        yield
+    finally:
+        target.stop()
 
 
 # --- the idle scenario -------------------------------------------------------------------
@@ -1442,10 +1484,7 @@ def idle(target: Target, steps: list[int], *, window: float, workers: int,
                      "concurrency_per_worker": concurrency, "workers": workers,
                      "settle_s": settle, "cpus": CPU_PLAN},
         "fd_limit_note": limit_note, "points": [], "complete": False}
-    result["quiet_before_start_cores"] = wait_for_quiet(most=quiet_wait)
-    target.start()
-    try:
-        result["target"] = target.describe()
+    with running(target, result, quiet_wait):
         meter = target.meter
         with LoadGen(workers) as lg:
             lg.setup(target, warmup + steps[-1])
@@ -1515,8 +1554,6 @@ def idle(target: Target, steps: list[int], *, window: float, workers: int,
             result["final_rss_hwm_kib"] = meter.hwm_kib()
             lg.close_all()
         result["complete"] = "stopped_early" not in result
-    finally:
-        target.stop()
     result["seconds"] = round(time.monotonic() - began, 1)
     return result
 

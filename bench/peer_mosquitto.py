@@ -17,13 +17,20 @@ clients driven by the load generator over the same TlsStream as lpgw's TLS devic
 Mosquitto runs with persistence off (lpgw fsyncs every push and every device record to
 SQLite; Mosquitto keeps them in memory), so the broker does less work than the gateway.
 
+With `--beside-lpgw`, each scenario first runs against lpgw over TLS with the same
+settings, in the same run (the results share a run id): the way to take figures that are
+compared, such as CPU per TLS handshake (bench/report.py judges that target only on a pair
+from one run).
+
     .venv/bin/python bench/peer_mosquitto.py --scenario both --devices 1k,2k,5k,10k
+    .venv/bin/python bench/peer_mosquitto.py --scenario storm --devices 1k,2k,5k,10k --beside-lpgw
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import (
+    LpgwTarget,
     MqttDecoder,
     Target,
     common_arguments,
@@ -182,6 +190,10 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=260, help="seconds per scenario, at most")
     p.add_argument("--settle", type=float, default=3.0, help="idle: pause after connecting")
     p.add_argument("--binary", default=None, help="mosquitto executable")
+    p.add_argument("--beside-lpgw", action="store_true",
+                   help="first run lpgw over TLS through the same scenario with the same "
+                        "settings, in this run (its results replace lpgw's TLS ones): the "
+                        "figures to compare, e.g. CPU per handshake")
     common_arguments(p, "the load generator", quiet_wait=30, tag=False)
     args = p.parse_args()
     import report
@@ -193,9 +205,12 @@ def main() -> None:
     sizes = parse_steps(args.devices)
     workers = args.workers or default_workers(max(sizes))
     scenarios = ("idle", "storm") if args.scenario == "both" else (args.scenario,)
-    for scenario in scenarios:
-        with tempfile.TemporaryDirectory(prefix="lpgw-bench-mosquitto-") as tmp:
-            target = MosquittoTarget(Path(tmp), heartbeat=args.heartbeat, binary=binary)
+    systems = ("lpgw", "mosquitto") if args.beside_lpgw else ("mosquitto",)
+    for scenario, system in itertools.product(scenarios, systems):
+        with tempfile.TemporaryDirectory(prefix=f"lpgw-bench-{system}-") as tmp:
+            target: Target = (MosquittoTarget(Path(tmp), heartbeat=args.heartbeat, binary=binary)
+                              if system == "mosquitto"
+                              else LpgwTarget("tls", Path(tmp), heartbeat=args.heartbeat))
             if scenario == "idle":
                 result = idle(target, sizes, window=args.window, workers=workers,
                               budget=args.budget, settle=args.settle,

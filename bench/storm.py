@@ -41,8 +41,8 @@ from loadgen import (
     pct,
     plan_cpus,
     result_head,
+    running,
     summary,
-    wait_for_quiet,
 )
 
 
@@ -195,10 +195,7 @@ def storm(target: Target, sizes: list[int], *, pushes: int, workers: int, spread
                      "between_rounds": between,
                      "cpus": loadgen.CPU_PLAN},
         "fd_limit_note": note, "rounds": [], "complete": False}
-    result["quiet_before_start_cores"] = wait_for_quiet(most=quiet_wait)
-    target.start()
-    try:
-        result["target"] = target.describe()
+    with running(target, result, quiet_wait):
         with LoadGen(workers) as lg:
             lg.setup(target, top, connect_timeout=connect_timeout)
             t0 = time.monotonic()
@@ -241,8 +238,6 @@ def storm(target: Target, sizes: list[int], *, pushes: int, workers: int, spread
                     timeout=min(timeout, budget - elapsed - 10)))
             lg.close_all()
         result["complete"] = "stopped_early" not in result
-    finally:
-        target.stop()
     result["seconds"] = round(time.monotonic() - began, 1)
     return result
 

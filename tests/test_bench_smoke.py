@@ -84,15 +84,51 @@ def test_call_rings(tmp_path):
 def test_mosquitto_peer_and_report(tmp_path):
     run("peer_mosquitto.py", "--scenario", "both", "--devices", "6", "--pushes", "1",
         "--window", "0.5", "--settle", "0.2", "--timeout", "20", "--workers", "1",
-        out=tmp_path)
+        "--beside-lpgw", out=tmp_path, timeout=120)
     idle = result(tmp_path, "idle-mosquitto-tls")
     assert idle["points"][0]["connected"] == 6
     storm = result(tmp_path, "storm-mosquitto-tls")
     assert storm["rounds"][-1]["pushes_delivered"] == 6
+    ours = result(tmp_path, "storm-lpgw-tls")
+    assert ours["rounds"][-1]["pushes_delivered"] == 6
+    assert ours["run"] == storm["run"] == idle["run"] == result(tmp_path, "idle-lpgw-tls")["run"]
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), "--results", str(tmp_path),
                            "--no-docs"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert "Mosquitto" in (tmp_path / "summary.md").read_text()
+    text = (tmp_path / "summary.md").read_text()
+    assert "Mosquitto" in text
+    ratio = next(line for line in text.splitlines() if "measured on the same run" in line)
+    assert f"(run {storm['run']})" in ratio and "not judged" not in ratio
+
+    # a pair from two runs is shown but not judged
+    ours["run"] = "another"
+    (tmp_path / "storm-lpgw-tls.json").write_text(json.dumps(ours))
+    subprocess.run([sys.executable, str(BENCH / "report.py"), "--results", str(tmp_path),
+                    "--no-docs"], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
+    ratio = next(line for line in (tmp_path / "summary.md").read_text().splitlines()
+                 if "measured on the same run" in line)
+    assert "separate runs" in ratio and "not judged" in ratio
+
+
+@pytest.mark.skipif(MOSQUITTO is None, reason="needs Debian package mosquitto")
+def test_push_latency_beside_mosquitto(tmp_path):
+    run("latency.py", "--devices", "12", "--pushes", "30", "--rate", "60", "--settle", "0.2",
+        "--workers", "1", out=tmp_path, timeout=120)
+    runs = set()
+    for system, transport in (("lpgw", "tls"), ("lpgw", "quic"), ("mosquitto", "tls")):
+        r = result(tmp_path, f"latency-{system}-{transport}")
+        assert r["complete"], r.get("stopped_early")
+        assert r["connected"] == 12
+        assert r["accepted"] == r["delivered"] == 30 and r["lost"] == 0
+        assert r["outcomes"] == {"ok": 30}
+        d = r["delivery_ms"]
+        assert 0 < d["p50"] <= d["p99"] <= d["max"] < 5000 and d["count"] == 30
+        assert r["accept_ms"]["count"] == 30
+        runs.add(r["run"])
+        if importlib.util.find_spec("matplotlib"):
+            assert (tmp_path / f"latency-{system}-{transport}.png").stat().st_size > 0
+    assert len(runs) == 1
+    assert "write → device read" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="needs h2load (nghttp2-client)")
