@@ -19,8 +19,10 @@ id):
    read, end to end, through the server. The publisher also times the accept (lpgw: the
    200, which means fsynced; Mosquitto: the PUBACK, which means in memory).
 4. Per system: delivery latency p50/p90/p99/max, accept latency, pushes lost (accepted but
-   never read), the server's CPU while publishing, its RSS. JSON, Markdown and a PNG (the
-   latency distributions) per system in bench/results/.
+   never read), the server's CPU while publishing, its RSS, and for lpgw its
+   garbage-collector passes meanwhile (`lpgw_gc_pause_seconds` from GET /metrics: a full
+   pass stops everything, for longer the more phones are held). JSON,
+   Markdown and a PNG (the latency distributions) per system in bench/results/.
 
     .venv/bin/python bench/latency.py --devices 10k --pushes 2000 --rate 100
     .venv/bin/python bench/latency.py --systems lpgw-tls --synchronous NORMAL  # the fsync's share
@@ -41,6 +43,7 @@ import shutil
 import ssl
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,7 @@ from loadgen import (
     summary,
 )
 from peer_mosquitto import MosquittoTarget
+from prometheus_client.parser import text_string_to_metric_families
 
 SYSTEMS = ("lpgw-tls", "lpgw-quic", "mosquitto")
 ALERT = '{"aps":{"alert":"Bed 12 calls"},"ward":3,"' + STAMP + '":%d}'
@@ -240,6 +244,34 @@ async def publish_paced(publisher: Publisher, addresses: list[str], rate: float,
         await publisher.close()
 
 
+def gc_passes(target: Target) -> dict[str, dict[str, float]] | None:
+    """lpgw's garbage-collector passes so far, by generation: count and seconds (its
+    `lpgw_gc_pause_seconds` on GET /metrics); None for other servers."""
+    if not isinstance(target, ApiTarget):
+        return None
+    url = f"https://{target.host}:{target.api_port}/metrics"
+    with urllib.request.urlopen(url, context=client_context(None), timeout=10) as reply:
+        text = reply.read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "lpgw_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            kind = sample.name.removeprefix("lpgw_gc_pause_seconds_")
+            if kind in ("count", "sum"):
+                out.setdefault(sample.labels["generation"], {})[kind] = sample.value
+    return out
+
+
+def gc_during(before: dict | None, after: dict | None) -> dict[str, dict[str, float]] | None:
+    """Passes and seconds per generation between two readings of gc_passes."""
+    if before is None or after is None:
+        return None
+    return {gen: {"passes": int(now.get("count", 0) - before.get(gen, {}).get("count", 0)),
+                  "seconds": round(now.get("sum", 0) - before.get(gen, {}).get("sum", 0), 4)}
+            for gen, now in sorted(after.items())}
+
+
 def make_target(system: str, tmp: Path, heartbeat: float, synchronous: str) -> Target:
     if system == "mosquitto":
         return MosquittoTarget(tmp, heartbeat=heartbeat)
@@ -268,12 +300,14 @@ def latency(target: Target, devices: int, *, pushes: int, rate: float, workers: 
         meter = target.meter
         with LoadGen(workers) as lg:
             lg.setup(target, devices)
+            gc_start = gc_passes(target)
             t0 = time.monotonic()
             r = lg.connect(devices, concurrency=concurrency, subscribe=target.kind == "mqtt",
                            clean=False, timeout=max(30.0, budget / 2))
             result["connect"] = {"devices": r["devices"], "welcomed": r["welcomed"],
                                  "seconds": round(time.monotonic() - t0, 2),
-                                 "last_error": r["last_error"]}
+                                 "last_error": r["last_error"],
+                                 "server_gc": gc_during(gc_start, gc_passes(target))}
             if r["not_welcomed"]:
                 raise RuntimeError(f"{r['not_welcomed']} of {devices} devices not welcomed "
                                    f"({r['last_error']})")
@@ -289,9 +323,11 @@ def latency(target: Target, devices: int, *, pushes: int, rate: float, workers: 
                 raise RuntimeError(f"time budget of {budget} s: publishing needs ~{need:.0f} s, "
                                    f"{left:.0f} s left")
             background = Background(target.pids() + lg.pids)
+            gc0 = gc_passes(target)
             cpu0, w0 = meter.cpu_seconds(), time.monotonic()
             sent = asyncio.run(publish_paced(publisher_for(target), picks, rate, drain))
             cpu1, w1 = meter.cpu_seconds(), time.monotonic()
+            gc_window = gc_during(gc0, gc_passes(target))
             accepted = sum(1 for _, _, outcome in sent if outcome == "ok")
             deadline = time.monotonic() + drain
             while lg.stats()["pushes"] - before["pushes"] < accepted \
@@ -317,6 +353,7 @@ def latency(target: Target, devices: int, *, pushes: int, rate: float, workers: 
                 "publish_window_s": round(w1 - w0, 2),
                 "achieved_per_s": round(len(sent) / (w1 - w0), 1) if w1 > w0 else None,
                 "server_cpu_percent": round(100 * (cpu1 - cpu0) / (w1 - w0), 2),
+                "server_gc_while_publishing": gc_window,
                 "rss_kib": meter.rss_kib(),
                 "other_load_cores": background.cores(),
                 "samples_ms": {"delivery": sorted(round(x, 3) for x in delivery),
@@ -356,6 +393,12 @@ def markdown(r: dict[str, Any]) -> str:
               f"Accepted {_n(r['accepted'])}, delivered {_n(r['delivered'])}, lost "
               f"{_n(r['lost'])}, duplicates {_n(r['duplicates'])}, device drops "
               f"{_n(r['drops'])}.", ""]
+    for when, passes in (("connecting the devices", r.get("connect", {}).get("server_gc")),
+                         ("publishing", r.get("server_gc_while_publishing"))):
+        if passes:
+            lines += [f"Server's garbage-collector passes while {when}: " + ", ".join(
+                f"generation {gen}: {x['passes']} in {x['seconds'] * 1000:.1f} ms"
+                for gen, x in passes.items()) + ".", ""]
     return "\n".join(lines)
 
 

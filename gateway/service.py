@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +42,6 @@ log = logging.getLogger("lpgw")
 
 DRAIN_SECONDS = 5.0  # at most this long for devices to take their last pushes and go
 STATUS_EVERY = 10.0
-GC_CHECK_EVERY = 30.0  # seconds between looks at how many connections ended
-GC_AFTER_DEPARTURES = 1000
 # a reconnect storm after a Wi-Fi outage: 10,000 phones at once overflow the default of 100,
 # and refused SYNs come back only after the kernel's 1 s, 3 s, 7 s... retries
 LISTEN_BACKLOG = 4096
@@ -118,7 +117,6 @@ class Gateway:
         self.sip: SipTransport | None = None
         self.network: NetworkService | None = None
         self._tasks: list[asyncio.Task] = []
-        self._departures_at_collect = 0
 
     # --- start ------------------------------------------------------------------------
 
@@ -153,7 +151,6 @@ class Gateway:
             await self.stop()
             raise
         self._tasks = [asyncio.create_task(self._sweep()),
-                       asyncio.create_task(self._collect_after_departures()),
                        asyncio.create_task(self._report()),
                        asyncio.create_task(self.notifier.watchdog())]
         self.started_at = time.time()
@@ -233,29 +230,6 @@ class Gateway:
                 self.delivery.expire(time.time())
             except Exception:
                 log.exception("expiry sweep failed")
-
-    async def _collect_after_departures(self) -> None:
-        while True:
-            await asyncio.sleep(GC_CHECK_EVERY)
-            self.collect_if_many_left()
-
-    def collect_if_many_left(self, at_least: int = GC_AFTER_DEPARTURES) -> bool:
-        """A full GC pass once many connections have ended since the last one; True if run.
-
-        A closed QUIC connection is cyclic garbage (aioquic's own references) that only a
-        full pass frees, and CPython starts one only while the program allocates: after the
-        phones of a ward or a deck leave at once, their memory would wait for the next
-        busy spell, and a storm of them coming back would hold the old and the new. One
-        pass (it visits every object: 0.43 s on average over the passes of a 10,000-phone
-        QUIC storm here) when at least `at_least`, or a quarter of those still connected,
-        have gone.
-        """
-        gone = self.delivery.departures - self._departures_at_collect
-        if gone < max(at_least, len(self.delivery.connected()) // 4):
-            return False
-        self._departures_at_collect = self.delivery.departures
-        gc.collect()
-        return True
 
     async def _report(self) -> None:
         """STATUS= for `systemctl status`, kept current."""
@@ -506,17 +480,35 @@ def tune_garbage_collector() -> int:
     storm of 10,000 QUIC phones, 17 full passes took 7.3 s of the gateway's 34 s of CPU
     (8.7 s with the young ones; measured with gc.callbacks). With a young generation of
     10,000 objects instead of 700, young passes are rarer and full passes are 2 (1.1 s):
-    the storm took 22.5 s instead of 38.4 s. Cyclic garbage is still found, later: a closed
-    QUIC connection is one (aioquic's own references), and waits for the next full pass
-    (CPython runs one once the long-lived heap has grown by a quarter); our own objects
-    let go of each other when a connection ends (GatewayLink.connection_lost), so a TLS
-    connection is freed at once. What the start made (modules, configuration, keys) lives
-    as long as the process: frozen, no pass visits it again.
+    the storm took 22.5 s instead of 38.4 s. Rarer passes must not mean garbage kept:
+    a connection that ends is freed by reference counting, not by the collector (our
+    objects let go of each other in GatewayLink.connection_lost, and aioquic's knot of
+    cycles is untied by quic.release_closed_connection). What the start made (modules,
+    configuration, keys) lives as long as the process: frozen, no pass visits it again.
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     return gc.get_freeze_count()
+
+
+def watch_garbage_collector(metrics: Metrics) -> Callable[[], None]:
+    """Time every cyclic-GC pass into `lpgw_gc_pause_seconds`; returns the undo.
+
+    A full pass stalls calls and pushes alike, and its length grows with the phones held,
+    so an operator (and bench/latency.py) needs to see it beside the latency it causes.
+    """
+    started = [0.0]
+    pauses = metrics.gc_pauses
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)
+    return lambda: gc.callbacks.remove(on_gc) if on_gc in gc.callbacks else None
 
 
 async def run(cfg: Config, path: str | None = None) -> None:
@@ -537,6 +529,7 @@ async def run(cfg: Config, path: str | None = None) -> None:
 
     await gateway.start()
     frozen = tune_garbage_collector()
+    unwatch = watch_garbage_collector(gateway.metrics)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     listening = gateway.listening
     for transport in listening.transports:
@@ -562,3 +555,4 @@ async def run(cfg: Config, path: str | None = None) -> None:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         await gateway.stop()
+        unwatch()

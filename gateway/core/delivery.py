@@ -88,7 +88,6 @@ class Delivery:
         self.metrics = metrics
         self._secret = token_secret
         self._live: dict[str, _Live] = {}
-        self.departures = 0  # connections that ended (left or replaced), ever
         self._waiting: set[str] = set()  # devices with pushes in the open group commit
         self._warned: dict[str, float] = {}
         self.call_listeners: list[Callable[[str, CallAction, float], None]] = []
@@ -114,7 +113,6 @@ class Delivery:
         token = derive_token(self._secret, hello.install_id, hello.topic)
         old = self._live.pop(token, None)
         if old is not None:
-            self.departures += 1
             self._count_connected(old.link, -1)
             self._lose_ephemeral(old)
             old.link.close(ByeReason.REPLACED, "replaced",
@@ -141,7 +139,6 @@ class Delivery:
         if live is None or live.link is not link:
             return
         del self._live[token]
-        self.departures += 1
         self._count_connected(link, -1)
         self.store.touch(token, now)
         self._lose_ephemeral(live)

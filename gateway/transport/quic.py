@@ -8,9 +8,10 @@ connection is handed to H3Health and never reaches the device code.
 
 Memory: phones keep one idle connection each, so what an idle connection holds is the
 gateway's size. aioquic keeps some handshake-only state for a connection's whole life;
-`release_handshake_state` and `share_frame_handler_epochs` below take it back (the only two
-places that touch aioquic internals; tests/test_quic_memory.py fails if aioquic changes
-underneath them).
+`release_handshake_state` and `share_frame_handler_epochs` below take it back, and
+`release_closed_connection` lets reference counting free a connection that has ended (the
+only three places that touch aioquic internals; tests/test_quic_memory.py and
+tests/test_memory.py fail if aioquic changes underneath them).
 
 Scale: `serve` below makes a connection's end cost O(its ids) instead of aioquic's scan of
 every connection (see `forget_ids_only`).
@@ -73,6 +74,10 @@ def server_configuration(cert: str, key: str, idle_timeout: float,
     return config
 
 
+def _ignore(*args: object) -> None:
+    pass
+
+
 class QuicDeviceProtocol(QuicConnectionProtocol):
     """A device over QUIC, bridged to a GatewayLink once the handshake is done."""
 
@@ -113,6 +118,8 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         elif isinstance(event, events.ConnectionTerminated):
             if self._link is not None:
                 self._link.connection_lost(f"QUIC closed: {event.reason_phrase or 'no reason'}")
+            # after aioquic's protocol has finished with this event (its transmit() below)
+            self._loop.call_soon(self._release)
         elif (isinstance(event, events.StreamReset) and event.stream_id == self._stream_id
               and self._link is not None):
             self._link.connection_lost("device reset its stream")
@@ -162,6 +169,16 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         self.transmit()  # the bye leaves before CONNECTION_CLOSE
         self._quic.close(error_code=0, reason_phrase=reason)
         self.transmit()
+
+    def _release(self) -> None:
+        """Let go of everything once the connection has ended, so that reference counting
+        frees it at once (see release_closed_connection). The server's handlers are
+        partials holding this protocol: a cycle of their own."""
+        self._closing = True
+        self._link = self._h3 = None
+        self._connection_id_issued_handler = self._connection_id_retired_handler = _ignore
+        self._connection_terminated_handler = _ignore
+        release_closed_connection(self._quic)
 
     def _peer(self) -> str:
         addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
@@ -214,6 +231,33 @@ def release_handshake_state(quic: QuicConnection) -> bool:
                         ("_x25519_private_key", None), ("_x448_private_key", None)):
         if hasattr(ctx, name):
             setattr(ctx, name, empty)
+    return True
+
+
+# what aioquic's public methods read of a connection that has ended (datagrams_to_send,
+# get_timer, next_event, receive_datagram and close all stop at the state check)
+KEPT_AFTER_END = ("_state", "_close_at", "_close_event", "_events", "_network_paths")
+
+
+def release_closed_connection(quic: QuicConnection) -> bool:
+    """Drop an ended connection's internals; True if done.
+
+    A QuicConnection is a knot of reference cycles (bound methods of itself in its loss
+    recovery, TLS engine, streams and sent packets: ~300 objects): once it ends, only a
+    full pass of the cyclic GC would free it, and with 10,000 QUIC phones a full pass
+    stops the gateway for ~0.5-1 s. Clearing its attributes unties every knot through it,
+    so reference counting frees the lot when the protocol goes. What stays is only what
+    its public methods read before refusing to work on an ended connection.
+
+    Defensive like release_handshake_state: a connection not in an end state is left
+    alone (False), and so is one still in its closing or draining period (its timer and
+    packets still count); the tests fail if aioquic stops freeing this way.
+    """
+    if getattr(quic, "_state", None) is not aioquic_connection.QuicConnectionState.TERMINATED:
+        return False
+    kept = {name: getattr(quic, name) for name in KEPT_AFTER_END if hasattr(quic, name)}
+    quic.__dict__.clear()
+    quic.__dict__.update(kept)
     return True
 
 
