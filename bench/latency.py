@@ -348,6 +348,10 @@ def latency(target: Target, devices: int, *, pushes: int, rate: float, workers: 
                 "duplicates": after["counts"].get("duplicates", 0)
                 - before["counts"].get("duplicates", 0),
                 "drops": after["counts"].get("drops", 0) - before["counts"].get("drops", 0),
+                "loadgen_gc_full_passes_while_publishing":
+                    after["gc_full_passes"] - before["gc_full_passes"],
+                "loadgen_gc_full_seconds_while_publishing":
+                    round(after["gc_full_seconds"] - before["gc_full_seconds"], 4),
                 "delivery_ms": {**summary(delivery, 3), "count": len(delivery)},
                 "accept_ms": {**summary(accept, 3), "count": len(accept)},
                 "publish_window_s": round(w1 - w0, 2),
