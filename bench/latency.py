@@ -260,6 +260,8 @@ def gc_passes(target: Target) -> dict[str, dict[str, float]] | None:
             kind = sample.name.removeprefix("lpgw_gc_pause_seconds_")
             if kind in ("count", "sum"):
                 out.setdefault(sample.labels["generation"], {})[kind] = sample.value
+    if not out:
+        raise RuntimeError("the gateway's /metrics has no lpgw_gc_pause_seconds")
     return out
 
 
@@ -348,6 +350,8 @@ def latency(target: Target, devices: int, *, pushes: int, rate: float, workers: 
                 "duplicates": after["counts"].get("duplicates", 0)
                 - before["counts"].get("duplicates", 0),
                 "drops": after["counts"].get("drops", 0) - before["counts"].get("drops", 0),
+                "loadgen_cpu_percent_while_publishing":
+                    round(100 * (after["cpu_seconds"] - before["cpu_seconds"]) / (w1 - w0), 1),
                 "loadgen_gc_full_passes_while_publishing":
                     after["gc_full_passes"] - before["gc_full_passes"],
                 "loadgen_gc_full_seconds_while_publishing":
@@ -387,7 +391,10 @@ def markdown(r: dict[str, Any]) -> str:
         accepted = "200, fsynced" if sync == "FULL" else f"200, synchronous {sync}"
     lines += [f"{_n(r['pushes_sent'])} pushes at {s['rate_per_s']:g}/s to random devices among "
               f"{_n(r['connected'])} connected; server CPU {r['server_cpu_percent']}% while "
-              f"publishing, RSS {r['rss_kib'] / 1024:.1f} MiB.", "",
+              f"publishing, RSS {r['rss_kib'] / 1024:.1f} MiB; load generator CPU "
+              f"{r.get('loadgen_cpu_percent_while_publishing', '?')}% (its workers' full GC "
+              f"passes meanwhile: {r.get('loadgen_gc_full_passes_while_publishing', '?')}).",
+              "",
               "| measure | p50 ms | p90 ms | p99 ms | max ms | count |",
               "|---|---:|---:|---:|---:|---:|",
               f"| publisher write -> device read | {d['p50']} | {d['p90']} | {d['p99']} | "

@@ -1213,12 +1213,15 @@ class Worker:
             if d.retry is not None:
                 d.retry.cancel()
                 d.retry = None
-        report = self.report(targets, start_at, time.process_time() - cpu0)
         # the phones held now stay: no later pass of this worker's collector need visit
-        # them (a full pass over 10,000 of them stalled every one for ~1 s, see GcPauses)
+        # them (a full pass over 10,000 of them stalled every one for ~1 s, see GcPauses).
+        # Once the reply has gone: the harness times this command (a ramp's seconds).
+        loop.call_soon(self.freeze)
+        return self.report(targets, start_at, time.process_time() - cpu0)
+
+    def freeze(self) -> None:
         gc.collect()
         gc.freeze()
-        return report
 
     async def sweep(self, targets: list[Device]) -> None:
         """Abort attempts that take longer than connect_timeout (then they retry)."""

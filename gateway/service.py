@@ -499,13 +499,15 @@ def watch_garbage_collector(metrics: Metrics) -> Callable[[], None]:
     so an operator (and bench/latency.py) needs to see it beside the latency it causes.
     """
     started = [0.0]
-    pauses = metrics.gc_pauses
+    # made now: labels() takes the family's lock and allocates, so called from inside a
+    # pass that a scrape holding that lock set off, it would wait for itself forever
+    pauses = [metrics.gc_pauses.labels(str(generation)) for generation in range(3)]
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            pauses.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+            pauses[info["generation"]].observe(time.perf_counter() - started[0])
 
     gc.callbacks.append(on_gc)
     return lambda: gc.callbacks.remove(on_gc) if on_gc in gc.callbacks else None

@@ -125,11 +125,13 @@ def test_push_latency_beside_mosquitto(tmp_path):
         assert 0 < d["p50"] <= d["p99"] <= d["max"] < 5000 and d["count"] == 30
         assert r["accept_ms"]["count"] == 30
         if system == "lpgw":  # read from its /metrics: every generation, counted
-            passes = r["server_gc_while_publishing"]
-            assert set(passes) <= {"0", "1", "2"}, passes
-            assert all(x["passes"] >= 0 and x["seconds"] >= 0 for x in passes.values())
+            for passes in (r["server_gc_while_publishing"], r["connect"]["server_gc"]):
+                assert set(passes) == {"0", "1", "2"}, passes
+                assert all(x["passes"] >= 0 and x["seconds"] >= 0 for x in passes.values())
         else:
             assert r["server_gc_while_publishing"] is None
+        assert r["loadgen_gc_full_passes_while_publishing"] == 0
+        assert r["loadgen_cpu_percent_while_publishing"] > 0
         runs.add(r["run"])
         if importlib.util.find_spec("matplotlib"):
             assert (tmp_path / f"latency-{system}-{transport}.png").stat().st_size > 0

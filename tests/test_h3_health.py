@@ -7,9 +7,11 @@ and HTTP/3 implementation) and aioquic's own H3Connection.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import shutil
 import ssl
+import weakref
 
 import pytest
 from aioquic.asyncio import QuicConnectionProtocol, connect
@@ -200,3 +202,25 @@ async def test_a_device_and_health_checks_share_the_port(gateway_factory, device
     assert quic_count(gw, "lpgw_handshakes_total", result="welcome") == 1
     assert gw.delivery.connected() == {token: "quic"}
     assert [e for e in device.log if e["event"] == "disconnected"] == []
+
+
+async def test_a_health_check_connection_is_freed_without_the_cycle_collector(gateway_factory):
+    """Like a phone's (tests/test_memory.py): untied when it ends, freed by refcounting."""
+    gw = await gateway_factory()
+    gc.collect()
+    gc.disable()
+    try:
+        async with h3_client(gw.listening.port) as client:
+            headers, _ = await client.request("GET", "/healthz")
+            assert headers[":status"] == "200"
+            (server_side,) = set(gw._quic._protocols.values())
+            refs = [weakref.ref(server_side), weakref.ref(server_side._quic),
+                    weakref.ref(server_side._h3)]
+            del server_side
+        async with asyncio.timeout(5):  # aioquic keeps it through its closing period
+            while any(ref() is not None for ref in refs):
+                await asyncio.sleep(0.02)
+        assert not gw._quic._protocols
+    finally:
+        gc.enable()
+

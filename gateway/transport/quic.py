@@ -101,6 +101,9 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
             self._in_event = False
 
     def _event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.ConnectionTerminated):
+            # once aioquic's protocol has finished with this event (its transmit() below)
+            self._loop.call_soon(self._release)
         if self._h3 is not None:
             self._h3.quic_event_received(event)
         elif isinstance(event, events.HandshakeCompleted):
@@ -118,8 +121,6 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         elif isinstance(event, events.ConnectionTerminated):
             if self._link is not None:
                 self._link.connection_lost(f"QUIC closed: {event.reason_phrase or 'no reason'}")
-            # after aioquic's protocol has finished with this event (its transmit() below)
-            self._loop.call_soon(self._release)
         elif (isinstance(event, events.StreamReset) and event.stream_id == self._stream_id
               and self._link is not None):
             self._link.connection_lost("device reset its stream")
@@ -173,7 +174,8 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
     def _release(self) -> None:
         """Let go of everything once the connection has ended, so that reference counting
         frees it at once (see release_closed_connection). The server's handlers are
-        partials holding this protocol: a cycle of their own."""
+        partials holding this protocol, and a health check's H3Health holds its transmit:
+        cycles of their own."""
         self._closing = True
         self._link = self._h3 = None
         self._connection_id_issued_handler = self._connection_id_retired_handler = _ignore
