@@ -617,7 +617,7 @@ class Machine(Target):
                         return int(leader[0])
             subprocess.run(["sleep", "0.1"])
         self.stop()
-        pytest.skip("systemd-nspawn could not boot the Debian root here: "
+        pytest.fail("systemd-nspawn could not boot the Debian root: "
                     f"{(Path(self.log.name).read_text())[-300:]}")
 
     def systemctl(self, leader: int, *args: str) -> subprocess.CompletedProcess:
