@@ -46,8 +46,8 @@ class LinkContext:
     timers: TimerWheel
 
 
-def _ignore(*args: object) -> None:
-    pass
+def ignore(*args: object) -> None:
+    """What a callback becomes once its owner has gone (breaks reference cycles)."""
 
 
 class GatewayLink:
@@ -87,7 +87,7 @@ class GatewayLink:
         # the transport holds this link's methods and this link the transport's: let go,
         # so the pair is freed at once, not by a full garbage-collector pass (see
         # service.tune_garbage_collector: those are rare now)
-        self._write = self._close_transport = _ignore
+        self._write = self._close_transport = ignore
         self._ping = None
         reason = self.session.closed.reason if self.session.closed else why
         if self.session.closed is None:

@@ -46,6 +46,7 @@ from gateway.core.metrics import Metrics
 from gateway.protocol import ALPN
 from gateway.transport import h3health
 from gateway.transport.initials import InitialQueue, new_connection_id
+from gateway.transport.link import ignore
 
 log = logging.getLogger("lpgw.quic")
 
@@ -72,10 +73,6 @@ def server_configuration(cert: str, key: str, idle_timeout: float,
     config.max_stream_data = max(4 * max_frame, 65536)
     config.max_data = config.max_stream_data * 2
     return config
-
-
-def _ignore(*args: object) -> None:
-    pass
 
 
 class QuicDeviceProtocol(QuicConnectionProtocol):
@@ -178,8 +175,8 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         cycles of their own."""
         self._closing = True
         self._link = self._h3 = None
-        self._connection_id_issued_handler = self._connection_id_retired_handler = _ignore
-        self._connection_terminated_handler = _ignore
+        self._connection_id_issued_handler = self._connection_id_retired_handler = ignore
+        self._connection_terminated_handler = ignore
         release_closed_connection(self._quic)
 
     def _peer(self) -> str:
