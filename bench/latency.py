@@ -40,12 +40,11 @@ import contextlib
 import json
 import random
 import shutil
-import ssl
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h2.config
 import h2.connection
@@ -54,56 +53,39 @@ import loadgen
 import report
 from api_throughput import ApiTarget
 from loadgen import (
-    STAMP,
+    STAMPED,
     TOPIC,
     Background,
     LoadGen,
-    MqttDecoder,
     Target,
     cap_devices,
+    client_context,
     common_arguments,
     default_workers,
-    mqtt_connect,
-    mqtt_publish,
     parse_steps,
     plan_cpus,
     result_head,
     running,
     summary,
 )
-from peer_mosquitto import MosquittoTarget
+from peer_mosquitto import MosquittoTarget, MqttPublisher
 from prometheus_client.parser import text_string_to_metric_families
 
 SYSTEMS = ("lpgw-tls", "lpgw-quic", "mosquitto")
-ALERT = '{"aps":{"alert":"Bed 12 calls"},"ward":3,"' + STAMP + '":%d}'
 
 
-def client_context(alpn: str | None) -> ssl.SSLContext:
-    """TLS 1.3 to a loopback server the bench started itself (no CA to check against)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if alpn:
-        ctx.set_alpn_protocols([alpn])
-    return ctx
-
-
-class Publisher:
+class Publisher(Protocol):
     """One connection to the server; `send` writes one stamped push and returns when the
     server accepted it: (stamp ns, accept ns or None, outcome)."""
 
-    async def open(self) -> None:
-        raise NotImplementedError
+    async def open(self) -> None: ...
 
-    async def send(self, address: str) -> tuple[int, int | None, str]:
-        raise NotImplementedError
+    async def send(self, address: str) -> tuple[int, int | None, str]: ...
 
-    async def close(self) -> None:
-        raise NotImplementedError
+    async def close(self) -> None: ...
 
 
-class ApiPublisher(Publisher):
+class ApiPublisher:
     """An app server on lpgw's HTTP/2 API (the h2 state machine, nothing in between)."""
 
     def __init__(self, host: str, port: int, jwt: str) -> None:
@@ -152,7 +134,7 @@ class ApiPublisher(Publisher):
         fut = asyncio.get_running_loop().create_future()
         self.pending[sid] = (fut, [])
         stamp = time.monotonic_ns()
-        body = (ALERT % stamp).encode()
+        body = (STAMPED % stamp).encode()
         self.h2.send_headers(sid, [
             (":method", "POST"), (":scheme", "https"),
             (":authority", f"{self.host}:{self.port}"), (":path", f"/3/device/{address}"),
@@ -168,56 +150,6 @@ class ApiPublisher(Publisher):
         with contextlib.suppress(Exception):
             self.h2.close_connection()
             self.writer.write(self.h2.data_to_send())
-            self.writer.close()
-        self.reading.cancel()
-
-
-class MqttPublisher(Publisher):
-    """A publisher on Mosquitto: QoS 1 PUBLISH to the device's topic, PUBACK back."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.pending: dict[int, asyncio.Future] = {}
-        self.next_id = 0
-
-    async def open(self) -> None:
-        self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
-            self.host, self.port, ssl=client_context(None)), 10)
-        self.decoder = MqttDecoder()
-        connack = asyncio.get_running_loop().create_future()
-        self.pending[0] = connack
-        self.writer.write(mqtt_connect("bench-latency-publisher", 60, True))
-        self.reading = asyncio.get_running_loop().create_task(self.read())
-        await asyncio.wait_for(connack, 10)
-
-    async def read(self) -> None:
-        try:
-            while data := await self.reader.read(65536):
-                now = time.monotonic_ns()
-                for first, body in self.decoder.feed(data):
-                    kind = first >> 4
-                    key = 0 if kind == 2 else int.from_bytes(body[:2], "big") if kind == 4 \
-                        else None
-                    fut = self.pending.pop(key, None) if key is not None else None
-                    if fut is not None and not fut.done():
-                        fut.set_result(now)
-        finally:
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_result(None)
-
-    async def send(self, address: str) -> tuple[int, int | None, str]:
-        self.next_id = self.next_id % 65535 + 1
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[self.next_id] = fut
-        stamp = time.monotonic_ns()
-        self.writer.write(mqtt_publish(address, (ALERT % stamp).encode(), self.next_id))
-        at = await fut
-        return stamp, at, "ok" if at is not None else "connection closed"
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.write(b"\xe0\x00")  # DISCONNECT
             self.writer.close()
         self.reading.cancel()
 
@@ -294,7 +226,7 @@ def latency(target: Target, devices: int, *, pushes: int, rate: float, workers: 
     result: dict[str, Any] = {
         **result_head("latency", target),
         "settings": {"devices": devices, "pushes": pushes, "rate_per_s": rate, "seed": seed,
-                     "workers": workers, "settle_s": settle, "body": ALERT % 0,
+                     "workers": workers, "settle_s": settle, "body": STAMPED % 0,
                      "concurrency_per_worker": concurrency, "budget_s": budget,
                      "cpus": loadgen.CPU_PLAN},
         "fd_limit_note": note, "complete": False}
@@ -389,21 +321,22 @@ def markdown(r: dict[str, Any]) -> str:
     else:
         sync = r["target"]["config"]["store"]["synchronous"]
         accepted = "200, fsynced" if sync == "FULL" else f"200, synchronous {sync}"
-    lines += [f"{_n(r['pushes_sent'])} pushes at {s['rate_per_s']:g}/s to random devices among "
-              f"{_n(r['connected'])} connected; server CPU {r['server_cpu_percent']}% while "
-              f"publishing, RSS {r['rss_kib'] / 1024:.1f} MiB; load generator CPU "
+    lines += [f"{report._f(r['pushes_sent'])} pushes at {s['rate_per_s']:g}/s to random "
+              f"devices among {report._f(r['connected'])} connected; server CPU "
+              f"{r['server_cpu_percent']}% while publishing, RSS "
+              f"{r['rss_kib'] / 1024:.1f} MiB; load generator CPU "
               f"{r.get('loadgen_cpu_percent_while_publishing', '?')}% (its workers' full GC "
               f"passes meanwhile: {r.get('loadgen_gc_full_passes_while_publishing', '?')}).",
               "",
               "| measure | p50 ms | p90 ms | p99 ms | max ms | count |",
               "|---|---:|---:|---:|---:|---:|",
               f"| publisher write -> device read | {d['p50']} | {d['p90']} | {d['p99']} | "
-              f"{d['max']} | {_n(d['count'])} |",
+              f"{d['max']} | {report._f(d['count'])} |",
               f"| publisher write -> accepted ({accepted}) | {a['p50']} | {a['p90']} | "
-              f"{a['p99']} | {a['max']} | {_n(a['count'])} |", "",
-              f"Accepted {_n(r['accepted'])}, delivered {_n(r['delivered'])}, lost "
-              f"{_n(r['lost'])}, duplicates {_n(r['duplicates'])}, device drops "
-              f"{_n(r['drops'])}.", ""]
+              f"{a['p99']} | {a['max']} | {report._f(a['count'])} |", "",
+              f"Accepted {report._f(r['accepted'])}, delivered {report._f(r['delivered'])}, lost "
+              f"{report._f(r['lost'])}, duplicates {report._f(r['duplicates'])}, device drops "
+              f"{report._f(r['drops'])}.", ""]
     for when, passes in (("connecting the devices", r.get("connect", {}).get("server_gc")),
                          ("publishing", r.get("server_gc_while_publishing"))):
         if passes:
@@ -411,10 +344,6 @@ def markdown(r: dict[str, Any]) -> str:
                 f"generation {gen}: {x['passes']} in {x['seconds'] * 1000:.1f} ms"
                 for gen, x in passes.items()) + ".", ""]
     return "\n".join(lines)
-
-
-def _n(x: Any) -> str:
-    return f"{x:,}" if isinstance(x, int) else str(x)
 
 
 def plot(r: dict[str, Any], path: Path) -> bool:

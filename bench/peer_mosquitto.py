@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import tempfile
 import time
@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import (
+    STAMPED,
     LpgwTarget,
     MqttDecoder,
     Target,
+    client_context,
     common_arguments,
     default_workers,
     free_port,
@@ -130,50 +132,80 @@ class MosquittoTarget(Target):
                 "config": self.conf, "command": f"{self.binary} -c CONF"}
 
 
+class MqttPublisher:
+    """A publisher on Mosquitto: QoS 1 PUBLISH to the device's topic, PUBACK back (one
+    connection; packet ids wrap at 65,535, so keep fewer than that unanswered)."""
+
+    def __init__(self, host: str, port: int, client_id: str = "bench-publisher") -> None:
+        self.host, self.port, self.client_id = host, port, client_id
+        self.pending: dict[int, asyncio.Future] = {}
+        self.next_id = 0
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
+            self.host, self.port, ssl=client_context(None)), 10)
+        self.decoder = MqttDecoder()
+        connack = asyncio.get_running_loop().create_future()
+        self.pending[0] = connack
+        self.writer.write(mqtt_connect(self.client_id, 60, True))
+        self.reading = asyncio.get_running_loop().create_task(self.read())
+        await asyncio.wait_for(connack, 10)
+
+    async def read(self) -> None:
+        try:
+            while data := await self.reader.read(65536):
+                now = time.monotonic_ns()
+                for first, body in self.decoder.feed(data):
+                    kind = first >> 4
+                    key = 0 if kind == 2 else int.from_bytes(body[:2], "big") if kind == 4 \
+                        else None
+                    fut = self.pending.pop(key, None) if key is not None else None
+                    if fut is not None and not fut.done():
+                        fut.set_result(now)
+        finally:
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def send(self, address: str, payload: bytes | None = None
+                   ) -> tuple[int, int | None, str]:
+        """One PUBLISH; returns (written at, PUBACK at: monotonic ns, outcome). Without a
+        `payload` it is STAMPED, timed at the device."""
+        self.next_id = self.next_id % 65535 + 1
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[self.next_id] = fut
+        stamp = time.monotonic_ns()
+        self.writer.write(mqtt_publish(address, payload or (STAMPED % stamp).encode(),
+                                       self.next_id))
+        at = await fut
+        return stamp, at, "ok" if at is not None else "connection closed"
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(b"\xe0\x00")  # DISCONNECT
+            self.writer.close()
+        self.reading.cancel()
+
+
 async def publish(host: str, port: int, topics: list[str], per_topic: int,
                   window: int = 100, timeout: float = 120) -> int:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), 10)
-    decoder = MqttDecoder()
-    acked = 0
+    """`per_topic` QoS 1 PUBLISHes to each topic, at most `window` unanswered; how many
+    were PUBACKed."""
+    publisher = MqttPublisher(host, port)
+    await publisher.open()
+    gate = asyncio.Semaphore(window)
+    payload = json.dumps({"aps": {"alert": "bench"}}).encode()
 
-    async def read_until(kind: int, count: int) -> None:
-        nonlocal acked
-        got = 0
-        while got < count:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("broker closed the publisher's connection")
-            for first, _ in decoder.feed(data):
-                if first >> 4 == kind:
-                    got += 1
-                    if kind == 4:
-                        acked += 1
-
-    async def run() -> None:
-        writer.write(mqtt_connect("bench-publisher", 60, True))
-        await read_until(2, 1)  # CONNACK
-        payload = json.dumps({"aps": {"alert": "bench"}}).encode()
-        sent = 0
-        for _ in range(per_topic):
-            for topic in topics:
-                sent += 1
-                writer.write(mqtt_publish(topic, payload, packet_id=(sent - 1) % 65535 + 1))
-                if sent - acked >= window:
-                    await writer.drain()
-                    await read_until(4, sent - acked - window // 2)
-        await writer.drain()
-        await read_until(4, sent - acked)
-        writer.write(b"\xe0\x00")
-        await writer.drain()
+    async def one(topic: str) -> bool:
+        async with gate:
+            return (await publisher.send(topic, payload))[2] == "ok"
 
     try:
-        await asyncio.wait_for(run(), timeout)
+        acked = await asyncio.wait_for(asyncio.gather(
+            *(one(topic) for _ in range(per_topic) for topic in topics)), timeout)
     finally:
-        writer.close()
-    return acked
+        await publisher.close()
+    return sum(acked)
 
 
 def main() -> None:

@@ -254,12 +254,13 @@ def side_by_side(res: dict[str, dict[str, Any]]) -> str:
     head = "| measure | " + " | ".join(LABELS[c] for c in present) + " |"
     rows = [head, "|---|" + "---:|" * len(present)]
 
-    def row(label: str, fn) -> None:
+    def row(label: str, fn, scenarios: tuple[str, ...] = ("idle", "storm")) -> None:
+        """fn takes each column's results of `scenarios` (None where there is none)."""
         cells = []
         for s, t in present:
             try:
-                cells.append(fn(res.get(f"idle-{s}-{t}"), res.get(f"storm-{s}-{t}")))
-            except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a run cut short
+                cells.append(fn(*(res.get(f"{k}-{s}-{t}") for k in scenarios)))
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):  # none, or cut short
                 cells.append("-")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
 
@@ -286,22 +287,14 @@ def side_by_side(res: dict[str, dict[str, Any]]) -> str:
         f"{_f(_push_round(s)['pushes_delivered'])} / {_f(_push_round(s)['pushes_queued'])}"))
     row("storm peak RSS, MiB", lambda i, s: _f(max(x["peak_rss_kib"] for x in s["rounds"]) / 1024))
     if any(r["scenario"] == "latency" for r in res.values()):
-        cells = {c: res.get(f"latency-{c[0]}-{c[1]}") for c in present}
-        for label, fn in (
-                ("push to 1 of N connected: N", lambda r: _f(r["connected"])),
-                ("push: write → device read p50 / p99, ms", lambda r: (
-                    f"{_f(r['delivery_ms']['p50'], 2)} / {_f(r['delivery_ms']['p99'], 2)}")),
-                ("push: write → accepted p50 / p99, ms", lambda r: (
-                    f"{_f(r['accept_ms']['p50'], 2)} / {_f(r['accept_ms']['p99'], 2)}")),
-                ("push: delivered / accepted", lambda r: (
-                    f"{_f(r['delivered'])} / {_f(r['accepted'])}"))):
-            out = []
-            for c in present:
-                try:
-                    out.append(fn(cells[c]) if cells[c] else "-")
-                except (KeyError, TypeError, ValueError):
-                    out.append("-")
-            rows.append(f"| {label} | " + " | ".join(out) + " |")
+        latency = ("latency",)
+        row("push to 1 of N connected: N", lambda r: _f(r["connected"]), latency)
+        row("push: write → device read p50 / p99, ms", lambda r: (
+            f"{_f(r['delivery_ms']['p50'], 2)} / {_f(r['delivery_ms']['p99'], 2)}"), latency)
+        row("push: write → accepted p50 / p99, ms", lambda r: (
+            f"{_f(r['accept_ms']['p50'], 2)} / {_f(r['accept_ms']['p99'], 2)}"), latency)
+        row("push: delivered / accepted",
+            lambda r: f"{_f(r['delivered'])} / {_f(r['accepted'])}", latency)
     return "\n".join(rows) + "\n"
 
 

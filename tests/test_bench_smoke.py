@@ -156,3 +156,11 @@ def test_api_pushes_delivered(tmp_path):
     assert "API pushes" in (tmp_path / "summary.md").read_text()
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "api-lpgw-tls.png").stat().st_size > 0
+
+
+def test_latency_refuses_an_unknown_system_by_name():
+    proc = subprocess.run([sys.executable, str(BENCH / "latency.py"), "--systems",
+                           "lpgw-tls,nats", *QUICK], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "--systems: unknown ['nats']" in proc.stderr
