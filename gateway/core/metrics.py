@@ -63,6 +63,12 @@ class Metrics:
             "(2: full); the gateway does nothing else meanwhile", ["generation"], registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
+        # a failure contained to one connection, stream, datagram, transaction or timer
+        # (gateway/faults.py): the gateway went on serving the others
+        self.internal_errors = Counter(
+            "lpgw_internal_errors", "Internal errors contained to the one input they came "
+            "from, by where they happened", ["where"], registry=r)
+
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when never set); for status output and tests."""
         return self.registry.get_sample_value(name, labels) or 0.0
