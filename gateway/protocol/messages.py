@@ -43,6 +43,12 @@ class ByeReason:
     FLOOD = "flood"
     UNREGISTERED = "unregistered"
     CLIENT = "client"
+    # the gateway cannot take this device now (its storage is full or failing): come back
+    # later, with backoff; nothing of the device's is lost
+    UNAVAILABLE = "unavailable"
+    # the device stopped reading: its outgoing buffer passed the limit; its pushes stay
+    # queued and go again when it reconnects
+    SLOW_READER = "slow_reader"
 
 
 def _field(d: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True):
