@@ -69,6 +69,10 @@ class Metrics:
             "lpgw_internal_errors", "Internal errors contained to the one input they came "
             "from, by where they happened", ["where"], registry=r)
 
+        self.slow_readers = Counter(
+            "lpgw_slow_readers", "Devices closed (bye slow_reader) because they left more than "
+            "protocol.send_buffer_limit bytes unread", ["transport"], registry=r)
+
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when never set); for status output and tests."""
         return self.registry.get_sample_value(name, labels) or 0.0

@@ -148,6 +148,11 @@ class SessionSettings:
     frame_rate: float = 50.0  # sustained frames per second a device may send
     frame_burst: int = 200
     error_budget: int = 5  # refused frames before the connection is closed
+    # bytes a transport may hold for one device that it has not taken (TCP: not yet in the
+    # kernel; QUIC: not yet acknowledged). Above it the device is closed with `bye`
+    # slow_reader and its pushes wait in the store. Room for a reconnect's whole queue
+    # (256 pushes of up to 5 KiB) to be written at once to a phone that does read.
+    send_buffer_limit: int = 2 * 1024 * 1024
 
 
 class GatewaySession(_Session):

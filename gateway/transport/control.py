@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway import faults
 from gateway.core.delivery import Delivery, Rejected
+from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
 from gateway.protocol.frames import HEADER, FrameDecoder, FrameError, MessageError, decode_body
 from gateway.protocol.frames import encode_frame as encode
@@ -45,10 +47,12 @@ def push_request(d: dict[str, Any]) -> PushRequest:
 
 
 class ControlServer:
-    def __init__(self, path: Path, delivery: Delivery, status: Callable[[], dict]) -> None:
+    def __init__(self, path: Path, delivery: Delivery, status: Callable[[], dict],
+                 metrics: Metrics | None = None) -> None:
         self.path = path
         self.delivery = delivery
         self.status = status
+        self.metrics = metrics if metrics is not None else delivery.metrics
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -81,10 +85,22 @@ class ControlServer:
             writer.write(encode({"ok": False, "reason": exc.code, "message": str(exc)}))
         except (TimeoutError, ConnectionError):
             pass
+        except Exception as exc:  # this client's failure: the socket serves the next one
+            faults.record(self.metrics, "control_connection", exc)
         finally:
             writer.close()
 
     def handle(self, body: bytes) -> dict[str, Any]:
+        """One request's answer; never raises (a failure is answered and counted)."""
+        try:
+            return self._handle(body)
+        except Exception as exc:
+            faults.record(self.metrics, "control_request", exc)
+            return {"ok": False, "reason": "InternalServerError",
+                    "message": f"the gateway failed on this request ({type(exc).__name__}); "
+                               "its log says more"}
+
+    def _handle(self, body: bytes) -> dict[str, Any]:
         try:
             request = decode_body(body)
         except MessageError as exc:

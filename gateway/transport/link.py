@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway import faults
 from gateway.core.delivery import Delivery, Refused
 from gateway.core.metrics import Metrics
 from gateway.core.tokens import short
@@ -51,12 +52,20 @@ def ignore(*args: object) -> None:
 
 
 class GatewayLink:
-    """Implements the core's DeviceLink; the transport supplies write and close."""
+    """Implements the core's DeviceLink; the transport supplies write and close.
+
+    Every way in (the transport's bytes, acks and loss, the core's pushes, the timer) is
+    contained: an exception ends this one connection (`bye` unavailable, counted in
+    lpgw_internal_errors_total) and never reaches the transport's loop or the caller that
+    pushed, so other devices go on being served; the device's pushes stay stored.
+    """
 
     def __init__(self, ctx: LinkContext, transport: str, peer: str,
-                 write: Callable[[bytes], None], close: Callable[[str], None],
+                 write: Callable[[bytes], int | None], close: Callable[[str], None],
                  ping: Callable[[int], None] | None = None) -> None:
-        """`ping`, when given, carries the heartbeat in the transport (QUIC PING frames):
+        """`write` returns how many bytes the transport now holds for this device unread
+        (None: it cannot tell); past the settings' send_buffer_limit the device is closed.
+        `ping`, when given, carries the heartbeat in the transport (QUIC PING frames):
         the transport reports acknowledgements to `ping_acknowledged`."""
         self.ctx = ctx
         self.transport = transport
@@ -77,7 +86,10 @@ class GatewayLink:
     def data_received(self, data: bytes) -> None:
         if self._ended:
             return
-        self._handle(self.session.receive_data(data, self._loop.time()))
+        try:
+            self._handle(self.session.receive_data(data, self._loop.time()))
+        except Exception as exc:
+            self._fail("device_input", exc)
 
     def connection_lost(self, why: str) -> None:
         if self._ended:
@@ -93,11 +105,17 @@ class GatewayLink:
         if self.session.closed is None:
             self.ctx.metrics.disconnects.labels(self.transport, "lost").inc()
         if self.token is not None:
-            self.ctx.delivery.detach(self.token, self, time.time(), reason)
+            try:
+                self.ctx.delivery.detach(self.token, self, time.time(), reason)
+            except Exception as exc:  # the link is gone all the same
+                faults.record(self.ctx.metrics, "device_detach", exc, self._who())
 
     def ping_acknowledged(self, nonce: int) -> None:
         if not self._ended:
-            self.session.pinged_back(nonce)
+            try:
+                self.session.pinged_back(nonce)
+            except Exception as exc:
+                self._fail("device_input", exc)
 
     # from the core (DeviceLink)
 
@@ -111,11 +129,23 @@ class GatewayLink:
         self._arm()
 
     def send_push(self, push: Push) -> None:
-        self.session.push(push)
-        self._flush()
+        """Never raises into the core: a failure ends this connection and the push, stored
+        and not acknowledged, goes again when the device is back."""
+        if self._ended:
+            return
+        try:
+            self.session.push(push)
+            self._flush()
+        except Exception as exc:
+            self._fail("device_write", exc)
 
     def close(self, reason: str, code: str | None = None, message: str | None = None) -> None:
-        self._handle([self.session.close(reason, code, message)])
+        if self._ended:
+            return
+        try:
+            self._handle([self.session.close(reason, code, message)])
+        except Exception as exc:
+            self._fail("device_close", exc)
 
     # internals
 
@@ -165,7 +195,31 @@ class GatewayLink:
     def _flush(self) -> None:
         data = self.session.data_to_send()
         if data:
-            self._write(data)
+            held = self._write(data)
+            limit = self.ctx.settings.send_buffer_limit
+            if held is not None and held > limit and self.session.closed is None:
+                self.ctx.metrics.slow_readers.labels(self.transport).inc()
+                self._end(self.session.close(
+                    ByeReason.SLOW_READER, "slow_reader",
+                    f"{held} bytes unread (limit {limit}); queued pushes wait for the next "
+                    "connection"))
+
+    def _fail(self, where: str, exc: Exception) -> None:
+        """Contain a failure to this connection: count and log it, end it, free it."""
+        faults.record(self.ctx.metrics, where, exc, self._who())
+        if self._ended:
+            return
+        try:
+            self._end(self.session.close(ByeReason.UNAVAILABLE, "internal_error",
+                                         "the gateway failed on this connection; reconnect"))
+        except Exception as again:  # ending it cleanly failed too: end it regardless
+            faults.record(self.ctx.metrics, "device_close", again, self._who())
+            close = self._close_transport
+            self.connection_lost("internal error")
+            try:
+                close(ByeReason.UNAVAILABLE)
+            except Exception as last:
+                faults.record(self.ctx.metrics, "device_close", last, self._who())
 
     def _who(self) -> str:
         return f"device {short(self.token)}" if self.token else f"{self.transport} peer {self.peer}"
@@ -183,4 +237,7 @@ class GatewayLink:
     def _on_timer(self) -> None:
         self._timer_at = None
         if not self._ended:
-            self._handle(self.session.handle_timer(self._loop.time()))
+            try:
+                self._handle(self.session.handle_timer(self._loop.time()))
+            except Exception as exc:
+                self._fail("device_timer", exc)

@@ -42,6 +42,7 @@ from aioquic.quic.connection import (
     stream_is_unidirectional,
 )
 
+from gateway import faults
 from gateway.core.metrics import Metrics
 from gateway.protocol import ALPN
 from gateway.transport import h3health
@@ -94,8 +95,44 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         self._in_event = True
         try:
             self._event(event)
+        except Exception as exc:  # this connection's failure: it alone ends
+            self._abandon("quic_event", exc)
         finally:
             self._in_event = False
+
+    def _handle_timer(self) -> None:
+        """aioquic's timer, contained: if it raised, the loop would drop the timer and the
+        connection would never time out, held for ever."""
+        try:
+            super()._handle_timer()
+        except Exception as exc:
+            self._abandon("quic_timer", exc)
+
+    def _abandon(self, where: str, exc: Exception) -> None:
+        """End this one connection after a failure, however broken its state: say
+        CONNECTION_CLOSE if aioquic still can, then forget it at once (its own timer may
+        be what failed, so the closing period is not waited for)."""
+        faults.record(self._metrics, where, exc, f"quic peer {self._peer_safe()}")
+        link, self._link = self._link, None
+        if link is not None:
+            link.connection_lost("internal error")
+        try:
+            self._close("internal error")
+        except Exception as again:
+            faults.record(self._metrics, where, again, f"quic peer {self._peer_safe()}")
+        with contextlib.suppress(Exception):
+            self._connection_terminated_handler()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._closing = True
+        self._release_now()
+
+    def _peer_safe(self) -> str:
+        try:
+            return self._peer()
+        except Exception:
+            return "?"
 
     def _event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.ConnectionTerminated):
@@ -141,12 +178,14 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
             self._link.connection_lost("device ended its stream")
             self._close("stream ended")
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> int | None:
+        """Queue `data` on the device's stream; returns the bytes it holds unacknowledged."""
         if self._stream_id is None or self._closing:
-            return
+            return None
         self._quic.send_stream_data(self._stream_id, data)
         if not self._in_event:  # a push from the API or SIP, a bye: send it now
             self.transmit()
+        return stream_backlog(self._quic, self._stream_id)
 
     def _ping(self, nonce: int) -> None:
         """The heartbeat as a QUIC PING frame: the phone's QUIC stack acknowledges it, so
@@ -174,14 +213,30 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         partials holding this protocol, and a health check's H3Health holds its transmit:
         cycles of their own."""
         self._closing = True
+        self._release_now()
+        release_closed_connection(self._quic)
+
+    def _release_now(self) -> None:
         self._link = self._h3 = None
         self._connection_id_issued_handler = self._connection_id_retired_handler = ignore
         self._connection_terminated_handler = ignore
-        release_closed_connection(self._quic)
 
     def _peer(self) -> str:
         addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
         return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+def stream_backlog(quic: QuicConnection, stream_id: int) -> int | None:
+    """Bytes written to a stream and not yet acknowledged by the peer (None: unknown).
+
+    aioquic has no public measure of it: its QuicStreamSender keeps exactly that in
+    `_buffer` (read against 1.7.2; the offsets from the first unacknowledged byte to the
+    last written one). A phone that stops reading stops extending its flow-control window,
+    and what we write waits there; the link closes it past a limit.
+    """
+    stream = getattr(quic, "_streams", {}).get(stream_id)
+    buffer = getattr(getattr(stream, "sender", None), "_buffer", None)
+    return len(buffer) if isinstance(buffer, bytearray) else None
 
 
 # --- what an idle connection keeps -------------------------------------------------------
@@ -236,6 +291,7 @@ def release_handshake_state(quic: QuicConnection) -> bool:
 # what aioquic's public methods read of a connection that has ended (datagrams_to_send,
 # get_timer, next_event, receive_datagram and close all stop at the state check)
 KEPT_AFTER_END = ("_state", "_close_at", "_close_event", "_events", "_network_paths")
+
 
 
 def release_closed_connection(quic: QuicConnection) -> bool:
@@ -336,19 +392,36 @@ class DeviceQuicServer(QuicServer):
         if self._transport is None or self._transport.is_closing():
             self._working = False  # the listener is gone: what waits is never handled
             return
-        backlog, handle = self._backlog, super().datagram_received
+        backlog = self._backlog
         until = time.perf_counter() + WORK_SLICE
-        while backlog:
-            handle(*backlog.popleft())
-            if time.perf_counter() >= until:
-                break
-        else:
-            for data, addr in self._initials.take() or ():
-                handle(data, addr)
-        if backlog or len(self._initials):
-            self._loop.call_soon(self._work)
-        else:
-            self._working = False
+        try:
+            while backlog:
+                self._handle(*backlog.popleft())
+                if time.perf_counter() >= until:
+                    break
+            else:
+                for data, addr in self._initials.take() or ():
+                    self._handle(data, addr)
+        finally:  # whatever happened, the next slice comes: one failure must not stop QUIC
+            if backlog or len(self._initials):
+                self._loop.call_soon(self._work)
+            else:
+                self._working = False
+
+    def _handle(self, data: bytes, addr: Any) -> None:
+        """One datagram through aioquic; a failure costs that datagram only (the
+        connection's own events are contained in QuicDeviceProtocol)."""
+        try:
+            super().datagram_received(data, addr)
+        except Exception as exc:
+            faults.record(self._metrics, "quic_datagram", exc, f"from {_address(addr)}")
+
+
+def _address(addr: Any) -> str:
+    try:
+        return f"{addr[0]}:{addr[1]}"
+    except Exception:
+        return "?"
 
 
 async def serve(host: str, port: int, *, configuration: QuicConfiguration,

@@ -15,6 +15,9 @@ import logging
 import math
 from collections.abc import Callable
 
+from gateway import faults
+from gateway.core.metrics import Metrics
+
 log = logging.getLogger("lpgw.timers")
 
 DEFAULT_TICK = 0.1
@@ -28,8 +31,10 @@ def tick_for(heartbeat: float) -> float:
 class TimerWheel:
     """Deadlines of many owners; each owner has at most one, and `fire` is called at it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = DEFAULT_TICK) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = DEFAULT_TICK,
+                 metrics: Metrics | None = None) -> None:
         self._loop = loop
+        self.metrics = metrics
         self.tick = tick
         self._slots: dict[int, dict[object, Callable[[], None]]] = {}
         self._order: list[int] = []  # heap of the slot numbers in _slots
@@ -119,8 +124,8 @@ class TimerWheel:
                 for fire in members.values():
                     try:
                         fire()  # may schedule again, into a later slot
-                    except Exception:  # one owner's bug must not stop the others' timers
-                        log.exception("a timer callback failed")
+                    except Exception as exc:  # one owner's failure: the others' still run
+                        faults.record(self.metrics, "timer", exc)
             self._done = max(self._done, now_slot)
         finally:
             self._running = False

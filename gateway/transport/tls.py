@@ -12,12 +12,17 @@ import logging
 import ssl
 from collections.abc import Callable
 
+from gateway import faults
 from gateway.core.metrics import Metrics
 from gateway.protocol import ALPN
+from gateway.protocol.messages import ByeReason
 
 log = logging.getLogger("lpgw.tls")
 
 READ_CHUNK = 16384
+# a closed connection whose peer does not take what is left is cut after this long: the
+# bytes it holds would otherwise stay with the socket for as long as the peer keeps quiet
+CLOSE_GRACE = 10.0
 
 
 def server_context(cert: str, key: str, alpn: tuple[str, ...] = (ALPN,),
@@ -57,6 +62,9 @@ class TlsStream(asyncio.Protocol):
         self._open = False
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
+        self._cut: asyncio.TimerHandle | None = None
+        # what goes into the failure counter: the API's connections share this class
+        self.metrics: Metrics | None = None
 
     @property
     def peer(self) -> str:
@@ -75,38 +83,56 @@ class TlsStream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        self._incoming.write(data)
-        if not self._open:
-            self._handshake()
+        try:
+            self._incoming.write(data)
             if not self._open:
-                return
-        self._read()
+                self._handshake()
+                if not self._open:
+                    return
+            self._read()
+        except Exception as exc:  # this connection's failure: it alone is closed
+            faults.record(self.metrics, "tls_input", exc, f"tls peer {self.peer}")
+            self.close(abort=True)
+            self._lost("internal error")
 
     def eof_received(self) -> bool:
         self._lost("peer closed the connection")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._cut is not None:
+            self._cut.cancel()
+            self._cut = None
         self._lost(f"connection lost: {exc}" if exc else "connection closed")
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int | None:
+        """Encrypt and send; returns the bytes the socket's transport holds unsent."""
         if self._closed or self.ssl is None:
-            return
+            return None
         self.ssl.write(data)
         self._flush()
+        return self.transport.get_write_buffer_size() if self.transport is not None else None
 
-    def close(self) -> None:
-        """Send close_notify after what is queued, then close the socket."""
+    def close(self, abort: bool = False) -> None:
+        """Send close_notify after what is queued, then close the socket; with `abort`
+        (the peer does not read) drop what is queued and close at once."""
         if self._closed:
             return
         self._closed = True
-        if self._open and self.ssl is not None:
+        if self._open and self.ssl is not None and not abort:
             with contextlib.suppress(ssl.SSLError):
                 self.ssl.unwrap()
-        self._flush()
+            self._flush()
         self._cancel_timer()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+        elif not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():
+                self._cut = asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
     # internals
 
@@ -189,8 +215,14 @@ def serve_factory(ctx: ssl.SSLContext, make_link, metrics: Metrics,
         log.info("tls: %s", why)
 
     def on_open(stream: TlsStream) -> None:
-        link = make_link("tls", stream.peer, stream.write, lambda reason: stream.close())
+        link = make_link("tls", stream.peer, stream.write,
+                         lambda reason: stream.close(abort=reason == ByeReason.SLOW_READER))
         stream.on_data = link.data_received
         stream.on_lost = link.connection_lost
 
-    return lambda: TlsStream(ctx, True, handshake_timeout, on_open, on_error)
+    def stream() -> TlsStream:
+        made = TlsStream(ctx, True, handshake_timeout, on_open, on_error)
+        made.metrics = metrics
+        return made
+
+    return stream
