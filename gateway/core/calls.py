@@ -104,6 +104,17 @@ class Calls:
         for call in list(self.calls.values()):
             self._finish(call, UNAVAILABLE, "gateway stopping", now)
 
+    def clock_stepped(self, delta: float) -> None:
+        """The wall clock jumped `delta` seconds: every call keeps the time it has left.
+
+        A ring window is an interval, not a date: without this a +40-day NTP step would
+        end every ringing call at once, and a step back would let them ring for an hour.
+        """
+        for call in self.calls.values():
+            call.started += delta
+            call.reach_deadline += delta
+            call.ring_deadline += delta
+
     def next_timer(self) -> float | None:
         times = [c.ring_deadline if c.reached else min(c.reach_deadline, c.ring_deadline)
                  for c in self.calls.values()]
