@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -171,6 +172,12 @@ class GatewayProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(10)
+
+    def handle(self) -> SimpleNamespace:
+        """What `send`, `devices` and `control.request` need of a gateway, for this one."""
+        return SimpleNamespace(config=SimpleNamespace(control_path=Path(self.runtime["control"])),
+                               listening=SimpleNamespace(port=self.runtime["port"]),
+                               pin=self.pin)
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

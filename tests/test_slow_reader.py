@@ -129,14 +129,6 @@ async def test_a_device_that_stops_reading_is_closed_and_its_pushes_wait(
     await peer.close()
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
 async def test_a_stuck_phone_costs_at_most_its_limit_in_lpgw_run(tmp_path, devices):
     """`lpgw run` with the default limit (2 MiB): a TLS phone that stops reading while
     pushes keep coming. Before: its buffer grew with every push (+17 MiB and rising)."""
@@ -144,24 +136,18 @@ async def test_a_stuck_phone_costs_at_most_its_limit_in_lpgw_run(tmp_path, devic
                                                   "store": {"synchronous": "NORMAL"}})
     proc.start()
     try:
-        class Handle:  # what `send` and `devices` need of a gateway
-            config = type("C", (), {"control_path": tmp_path / "state" / "control.sock"})
-            listening = type("L", (), {"port": proc.runtime["port"]})
-            pin = proc.pin
-
-        gw = Handle()
-        gw.config.control_path = proc.runtime["control"]
+        gw = proc.handle()
         bystander = devices(gw, "quic")
         calm = await bystander.welcome()
         peer, token = await stuck("tls", proc.runtime["port"], new_install())
-        start = rss_kib(proc.pid)
+        start = proc.rss_kib()
         deadline = time.monotonic() + 90
         closed_after = None
         peak = start
         for n in range(3000):
             reply = await send(gw, token, PAYLOAD | {"n": n})
             assert reply["ok"], reply
-            peak = max(peak, rss_kib(proc.pid))
+            peak = max(peak, proc.rss_kib())
             if n % 50 == 0:
                 status = (await _status(gw))["devices"]["connected"]
                 if status["tls"] == 0:
