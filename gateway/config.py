@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +21,39 @@ import yaml
 from gateway.certs import load_public_key
 from gateway.core.tokens import is_token
 
+# what a config file may be: a real one is a few KB, 4 levels deep, a hundred values
+MAX_FILE = 128 * 1024  # PyYAML (pure Python) reads ~50 KB/s here: bounded time
+MAX_DEPTH = 32
+MAX_VALUES = 100000  # after YAML aliases are expanded (a "billion laughs" file is small)
+MAX_SHOWN = 20  # problems printed; the rest are counted
+MAX_LINE = 300  # characters of one problem printed
+
+_SHORT = reprlib.Repr()  # a bad value is shown, never a huge or endless structure
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 3, 6, 6
+
 
 class ConfigError(Exception):
+    """Every problem found, for the operator: the message stays short whatever the file."""
+
     def __init__(self, problems: list[str], source: str = "") -> None:
         self.problems = problems
         self.source = source
         where = f"{source}: " if source else ""
-        super().__init__("\n".join(f"{where}{p}" for p in problems))
+        lines = [_cut(f"{where}{p}") for p in problems[:MAX_SHOWN]]
+        if len(problems) > MAX_SHOWN:
+            lines.append(f"{where}... and {len(problems) - MAX_SHOWN} more problems")
+        super().__init__("\n".join(lines))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE] + "…"
+
+
+def _key(key: Any) -> str:
+    """A mapping key as a key path shows it: short, on one line."""
+    text = key if isinstance(key, str) and key.isprintable() else _SHORT.repr(key)
+    return text if len(text) <= 40 else text[:40] + "…"
 
 
 def _k(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -58,18 +86,21 @@ class ProtocolConfig:
     hello_timeout: float = _k(10.0, "seconds a new connection has to say hello", lo=0.05,
                               hi=120)
     max_frame: int = _k(16384, "largest frame in bytes", lo=8192, hi=1048576)
-    frame_rate: float = _k(50.0, "frames per second a device may send, sustained", lo=1)
-    frame_burst: int = _k(200, "frames a device may send in a burst", lo=1)
+    frame_rate: float = _k(50.0, "frames per second a device may send, sustained", lo=1,
+                           hi=10000)
+    frame_burst: int = _k(200, "frames a device may send in a burst", lo=1, hi=100000)
 
 
 @dataclass(frozen=True)
 class DeliveryConfig:
     queue_limit: int = _k(256, "stored pushes per device; the oldest goes first", lo=1,
                           hi=100000)
-    default_ttl: int = _k(2592000, "seconds a push without expiration is kept", lo=1)
-    expire_interval: float = _k(60.0, "seconds between sweeps for expired pushes", lo=0.05)
+    default_ttl: int = _k(2592000, "seconds a push without expiration is kept", lo=1,
+                          hi=315360000)
+    expire_interval: float = _k(60.0, "seconds between sweeps for expired pushes", lo=0.05,
+                                hi=86400)
     unregistered_after_days: float = _k(30.0, "a device unseen this long gets 410 Unregistered",
-                                        lo=0.001)
+                                        lo=0.001, hi=3650)
 
 
 @dataclass(frozen=True)
@@ -88,9 +119,10 @@ class ApiConfig:
     cert: str = _k("", "PEM certificate for the API; empty: the gateway's")
     key: str = _k("", "PEM key for the API; empty: the gateway's")
     admin_token_file: str = _k("", "file holding a bearer token for /v1 and /status")
-    rate_limit: float = _k(1000.0, "pushes per second per provider key", lo=0.001)
-    rate_burst: int = _k(2000, "pushes a key may send in a burst", lo=1)
-    idle_timeout: float = _k(3600.0, "seconds before an idle API connection is closed", lo=0.1)
+    rate_limit: float = _k(1000.0, "pushes per second per provider key", lo=0.001, hi=1000000)
+    rate_burst: int = _k(2000, "pushes a key may send in a burst", lo=1, hi=1000000)
+    idle_timeout: float = _k(3600.0, "seconds before an idle API connection is closed", lo=0.1,
+                             hi=604800)
     metrics_need_auth: bool = _k(False, "require a bearer token for /metrics")
     providers: tuple[ProviderConfig, ...] = _k((), "provider keys (team, key id, topics)")
 
@@ -132,9 +164,10 @@ class SipConfig:
     port: int = _k(5060, "UDP and TCP port; 0 picks a free one", lo=0, hi=65535)
     udp: bool = _k(True, "listen on UDP")
     tcp: bool = _k(True, "listen on TCP")
-    ring_window: float = _k(45.0, "seconds a call rings on lpgw's branch before 480", lo=1)
+    ring_window: float = _k(45.0, "seconds a call rings on lpgw's branch before 480", lo=1,
+                            hi=3600)
     reach_timeout: float = _k(10.0, "seconds for some device to acknowledge the call, else 480",
-                              lo=0.1)
+                              lo=0.1, hi=600)
     routes: tuple[SipRouteConfig, ...] = _k((), "Request-URI user -> lpgw user rules")
     static_bindings: tuple[SipStaticBinding, ...] = _k((), "users rung on fixed device tokens")
     pbx_host: str = _k("", "the PBX to register with; empty: no registration")
@@ -142,7 +175,8 @@ class SipConfig:
     pbx_transport: str = _k("udp", "transport to the PBX", choices=("udp", "tcp"))
     domain: str = _k("", "SIP domain of the accounts; empty: pbx_host")
     register: tuple[SipRegistration, ...] = _k((), "accounts lpgw registers with the PBX")
-    keepalive_interval: float = _k(30.0, "seconds between OPTIONS pings to the PBX", lo=1)
+    keepalive_interval: float = _k(30.0, "seconds between OPTIONS pings to the PBX", lo=1,
+                                   hi=86400)
 
 
 @dataclass(frozen=True)
@@ -153,7 +187,8 @@ class DiscoveryConfig:
                                          "non-loopback interface that is up")
     wifi_only: bool = _k(False, "advertise only on Wi-Fi interfaces")
     require_ssid: str = _k("", "advertise nothing unless a Wi-Fi interface is on this SSID")
-    poll_interval: float = _k(2.0, "seconds between polls where netlink is missing", lo=0.1)
+    poll_interval: float = _k(2.0, "seconds between polls where netlink is missing", lo=0.1,
+                              hi=3600)
 
 
 @dataclass(frozen=True)
@@ -222,17 +257,133 @@ def load(path: str | Path | None) -> Config:
         return Config()
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE + 1)
     except OSError as exc:
         raise ConfigError([f"cannot read: {exc.strerror}"], source) from None
+    if len(raw) > MAX_FILE:
+        raise ConfigError([f"over {MAX_FILE} bytes; a config file is a few KB"], source)
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                           "save the file as UTF-8"], source) from None
+    data = _parse(text, source)
+    return from_dict(data if data is not None else {}, source)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting past MAX_DEPTH (its composer recurses: a deep
+    file raised RecursionError) and values it cannot make (a 5,000-digit int raised
+    ValueError), both with their line."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} "
+                                              "levels", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"not a valid value ({str(exc).split(';')[0][:120]})",
+                node.start_mark) from None
+
+
+def _parse(text: str, source: str) -> Any:
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, source)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"],
-                          source) from None
-    return from_dict(data if data is not None else {}, source)
+        problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
+        raise ConfigError([f"{where}not valid YAML: {problem}"], source) from None
+    except RecursionError:  # not expected past the depth limit; never a traceback
+        raise ConfigError(["nested too deeply"], source) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[tuple[str, yaml.Node]]:
+    """A node's children, each with the key path step that leads to it."""
+    if isinstance(node, yaml.MappingNode):
+        out = []
+        for key, value in node.value:
+            name = _key(key.value) if isinstance(key, yaml.ScalarNode) else "(a key)"
+            out += [("(a key)", key), (name, value)]
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"[{i}]", child) for i, child in enumerate(node.value)]
+    return []
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse what YAML aliases would blow up: over MAX_VALUES values or MAX_DEPTH levels
+    once expanded, or an alias inside what it names. Measured without expanding
+    (each node once, no recursion), so a "billion laughs" file costs its own size."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        kids = [kid for _, kid in _children(node)]
+        if finished:
+            size[id(node)] = min(1 + sum(size[id(k)] for k in kids), MAX_VALUES + 1)
+            height[id(node)] = 1 + max((height[id(k)] for k in kids), default=0)
+            entered.discard(id(node))
+            continue
+        if id(node) in size:
+            continue
+        entered.add(id(node))
+        stack.append((node, True))
+        for kid in kids:
+            if id(kid) in entered:
+                mark = kid.start_mark
+                raise ConfigError([f"line {mark.line + 1}, column {mark.column + 1}: a YAML "
+                                   "alias refers to a value that contains it"], source)
+            if id(kid) not in size:
+                stack.append((kid, False))
+    if size[id(root)] > MAX_VALUES:
+        path = _blame(root, lambda kid, depth: size[id(kid)] > MAX_VALUES)
+        raise ConfigError([f"{path}: more than {MAX_VALUES} values (each YAML alias "
+                           "counted as a copy of what it names)"], source)
+    if height[id(root)] > MAX_DEPTH:
+        path = _blame(root, lambda kid, depth: depth + height[id(kid)] - 1 > MAX_DEPTH)
+        raise ConfigError([f"{path}: nested deeper than {MAX_DEPTH} levels (through YAML "
+                           "aliases)"], source)
+
+
+def _blame(root: yaml.Node, over: Any) -> str:
+    """The key path down to where a limit is passed: follow the child that passes it."""
+    path, node, depth = "", root, 1
+    while len(path) < 120:
+        step = next(((name, kid) for name, kid in _children(node) if over(kid, depth + 1)),
+                    None)
+        if step is None:
+            break
+        name, node = step
+        depth += 1
+        path += name if name.startswith("[") or not path else f".{name}"
+    return path or "(top level)"
 
 
 def from_dict(data: Any, source: str = "") -> Config:
@@ -253,9 +404,10 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in data.items():
-        path = f"{prefix}{key}"
+        path = f"{prefix}{_key(key)}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
+            close = (difflib.get_close_matches(str(key)[:64], fields, n=1)
+                     if len(problems) < MAX_SHOWN else None)  # hints only for those shown
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             problems.append(f"{path}: unknown key{hint}")
             continue
@@ -291,7 +443,7 @@ def _build_list(item: type, value: Any, path: str, problems: list[str]) -> tuple
 
 
 def _check(path: str, value: Any, kind: type, meta: Any, problems: list[str]) -> Any:
-    shown = "(hidden)" if meta.get("secret") else repr(value)
+    shown = "(hidden)" if meta.get("secret") else _SHORT.repr(value)
     if kind is bool:
         if not isinstance(value, bool):
             problems.append(f"{path}: must be true or false (got {shown})")
@@ -304,7 +456,9 @@ def _check(path: str, value: Any, kind: type, meta: Any, problems: list[str]) ->
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"{path}: must be a number (got {shown})")
             return None
-        value = float(value)
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes lo and hi
+            problems.append(f"{path}: must be a finite number (got {shown})")
+            return None
     elif kind is str:
         if value is None:
             value = ""
@@ -321,7 +475,7 @@ def _check(path: str, value: Any, kind: type, meta: Any, problems: list[str]) ->
     if choices and value not in choices:
         problems.append(f"{path}: must be one of {', '.join(choices)} (got {shown})")
         return None
-    return value
+    return float(value) if kind is float else value  # after the range: a huge int overflows
 
 
 def _cross_checks(c: Config) -> list[str]:
@@ -335,6 +489,9 @@ def _cross_checks(c: Config) -> list[str]:
                        ("assertions.es256_public_key_file", c.assertions.es256_public_key_file)):
         if value and not os.access(value, os.R_OK):
             problems.append(f"{key}: cannot read {value}")
+    key_file = c.assertions.es256_public_key_file
+    if key_file and os.access(key_file, os.R_OK) and (problem := _text_file_problem(key_file)):
+        problems.append(f"assertions.es256_public_key_file: {problem}")
     if c.assertions.hs256_secret and c.assertions.hs256_secret_file:
         problems.append("assertions: set hs256_secret or hs256_secret_file, not both")
     if c.assertions.required and not (c.assertions.hs256_secret or
@@ -350,6 +507,19 @@ def _cross_checks(c: Config) -> list[str]:
     return problems
 
 
+def _text_file_problem(path: str) -> str | None:
+    """Why a file the gateway reads as text cannot be (else None): at start it would be a
+    traceback."""
+    try:
+        with open(path, "rb") as f:
+            f.read(MAX_FILE).decode("utf-8")
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    except UnicodeDecodeError:
+        return f"{path} is not UTF-8 text"
+    return None
+
+
 def _api_checks(api: ApiConfig) -> list[str]:
     problems = []
     if bool(api.cert) != bool(api.key):
@@ -358,9 +528,12 @@ def _api_checks(api: ApiConfig) -> list[str]:
                        ("api.admin_token_file", api.admin_token_file)):
         if value and not os.access(value, os.R_OK):
             problems.append(f"{key}: cannot read {value}")
-    if api.admin_token_file and os.access(api.admin_token_file, os.R_OK) \
-            and len(Path(api.admin_token_file).read_text().strip()) < 16:
-        problems.append("api.admin_token_file: the token must be at least 16 characters")
+    if api.admin_token_file and os.access(api.admin_token_file, os.R_OK):
+        problem = _text_file_problem(api.admin_token_file)
+        if problem:
+            problems.append(f"api.admin_token_file: {problem}")
+        elif len(Path(api.admin_token_file).read_text().strip()) < 16:
+            problems.append("api.admin_token_file: the token must be at least 16 characters")
     seen = set()
     for i, p in enumerate(api.providers):
         where = f"api.providers[{i}]"
