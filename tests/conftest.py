@@ -144,8 +144,8 @@ class GatewayProcess:
         self.config_path.write_text(yaml.safe_dump(data))
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 20, preexec_fn=None) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def start(self, timeout: float = 20, preexec_fn=None, env: dict | None = None) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config_path)],
