@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from gateway.api.errors import ApiError
 from gateway.api.provider_auth import ProviderKey
@@ -25,6 +26,9 @@ UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{
 MAX_PAYLOAD = {"voip": 5120}
 DEFAULT_MAX_PAYLOAD = 4096
 MAX_BODY = max(MAX_PAYLOAD.values())  # the most any push may carry
+# objects and arrays inside one another in a request body; real payloads use a handful.
+# Python's json gives up (RecursionError) near 1,000, and phones parse what we pass on.
+MAX_JSON_DEPTH = 64
 
 
 def payload_limit(push_type: str) -> int:
@@ -76,10 +80,7 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
         raise ApiError("PayloadEmpty", "the body is empty")
     if len(body) > payload_limit(push_type):
         raise ApiError("PayloadTooLarge", f"payload over {payload_limit(push_type)} bytes")
-    try:
-        payload = json.loads(body, parse_constant=_no_constants)
-    except ValueError as exc:
-        raise ApiError("BadPayload", f"the body is not JSON: {exc}") from None
+    payload = json_body(body)
     if not isinstance(payload, dict):
         raise ApiError("BadPayload", "the body must be a JSON object")
     if not payload:
@@ -87,6 +88,40 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
     return PushRequest(push_type=push_type, payload=payload, priority=priority,
                        expiration=expiration, collapse_id=collapse_id,
                        push_id=push_id.lower() if push_id else None, topic=topic)
+
+
+def json_body(body: bytes) -> Any:
+    """A request body's JSON value, or 400 BadPayload: never NaN, never deeper than
+    MAX_JSON_DEPTH (a deep body once made json raise RecursionError: a 500)."""
+    try:
+        value = json.loads(body, parse_constant=_no_constants)
+    except ValueError as exc:
+        raise ApiError("BadPayload", f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        value = None
+        deep = True
+    else:
+        # fewer brackets than the limit cannot nest past it: most bodies stop here
+        deep = (body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
+                and _deeper_than(value, MAX_JSON_DEPTH))
+    if deep:
+        raise ApiError("BadPayload", f"the body nests objects and arrays deeper than "
+                                     f"{MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = (node.values() if isinstance(node, dict) else node
+                    if isinstance(node, list) else None)
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _no_constants(name: str) -> None:

@@ -14,6 +14,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.api.errors import ApiError
+from gateway.core.assertions import BadClaim, numeric_date
 
 MAX_AGE = 3600.0
 CLOCK_SKEW = 60.0
@@ -76,7 +77,8 @@ class ProviderAuth:
             raise ApiError("InvalidProviderToken", "not a JWT") from None
         if header.get("alg") != "ES256":
             raise ApiError("InvalidProviderToken", "the token must be signed with ES256")
-        key = self._by_kid.get(header.get("kid"))
+        kid = header.get("kid")
+        key = self._by_kid.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise ApiError("InvalidProviderToken", "unknown key id")
         try:
@@ -85,9 +87,16 @@ class ProviderAuth:
                                          "verify_iat": False, "verify_nbf": False})
         except jwt.PyJWTError as exc:
             raise ApiError("InvalidProviderToken", f"token refused: {exc}") from None
-        if (claims["iss"], key.key_id) not in self._keys:
+        iss = claims["iss"]
+        if not isinstance(iss, str):
+            raise ApiError("InvalidProviderToken", "iss must be a string: the team id")
+        if (iss, key.key_id) not in self._keys:
             raise ApiError("InvalidProviderToken", "the key does not belong to that team")
-        iat = claims["iat"]
-        if isinstance(iat, bool) or not isinstance(iat, int | float):
-            raise ApiError("InvalidProviderToken", "iat must be a number")
-        return key, float(iat)
+        try:
+            iat = numeric_date(claims, "iat")
+            numeric_date(claims, "exp")  # exp and nbf are not enforced, but never garbage
+            numeric_date(claims, "nbf")
+        except BadClaim as exc:
+            raise ApiError("InvalidProviderToken", str(exc)) from None
+        assert iat is not None  # required above
+        return key, iat

@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import faults
 from gateway.api import apns
 from gateway.api.errors import ApiError
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
@@ -76,6 +77,7 @@ class Router:
         self.group_commit = False  # the transport commits groups of pushes (one fsync each)
 
     def handle(self, req: Request, now: float) -> Response:
+        """The answer to one request; never raises. The shell adds the request's apns-id."""
         try:
             return self._route(req, now)
         except ApiError as exc:
@@ -85,16 +87,14 @@ class Router:
                 body["timestamp"] = int(exc.timestamp * 1000)
             if exc.reason not in ("Unregistered",) and str(exc) != exc.reason:
                 body["message"] = str(exc)  # lpgw's addition: what exactly was wrong
-            headers = [("apns-id", req_id)] if (req_id := _header(req, "apns-id")) else []
-            return Response.json(exc.status, body, headers)
-        except Exception:
-            log.exception("request %s %s failed", req.method, req.path.split("?")[0][:40])
-            self.metrics.api_errors.labels("InternalServerError").inc()
-            return Response.json(500, {"reason": "InternalServerError"})
+            return Response.json(exc.status, body)
+        except Exception as exc:  # a bug: this request alone gets 500, the rest go on
+            faults.record(self.metrics, "api_request", exc, loggable(req.method, req.path))
+            return internal_error(self.metrics)
 
     def _route(self, req: Request, now: float) -> Response:
         path, _, query = req.path.partition("?")
-        if path.startswith("/3/device"):
+        if path == "/3/device" or path.startswith("/3/device/"):
             return self._push(req, path, now)
         if path == "/v1/health":
             self._method(req, "GET")
@@ -128,6 +128,8 @@ class Router:
         token = path.removeprefix("/3/device").removeprefix("/")
         if not token:
             raise ApiError("MissingDeviceToken", "the path is /3/device/<token>")
+        if "/" in token:
+            raise ApiError("BadPath", "the push path is /3/device/<token>")
         if self.draining:
             raise ApiError("Shutdown", "the gateway is stopping; send to another")
         headers = apns.single_headers(req.headers)
@@ -139,9 +141,9 @@ class Router:
             accepted = self.delivery.submit(token.lower(), push, now, group=self.group_commit)
         except Rejected as exc:
             raise ApiError(exc.reason, str(exc), exc.timestamp) from None
-        # APNs echoes apns-id as sent; when it made one, it is the id the device sees
-        return Response(200, [("apns-id", headers.get("apns-id") or accepted.push_id)],
-                        after_commit=self.group_commit and accepted.stored)
+        # the shell echoes a sent apns-id; when none was sent, the id the device sees
+        made = [] if "apns-id" in headers else [("apns-id", accepted.push_id)]
+        return Response(200, made, after_commit=self.group_commit and accepted.stored)
 
     # --- lpgw /v1 ---------------------------------------------------------------------
 
@@ -150,7 +152,7 @@ class Router:
         token = token.lower()
         key = self._principal(req, now)
         if not is_token(token):
-            raise ApiError("BadDeviceToken", "a device token is 64 lowercase hex characters")
+            raise ApiError("BadDeviceToken", "a device token is 64 hex characters")
         device = self.delivery.store.get_device(token)
         if device is None or not self._may_see(key, device.topic):
             raise ApiError("BadDeviceToken", "no device has this token")
@@ -160,10 +162,7 @@ class Router:
         if sub != "user":
             raise ApiError("BadPath", "no such path")
         if req.method == "PUT":
-            try:
-                body = json.loads(req.body or b"null")
-            except ValueError:
-                raise ApiError("BadPayload", "the body is not JSON") from None
+            body = apns.json_body(req.body or b"null")
             user = body.get("user") if isinstance(body, dict) else None
             if not isinstance(user, str) or not 0 < len(user) <= 128:
                 raise ApiError("BadPayload", 'the body is {"user": "<1 to 128 characters>"}')
@@ -205,6 +204,19 @@ class Router:
     def _method(req: Request, allowed: str) -> None:
         if req.method != allowed:
             raise ApiError("MethodNotAllowed", f"use {allowed}")
+
+
+def internal_error(metrics: Metrics) -> Response:
+    """The answer to a request that met a bug (counted; the shell adds its apns-id)."""
+    metrics.api_errors.labels("InternalServerError").inc()
+    return Response.json(500, {"reason": "InternalServerError",
+                               "message": "an internal error in the gateway (logged)"})
+
+
+def loggable(method: str, path: str) -> str:
+    """A request as a log line may show it: no query, no token or other long part in full."""
+    parts = (p if len(p) <= 8 else p[:8] + "…" for p in path.split("?")[0].split("/"))
+    return f"{method[:16]} {'/'.join(parts)[:96]}"
 
 
 def _header(req: Request, name: str) -> str | None:

@@ -12,10 +12,12 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -23,8 +25,10 @@ import h11
 import hpack
 import hpack.hpack
 
+from gateway import faults
 from gateway.api.apns import MAX_BODY
-from gateway.api.router import Request, Response, Router
+from gateway.api.router import Request, Response, Router, internal_error
+from gateway.core.delivery import Rejected
 from gateway.core.metrics import Metrics
 from gateway.transport.tls import TlsStream
 
@@ -54,6 +58,31 @@ class _Pending:
     body: bytearray = field(default_factory=bytearray)
     refused: bool = False
 
+    @property
+    def apns_id(self) -> str | None:
+        for name, value in self.headers:
+            if name.lower() == "apns-id":
+                return value
+        return None
+
+
+def with_apns_id(headers: list[tuple[str, str]], apns_id: str | None) -> list[tuple[str, str]]:
+    """Every answer to a request that carried apns-id carries it back exactly as sent, as
+    APNs does: clients match answers by it (an early 413 without it left them waiting)."""
+    if apns_id is None or any(name == "apns-id" for name, _ in headers):
+        return headers
+    return [("apns-id", apns_id), *headers]
+
+
+def not_stored(metrics: Metrics, message: str) -> Response:
+    """The answer to a push whose group commit failed: storage is full or failing. 503, as
+    APNs answers when it cannot take a push now; not 500: nothing is wrong with the push."""
+    metrics.api_errors.labels("ServiceUnavailable").inc()
+    return Response.json(503, {"reason": "ServiceUnavailable", "message": message})
+
+
+Committed = Callable[[str | None], None]  # told why the group was not stored, or None
+
 
 class GroupCommit:
     """One fsync for every push accepted in one turn of the event loop.
@@ -64,27 +93,33 @@ class GroupCommit:
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        self._waiting: list = []
+        self._waiting: list[Committed] = []
         self._loop = asyncio.get_running_loop()
         router.group_commit = True
 
-    def after_commit(self, callback) -> None:
+    def after_commit(self, callback: Committed) -> None:
         if not self._waiting:
             self._loop.call_soon(self._commit)
         self._waiting.append(callback)
 
     def _commit(self) -> None:
         waiting, self._waiting = self._waiting, []
-        delivery = self.router.delivery
+        delivery, metrics = self.router.delivery, self.router.metrics
+        failure: str | None = None
         try:
             delivery.commit(time.time())
-            ok = True
-        except Exception:
-            log.exception("group commit of %d pushes failed", len(waiting))
-            delivery.rollback()
-            ok = False
-        for callback in waiting:
-            callback(ok)
+        except Rejected as exc:  # delivery's word: the group is not on disk (and it says why)
+            failure = str(exc)
+        except Exception as exc:  # the store's own error, or a bug: not stored either
+            failure = f"the push was not stored ({str(exc)[:160] or type(exc).__name__}); " \
+                      "send it again later"
+            faults.record(metrics, "api_commit", exc, f"a group of {len(waiting)} pushes")
+            del exc
+            with faults.contained(metrics, "api_commit", "rollback"):
+                delivery.rollback()
+        for callback in waiting:  # every waiting stream is answered, whatever one does
+            with faults.contained(metrics, "api_commit", "an answer"):
+                callback(failure)
 
 
 class HttpConnection:
@@ -101,6 +136,7 @@ class HttpConnection:
         self._h1: h11.Connection | None = None
         self._h1_request: _Pending | None = None
         self._streams: dict[int, _Pending] = {}
+        self._ids: dict[int, str] = {}  # stream -> its request's apns-id, until answered
         self._unsent: dict[int, bytes] = {}
         self._head = b""
         self._closed = False
@@ -116,8 +152,18 @@ class HttpConnection:
     # --- dispatch ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        """Bytes from the client. A failure here costs this connection alone."""
         if self._closed:
             return
+        try:
+            self._received(data)
+        except Exception as exc:
+            where = "api_http2" if self._h2 is not None else "api_http1"
+            faults.record(self.metrics, where, exc, f"api peer {self.stream.peer}")
+            del exc
+            self._abandon()
+
+    def _received(self, data: bytes) -> None:
         self._touch()
         if self._h2 is None and self._h1 is None:  # no ALPN: the first bytes decide
             self._head += data
@@ -151,9 +197,18 @@ class HttpConnection:
         self._idle = self._loop.call_later(self._idle_timeout, self._idle_out)
 
     def _idle_out(self) -> None:
+        with faults.contained(self.metrics, "api_timer", f"api peer {self.stream.peer}"):
+            if self._h2 is not None:
+                self._h2.close_connection()
+                self._flush()
+        self.close()
+
+    def _abandon(self) -> None:
+        """Close this connection after an internal error: GOAWAY first if HTTP/2 can."""
         if self._h2 is not None:
-            self._h2.close_connection()
-            self._flush()
+            with contextlib.suppress(Exception):
+                self._h2.close_connection(h2.errors.ErrorCodes.INTERNAL_ERROR)
+                self._flush()
         self.close()
 
     def _answer(self, pending: _Pending, http2: bool) -> Response:
@@ -167,8 +222,10 @@ class HttpConnection:
     def _start_h2(self) -> None:
         # what we send is built here from constants and checked values: validating and
         # normalising it again cost a few per cent of the API's CPU at 2,000 pushes/s
+        # header_encoding=None: a value that is not UTF-8 is legal HTTP/2; decoded by h2 it
+        # raised out of the state machine and cost every stream of the connection
         conn = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding="utf-8", validate_outbound_headers=False,
+            client_side=False, header_encoding=None, validate_outbound_headers=False,
             normalize_outbound_headers=False))
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
@@ -189,43 +246,87 @@ class HttpConnection:
             self.close()
             return
         for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                headers = [(k, v) for k, v in event.headers]
-                pseudo = dict(h for h in headers if h[0].startswith(":"))
-                self._streams[event.stream_id] = _Pending(
-                    pseudo.get(":method", ""), pseudo.get(":path", ""),
-                    [h for h in headers if not h[0].startswith(":")])
-                if event.stream_ended:
-                    self._h2_request_done(event.stream_id)
-            elif isinstance(event, h2.events.DataReceived):
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                pending = self._streams.get(event.stream_id)
-                if pending is None or pending.refused:
-                    continue
-                pending.body += event.data
-                if len(pending.body) > BODY_CAP:  # refuse now; never buffer more
-                    pending.refused = True
-                    pending.body = bytearray()
-                    self._h2_send(event.stream_id, Response.json(
-                        413, {"reason": "PayloadTooLarge", "message": TOO_LARGE}))
-                    self.metrics.api_errors.labels("PayloadTooLarge").inc()
-                    with contextlib.suppress(h2.exceptions.StreamClosedError):
-                        # ask the client to stop sending (RFC 9113 §8.1); it may be done
-                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
-                elif event.stream_ended:
-                    self._h2_request_done(event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded):
-                self._h2_request_done(event.stream_id)
-            elif isinstance(event, h2.events.StreamReset):
-                self._streams.pop(event.stream_id, None)
-                self._unsent.pop(event.stream_id, None)
-            elif isinstance(event, h2.events.WindowUpdated):
-                self._pump()
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self._flush()
-                self.close()
+            stream_id = getattr(event, "stream_id", 0)
+            if not stream_id:  # the connection's own events: a failure is the connection's
+                if self._h2_connection_event(event):
+                    return
+                continue
+            try:  # (not `faults.contained`: a try costs nothing until it fails, per event)
+                self._h2_stream_event(conn, event)
+            except Exception as exc:
+                self._h2_fail(stream_id, exc)
+                del exc
+            if self._closed:
                 return
         self._flush()
+
+    def _h2_connection_event(self, event: h2.events.Event) -> bool:
+        """Handle an event of no stream; True when the connection has ended."""
+        if isinstance(event, h2.events.WindowUpdated):
+            self._pump()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._flush()
+            self.close()
+            return True
+        return False
+
+    def _h2_stream_event(self, conn: h2.connection.H2Connection, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            headers = [(name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
+                       for name, value in event.headers]
+            pseudo = dict(h for h in headers if h[0].startswith(":"))
+            pending = _Pending(pseudo.get(":method", ""), pseudo.get(":path", ""),
+                               [h for h in headers if not h[0].startswith(":")])
+            self._streams[event.stream_id] = pending
+            if (apns_id := pending.apns_id) is not None:
+                self._ids[event.stream_id] = apns_id
+            if event.stream_ended:
+                self._h2_request_done(event.stream_id)
+        elif isinstance(event, h2.events.DataReceived):
+            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            pending = self._streams.get(event.stream_id)
+            if pending is None or pending.refused:
+                return
+            pending.body += event.data
+            if len(pending.body) > BODY_CAP:  # refuse now; never buffer more
+                pending.refused = True
+                pending.body = bytearray()
+                self._h2_send(event.stream_id, Response.json(
+                    413, {"reason": "PayloadTooLarge", "message": TOO_LARGE}))
+                self.metrics.api_errors.labels("PayloadTooLarge").inc()
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    # ask the client to stop sending (RFC 9113 §8.1); it may be done
+                    conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            elif event.stream_ended:
+                self._h2_request_done(event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            self._h2_request_done(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset):
+            self._forget(event.stream_id)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._pump()
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        self._unsent.pop(stream_id, None)
+        self._ids.pop(stream_id, None)
+
+    def _h2_fail(self, stream_id: int, exc: Exception) -> None:
+        """A bug while handling one stream: answer it 500 (or reset it), keep the rest."""
+        faults.record(self.metrics, "api_http2_stream", exc,
+                      f"api peer {self.stream.peer} stream {stream_id}")
+        self._streams.pop(stream_id, None)
+        self._unsent.pop(stream_id, None)
+        try:
+            self._h2_send(stream_id, internal_error(self.metrics))
+        except Exception:
+            self._ids.pop(stream_id, None)
+            try:
+                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            except h2.exceptions.StreamClosedError:
+                pass
+            except Exception:  # the state machine is unusable: this connection goes
+                self._abandon()
 
     def _h2_request_done(self, stream_id: int) -> None:
         pending = self._streams.pop(stream_id, None)
@@ -233,23 +334,28 @@ class HttpConnection:
             return
         response = self._answer(pending, http2=True)
         if response.after_commit and self.committer is not None:
-            self.committer.after_commit(lambda ok: self._committed(stream_id, response, ok))
+            self.committer.after_commit(
+                lambda failure: self._committed(stream_id, response, failure))
         else:
             self._h2_send(stream_id, response)
 
-    def _committed(self, stream_id: int, response: Response, ok: bool) -> None:
+    def _committed(self, stream_id: int, response: Response, failure: str | None) -> None:
         if self._closed or self._h2 is None:
-            return  # the client left; the push is stored all the same
-        if not ok:
-            response = Response.json(500, {"reason": "InternalServerError",
-                                           "message": "the push could not be stored"})
-        self._h2_send(stream_id, response)
+            return  # the client left; the push is stored all the same (unless failure)
+        if failure is not None:
+            response = not_stored(self.metrics, failure)
+        try:
+            self._h2_send(stream_id, response)
+        except Exception as exc:
+            self._h2_fail(stream_id, exc)
+            del exc
         self._flush()
 
     def _h2_send(self, stream_id: int, response: Response) -> None:
+        fields = with_apns_id(response.headers, self._ids.pop(stream_id, None))
         headers = [(":status", str(response.status)),
                    *(hpack.NeverIndexedHeaderTuple(n, v) if n in UNIQUE_PER_RESPONSE else (n, v)
-                     for n, v in response.headers),
+                     for n, v in fields),
                    ("content-length", str(len(response.body)))]
         try:
             self._h2.send_headers(stream_id, headers, end_stream=not response.body)
@@ -308,7 +414,7 @@ class HttpConnection:
                 return
             if isinstance(event, h11.Request):
                 self._h1_request = _Pending(
-                    event.method.decode(), event.target.decode("latin-1"),
+                    event.method.decode("latin-1"), event.target.decode("latin-1"),
                     [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers])
             elif isinstance(event, h11.Data) and self._h1_request is not None:
                 self._h1_request.body += event.data
@@ -319,9 +425,16 @@ class HttpConnection:
                     self.close()
                     return
             elif isinstance(event, h11.EndOfMessage) and self._h1_request is not None:
-                response = self._answer(self._h1_request, http2=False)
-                self._h1_request = None
+                try:
+                    response = self._answer(self._h1_request, http2=False)
+                except Exception as exc:  # answer this one, then close: a bug may leave a mess
+                    faults.record(self.metrics, "api_http1", exc, f"api peer {self.stream.peer}")
+                    del exc
+                    self._h1_send(internal_error(self.metrics), close=True)
+                    self.close()
+                    return
                 self._h1_send(response)
+                self._h1_request = None
                 if conn.our_state is h11.MUST_CLOSE:
                     self.close()
                     return
@@ -332,9 +445,13 @@ class HttpConnection:
 
     def _h1_send(self, response: Response, close: bool = False) -> None:
         conn = self._h1
-        headers = [*response.headers, ("content-length", str(len(response.body)))]
+        request = self._h1_request
+        fields = with_apns_id(response.headers, request.apns_id if request else None)
+        # bytes: a header is echoed as it came (decoded as latin-1), not re-encoded as ASCII
+        headers = [(n.encode("latin-1"), v.encode("latin-1", "replace")) for n, v in fields]
+        headers.append((b"content-length", str(len(response.body)).encode()))
         if close:
-            headers.append(("connection", "close"))
+            headers.append((b"connection", b"close"))
         out = conn.send(h11.Response(status_code=response.status, headers=headers))
         if response.body:
             out += conn.send(h11.Data(data=response.body))
@@ -355,5 +472,9 @@ def serve_factory(ctx, router: Router, metrics: Metrics, handshake_timeout: floa
     def on_open(stream: TlsStream) -> None:
         HttpConnection(stream, router, metrics, idle_timeout, committer)
 
-    return lambda: TlsStream(ctx, True, handshake_timeout, on_open, on_error,
-                             alpn=(*ALPN, None))
+    def stream() -> TlsStream:
+        made = TlsStream(ctx, True, handshake_timeout, on_open, on_error, alpn=(*ALPN, None))
+        made.metrics = metrics  # its own failures are counted too
+        return made
+
+    return stream

@@ -1,14 +1,43 @@
-"""User assertions: a JWT from the app's backend that binds a device to a user."""
+"""User assertions: a JWT from the app's backend that binds a device to a user.
+
+Also the one rule for a JWT's time claims, which provider tokens (gateway/api) share.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
+
+# the end of year 9999: a JWT time past it is garbage, not "valid for ever"
+MAX_NUMERIC_DATE = 253402300799
 
 
 class AssertionRejected(Exception):
     pass
+
+
+class BadClaim(ValueError):
+    """A JWT claim of the wrong type or out of range."""
+
+
+def numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """A time claim (iat, exp, nbf) as epoch seconds, None when absent; raises BadClaim.
+
+    PyJWT's json accepts NaN and Infinity and ints of any size: NaN compares false to every
+    time (a token that never expires), and a huge int overflowed float() into a 500.
+    """
+    if name not in claims:
+        return None
+    value = claims[name]
+    # NaN fails the range test too
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0 <= value <= MAX_NUMERIC_DATE:
+        raise BadClaim(f"'{name}' must be a number of seconds since 1970, at most "
+                       f"{MAX_NUMERIC_DATE} (year 9999)")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -39,7 +68,7 @@ def verify_assertion(policy: AssertionPolicy, token: str, now: float) -> str:
     elif alg == "ES256" and policy.es256_public_key:
         key = policy.es256_public_key
     else:
-        raise AssertionRejected(f"assertion algorithm {alg!r} is not accepted here")
+        raise AssertionRejected(f"assertion algorithm {str(alg)[:16]!r} is not accepted here")
     try:
         claims = jwt.decode(
             token,
@@ -58,13 +87,16 @@ def verify_assertion(policy: AssertionPolicy, token: str, now: float) -> str:
         )
     except jwt.PyJWTError as exc:
         raise AssertionRejected(f"assertion refused: {exc}") from None
-    exp = claims["exp"]
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
-        raise AssertionRejected("assertion 'exp' is not a number")
+    try:
+        exp = numeric_date(claims, "exp")
+        nbf = numeric_date(claims, "nbf")
+        numeric_date(claims, "iat")  # not used, but never garbage
+    except BadClaim as exc:
+        raise AssertionRejected(f"assertion refused: {exc}") from None
+    assert exp is not None  # required above
     if now > exp + policy.leeway:
         raise AssertionRejected("assertion has expired")
-    nbf = claims.get("nbf")
-    if isinstance(nbf, int | float) and now + policy.leeway < nbf:
+    if nbf is not None and now + policy.leeway < nbf:
         raise AssertionRejected("assertion is not valid yet")
     sub = claims["sub"]
     if not isinstance(sub, str) or not 0 < len(sub) <= 128:
