@@ -29,7 +29,7 @@ from gateway.client import DeviceClient, DeviceOptions
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
 from gateway.service import _free_port
 from tests.conftest import GatewayProcess
-from tests.test_api import TOPIC, Keys, tls_context
+from tests.test_api import TOPIC, Keys, node_h2, tls_context
 
 MIXED_CASE_ID = "0A1b2C3d-4E5f-6A7b-8C9d-0E1f2A3b4C5d"
 
@@ -298,6 +298,25 @@ async def test_every_answer_echoes_apns_id_as_sent(api, client, keys, devices,
                                   content=b'{"a": 1}')
             codes.append((r.status_code, r.headers.get("apns-id")))
         assert codes[1] == (429, MIXED_CASE_ID)
+
+
+async def test_nghttp2_by_prior_knowledge_matches_every_answer_by_apns_id(api, keys, devices):
+    """Node's nghttp2 without ALPN (as aioapns and pushy connect): several requests at once
+    on one connection, each answer found by its apns-id, the early 413 too."""
+    device = devices(api, "tls", topic=TOPIC)
+    token = await device.welcome()
+    ids = [str(uuid.uuid4()).upper() for _ in range(3)]
+    bearer = f"bearer {keys.token()}"
+    results = await node_h2(api, [
+        {"path": f"/3/device/{token}", "body": '{"x": "' + "y" * 9000 + '"}',
+         "headers": {"authorization": bearer, "apns-id": ids[0]}},
+        {"path": f"/3/devices/{token}", "body": '{"a": 1}',
+         "headers": {"authorization": bearer, "apns-id": ids[1]}},
+        {"path": f"/3/device/{token}", "body": '{"a": 1}',
+         "headers": {"authorization": bearer, "apns-id": ids[2]}},
+    ])
+    assert [(r.get("status"), r.get("headers", {}).get("apns-id")) for r in results] == [
+        (413, ids[0]), (404, ids[1]), (200, ids[2])], results
 
 
 async def test_only_3_device_token_is_the_push_path(api, client, keys, devices):
