@@ -164,6 +164,18 @@ async def test_deeply_nested_json_is_bad_payload_not_a_500(api, client, keys, de
     assert api.metrics.value("lpgw_api_errors_total", reason="InternalServerError") == 0
 
 
+@pytest.mark.parametrize("body", [b'{"a": 1e999}', b'{"a": [-1.5e400]}'])
+async def test_a_number_out_of_range_is_bad_payload(api, client, keys, devices, body):
+    """Python reads 1e999 as Infinity; it was accepted (200) and reached the phone as a
+    frame that is not JSON, and the push was lost."""
+    device = devices(api, "tls", topic=TOPIC)
+    token = await device.welcome()
+    response = await client.post(f"/3/device/{token}", headers=auth(keys), content=body)
+    assert (response.status_code, response.json()["reason"]) == (400, "BadPayload")
+    assert "out of range" in response.json()["message"]
+    assert api.store.count_pending(token) == 0
+
+
 async def test_provider_token_claims_of_the_wrong_type_are_invalid(api, client, keys,
                                                                     devices):
     device = devices(api, "tls", topic=TOPIC)

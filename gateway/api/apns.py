@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -91,10 +92,11 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
 
 
 def json_body(body: bytes) -> Any:
-    """A request body's JSON value, or 400 BadPayload: never NaN, never deeper than
-    MAX_JSON_DEPTH (a deep body once made json raise RecursionError: a 500)."""
+    """A request body's JSON value, or 400 BadPayload: never NaN or a number out of a
+    double's range (1e999 was read as Infinity and passed on to the phone as a frame that is
+    not JSON), never deeper than MAX_JSON_DEPTH (a deep body was a RecursionError: a 500)."""
     try:
-        value = json.loads(body, parse_constant=_no_constants)
+        value = json.loads(body, parse_constant=_no_constants, parse_float=_finite)
     except ValueError as exc:
         raise ApiError("BadPayload", f"the body is not JSON: {exc}") from None
     except RecursionError:
@@ -126,6 +128,13 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:24]} is out of range")
+    return value
 
 
 def _topic(header: str | None, push_type: str, key: ProviderKey) -> str:
