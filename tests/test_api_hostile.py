@@ -25,6 +25,7 @@ import httpx
 import jwt
 import pytest
 
+from gateway import faults
 from gateway.client import DeviceClient, DeviceOptions
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
 from gateway.service import _free_port
@@ -405,8 +406,9 @@ async def test_a_push_that_cannot_be_stored_gets_503_with_its_apns_id(tmp_path, 
 
 
 async def test_a_bug_in_routing_one_request_answers_it_500(api, client, keys, devices,
-                                                          monkeypatch):
-    """A bug below Router.handle: that request gets 500 with its apns-id, counted."""
+                                                          monkeypatch, caplog):
+    """A bug below Router.handle: that request gets 500 with its apns-id, counted, and
+    logged without the device token (8 characters at most) or the JWT."""
     device = devices(api, "quic", topic=TOPIC)
     token = await device.welcome()
 
@@ -414,11 +416,15 @@ async def test_a_bug_in_routing_one_request_answers_it_500(api, client, keys, de
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(api.router, "_push", broken)
-    response = await client.post(f"/3/device/{token}", headers={
-        **auth(keys), "apns-id": MIXED_CASE_ID}, content=b'{"a": 1}')
+    faults.reset_log_limits()
+    jwt_token = keys.token()
+    response = await client.post(f"/3/device/{token}", content=b'{"a": 1}', headers={
+        "authorization": f"bearer {jwt_token}", "apns-id": MIXED_CASE_ID})
     assert (response.status_code, response.json()["reason"]) == (500, "InternalServerError")
     assert response.headers["apns-id"] == MIXED_CASE_ID
     assert api.metrics.value("lpgw_internal_errors_total", where="api_request") == 1
+    assert f"POST /3/device/{token[:8]}…" in caplog.text
+    assert token[:9] not in caplog.text and jwt_token.split(".")[1] not in caplog.text
 
 
 async def test_a_bug_on_one_http2_stream_costs_that_stream_alone(api, client, keys, devices,
