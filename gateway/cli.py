@@ -1,4 +1,4 @@
-"""`lpgw run | device | send | pin | status | check-config | discover`."""
+"""`lpgw run | device | send | pin | status | check-config | discover | db salvage`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import socket
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
     from gateway.net.browse import Browser
 
 EXIT_CONFIG = 2
+EXIT_STATE = 3  # the state directory cannot be used as it is: damaged database, wrong secret
 EXIT_NOT_FOUND = 5  # discovery found no gateway, or several and no way to choose
 
 
@@ -32,6 +36,7 @@ def _load_config(path: str | None) -> config.Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway import service
+    from gateway.store import DamagedStore, StoreError
 
     cfg = _load_config(args.config)
     logs.setup(args.log_level or cfg.log.level)
@@ -44,10 +49,74 @@ def cmd_run(args: argparse.Namespace) -> int:
         asyncio.run(service.run(cfg, args.config))
     except KeyboardInterrupt:
         pass
+    except StoreError as exc:  # one line for the journal: what is wrong and what to do
+        fix = ""
+        if isinstance(exc, DamagedStore):
+            config_arg = f" -c {args.config}" if args.config else ""
+            fix = (f". Stop here: restore the state directory from its backup "
+                   f"(hardware.md, \"Backup and restore\"), or keep what can still be "
+                   f"read: lpgw db salvage{config_arg} --replace")
+        logging.getLogger("lpgw").critical("cannot start: %s%s", exc, fix)
+        return EXIT_STATE
     except OSError as exc:
         print(f"lpgw: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_db_salvage(args: argparse.Namespace) -> int:
+    """Copy what a damaged database still holds into a new one (and, with --replace, put
+    it in place of the damaged one, which is kept beside it)."""
+    from gateway.store import StoreError, salvage
+
+    cfg = _load_config(args.config)
+    source = cfg.store_path
+    target = Path(args.output) if args.output else source.with_name(source.name + ".salvaged")
+    if args.replace and _gateway_answers(cfg.control_path):
+        print(f"lpgw: the gateway is running (it answers on {cfg.control_path}): stop it "
+              "first (systemctl stop lpgw)", file=sys.stderr)
+        return 1
+    try:
+        found = salvage(source, target)
+    except (StoreError, OSError) as exc:
+        print(f"lpgw: salvage failed: {exc}", file=sys.stderr)
+        return 1
+    report = {"ok": True, "from": str(source), "to": str(target), "devices": found.devices,
+              "pushes": found.pushes, "meta": found.meta,
+              "unreadable_stretches": found.unreadable, "garbled_rows": found.bad_rows,
+              "header_rebuilt": found.header_rebuilt}
+    missing = {"token_secret", "gateway_id"} - set(found.meta)
+    if missing:
+        report["warning"] = (f"not salvaged: {', '.join(sorted(missing))}; the token secret "
+                             f"file ({cfg.state_path / 'token.secret'}) keeps device tokens")
+    if args.replace:
+        aside = source.with_name(f"{source.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                old = Path(f"{source}{suffix}")
+                if old.exists():
+                    old.rename(Path(f"{aside}{suffix}"))
+            target.rename(source)
+        except OSError as exc:
+            print(f"lpgw: salvaged into {target}, but cannot put it in place: {exc}",
+                  file=sys.stderr)
+            return 1
+        report.update(to=str(source), damaged_kept_at=str(aside))
+    print(json.dumps(report, indent=2))
+    if not args.replace:
+        print(f"lpgw: check it, then: systemctl stop lpgw; mv {source} {source}.damaged; "
+              f"mv {target} {source}; systemctl start lpgw (or run again with --replace)",
+              file=sys.stderr)
+    return 0
+
+
+def _gateway_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -289,6 +358,16 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--auto-call", choices=("ringing", "decline", "busy"),
                      help="answer incoming-call pushes with this action")
     dev.set_defaults(func=cmd_device)
+
+    db = sub.add_parser("db", help="the gateway's database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    salv = with_config(db_sub.add_parser(
+        "salvage", help="copy what a damaged database still holds into a new one"))
+    salv.add_argument("--output", help="the new database (default: <database>.salvaged)")
+    salv.add_argument("--replace", action="store_true",
+                      help="put it in place of the damaged one (kept as "
+                           "<database>.damaged-<time>); the gateway must be stopped")
+    salv.set_defaults(func=cmd_db_salvage)
 
     disc = sub.add_parser("discover", help="list the gateways Bonjour finds here")
     disc.add_argument("--transport", choices=("quic", "tls", "any"), default="any")

@@ -9,6 +9,7 @@ test device and is cancelled, the provider API, the Bonjour record, PBX registra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import secrets
@@ -17,7 +18,6 @@ import socket
 import sqlite3
 import ssl
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,14 +25,14 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives import serialization
 
-from gateway import certs, config
+from gateway import certs, config, store
 from gateway.client import DeviceClient, DeviceOptions
+from gateway.core.tokens import SELFTEST_TOPIC, selftest_install
 from gateway.transport import control
 
 CLOCK_FLOOR = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)  # older: no RTC, no NTP yet
 EXPIRY_MARGIN = datetime.timedelta(days=30)
 MIN_FREE = 200 * 1024 * 1024
-SELFTEST_NS = uuid.UUID("6c7067772d73656c66746573742d6964")
 
 
 @dataclass
@@ -60,7 +60,7 @@ def offline_checks(path: str | None, now: datetime.datetime | None = None
                       "`lpgw check-config -c FILE` checks a file")], None
     checks = [Check("config", True, path or "embedded defaults")]
     checks += _certificate_checks(cfg, now)
-    checks.append(_store_check(cfg))
+    checks.append(_store_check(cfg, path))
     checks.append(_disk_check(cfg))
     return checks, cfg
 
@@ -97,15 +97,68 @@ def _certificate_checks(cfg: config.Config, now: datetime.datetime) -> list[Chec
     return out
 
 
-def _store_check(cfg: config.Config) -> Check:
+def _store_check(cfg: config.Config, path: str | None = None) -> Check:
+    """The database, and the token secret every device token depends on."""
+    secret = _secret_problem(cfg)
     if not cfg.store_path.exists():
+        if secret is not None:
+            return Check("store", False, secret[0], secret[1])
         return Check("store", None, "no database yet (made on first start)")
+    config_arg = f" -c {path}" if path else ""
+    fix = (f"the gateway refuses to start on it. Stop lpgw, then restore the state directory "
+           f"from its backup (hardware.md, \"Backup and restore\"), or keep what can still be "
+           f"read: `lpgw db salvage{config_arg} --replace`")
     try:
+        store.check_header(cfg.store_path)
         result, devices = _read_only_integrity(cfg.store_path)
+    except store.DamagedStore as exc:
+        return Check("store", False, exc.problem, fix)
     except sqlite3.Error as exc:
-        return Check("store", False, str(exc), f"restore {cfg.store_path} from backup")
-    return _check("store", result == "ok", f"integrity {result}, {devices} devices",
-                  f"the database is damaged: stop lpgw, back up {cfg.store_path}, restore")
+        return Check("store", False, f"damaged: SQLite cannot read it ({exc})", fix)
+    if result != "ok":
+        return Check("store", False, f"damaged: quick_check says {result}", fix)
+    if secret is not None:
+        return Check("store", False, secret[0], secret[1])
+    secret_path = cfg.state_path / store.SECRET_FILE
+    kept = (f"token secret in {secret_path.name}" if secret_path.exists()
+            else f"no {secret_path.name} yet (written at the next start)")
+    return Check("store", True, f"integrity ok, {devices} devices; {kept}")
+
+
+def _secret_problem(cfg: config.Config) -> tuple[str, str] | None:
+    """What is wrong with the token secret's file (unreadable, readable by others, not the
+    database's), with what to do; None when nothing is."""
+    path = cfg.state_path / store.SECRET_FILE
+    try:
+        secret = store.read_secret_file(path)
+    except (store.StoreError, OSError) as exc:
+        return str(exc), f"restore {path} from the backup of the state directory"
+    if secret is None:
+        return None
+    in_db = None
+    if cfg.store_path.exists():
+        with contextlib.suppress(sqlite3.Error, store.StoreError):
+            store.check_header(cfg.store_path)
+            in_db = _read_only_meta(cfg.store_path, "token_secret")
+    if in_db is not None and in_db != secret:
+        return (f"{path} and the database hold different token secrets",
+                "the gateway refuses to start: put back the secret file taken with this "
+                f"database (the backup), or move {path} away to keep the database's")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        return (f"{path} is readable by others (mode {mode:o})",
+                f"chmod 600 {path}: whoever reads it can work out device tokens")
+    return None
+
+
+def _read_only_meta(path: Path, key: str) -> bytes | None:
+    live = Path(f"{path}-wal").exists()
+    db = sqlite3.connect(f"file:{path}?{'mode=ro' if live else 'immutable=1'}", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else bytes(row[0])
 
 
 def _read_only_integrity(path: Path) -> tuple[str, int]:
@@ -128,7 +181,9 @@ def _disk_check(cfg: config.Config) -> Check:
     usage = shutil.disk_usage(where)
     return _check("disk", usage.free >= MIN_FREE,
                   f"{usage.free // 2**20} MiB free of {usage.total // 2**20} MiB at {where}",
-                  "free space: journald (`journalctl --vacuum-size=50M`), old files")
+                  "free space: journald (`journalctl --vacuum-size=50M`), old files. Once it "
+                  "is full, pushes get 503 and new phones `bye unavailable`; the gateway "
+                  "recovers by itself when space is back")
 
 
 # --- online ------------------------------------------------------------------------------
@@ -142,6 +197,9 @@ async def online_checks(cfg: config.Config, timeout: float = 8.0) -> list[Check]
                       "is it running? `systemctl status lpgw`, `journalctl -u lpgw -b`")]
     checks = [Check("gateway", True, f"{status['name']} ({status['gateway_id']}), up "
                     f"{status['uptime']:.0f} s")]
+    storage = status.get("storage")
+    if storage is not None:
+        checks.append(_storage_check(storage))
     pin = status["pin"]
     host = _loopback(status["listen"]["host"])
     port = status["listen"]["port"]
@@ -169,6 +227,19 @@ async def online_checks(cfg: config.Config, timeout: float = 8.0) -> list[Check]
     return checks
 
 
+def _storage_check(storage: dict) -> Check:
+    """What the running gateway itself saw of its store: a full disk refuses pushes."""
+    free = f", {storage['free_mib']} MiB free" if "free_mib" in storage else ""
+    if storage.get("ok"):
+        return Check("storage writes", True, f"the gateway writes to its store{free}")
+    since = datetime.datetime.fromtimestamp(storage.get("failing_since", 0), datetime.UTC)
+    return Check("storage writes", False,
+                 f"failing since {since:%H:%M:%S} UTC: {storage.get('error')}{free}",
+                 f"free space under {storage.get('state_dir')} (`df -h`, `du -xsh`): until "
+                 "then pushes get 503 ServiceUnavailable and new phones are turned away; "
+                 "the gateway recovers by itself")
+
+
 def _loopback(host: str) -> str:
     return "127.0.0.1" if host in ("::", "0.0.0.0", "") else host
 
@@ -177,14 +248,16 @@ async def _device_check(cfg: config.Config, status: dict, transport: str, host: 
                         port: int, pin: str, timeout: float) -> list[Check]:
     """A reference device receives a test push (and, over QUIC, rings and ends a SIP call)."""
     events: asyncio.Queue[dict] = asyncio.Queue()
-    install = str(uuid.uuid5(SELFTEST_NS, f"{status['gateway_id']}/{transport}"))
+    # the gateway knows this install id: it keeps the device out of its counters and
+    # deletes it, with its pushes, once it disconnects
+    install = selftest_install(status["gateway_id"], transport)
     name = f"device over {transport}"
     assertion = _assertion(cfg)
     if cfg.assertions.required and assertion is None:
         return [Check(name, None, "assertions are required and only the backend's ES256 key "
                       "can sign one: test with a reference device and a real assertion")]
     device = DeviceClient(DeviceOptions(host=host, port=port, pin=pin, transport=transport,
-                                        install_id=install, topic="lpgw.selftest",
+                                        install_id=install, topic=SELFTEST_TOPIC,
                                         push_types=("alert", "voip"), assertion=assertion,
                                         reconnect=False),
                           events.put_nowait)

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -17,21 +19,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway import __version__, certs, config, logs
+from gateway import __version__, certs, config, faults, logs
 from gateway.api import server as http_server
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
 from gateway.api.router import RateLimiter, Router
 from gateway.config import Config, hs256_secret
 from gateway.core.assertions import AssertionPolicy
 from gateway.core.calls import CallSettings
-from gateway.core.delivery import Delivery, DeliverySettings
+from gateway.core.delivery import Delivery, DeliverySettings, Rejected
 from gateway.core.metrics import Metrics
 from gateway.net.discovery import Identity, NetworkService
 from gateway.notify import Notifier
 from gateway.protocol.messages import CALL_ACTIONS
 from gateway.protocol.session import SessionSettings
 from gateway.sip.bridge import Route
-from gateway.store import Store
+from gateway.store import SECRET_FILE, Store, StoreError, token_secret
 from gateway.transport import quic, tls
 from gateway.transport.control import ControlServer
 from gateway.transport.link import GatewayLink, LinkContext
@@ -42,6 +44,7 @@ log = logging.getLogger("lpgw")
 
 DRAIN_SECONDS = 5.0  # at most this long for devices to take their last pushes and go
 STATUS_EVERY = 10.0
+STORAGE_CHECK_EVERY = 2.0  # while the store fails: how soon a freed disk is noticed
 # a reconnect storm after a Wi-Fi outage: 10,000 phones at once overflow the default of 100,
 # and refused SYNs come back only after the kernel's 1 s, 3 s, 7 s... retries
 LISTEN_BACKLOG = 4096
@@ -126,13 +129,15 @@ class Gateway:
         if certs.ensure_self_signed(c.cert_path, c.key_path, c.name):
             log.info("made a self-signed P-256 certificate at %s", c.cert_path)
         self.pin = certs.spki_pin(certs.load_cert(c.cert_path))
-        self.store = Store(c.store_path, c.store.synchronous)
+        try:
+            secret = self._open_store()
+        except StoreError as exc:  # damaged, or its secret disagrees: nothing is bound yet
+            self.notifier.status(f"cannot start: {exc}")
+            raise
         self.store.start_checkpointer()
-        secret = self.store.get_or_create_meta("token_secret", lambda: os.urandom(32))
-        self.gateway_id = self.store.get_or_create_meta(
-            "gateway_id", lambda: uuid.uuid4().hex[:16].encode()).decode()
         self.delivery = Delivery(self.store, secret, self.gateway_id, delivery_settings(c),
                                  assertion_policy(c), self.metrics)
+        self.delivery.forget_test_devices(time.time())
         self.link_context = LinkContext(
             delivery=self.delivery, metrics=self.metrics, gateway_id=self.gateway_id,
             settings=session_settings(c),
@@ -152,10 +157,34 @@ class Gateway:
             raise
         self._tasks = [asyncio.create_task(self._sweep()),
                        asyncio.create_task(self._report()),
+                       asyncio.create_task(self._watch_storage()),
                        asyncio.create_task(self.notifier.watchdog())]
         self.started_at = time.time()
         self._write_runtime()
         self.notifier.ready(self.summary())
+
+    def _open_store(self) -> bytes:
+        """Open (and check) the database; returns the token secret. Raises StoreError,
+        with what to do, for a damaged database or a secret that does not match it."""
+        c = self.config
+        secret_path = c.state_path / SECRET_FILE
+        had_secret = secret_path.exists()
+        store = Store(c.store_path, c.store.synchronous)
+        try:
+            secret = token_secret(store, secret_path)
+            self.gateway_id = store.get_or_create_meta(
+                "gateway_id", lambda: uuid.uuid4().hex[:16].encode()).decode()
+        except BaseException:
+            store.close()
+            raise
+        if store.created and had_secret:
+            log.warning("there was no database at %s: made a new, empty one. Devices keep "
+                        "their tokens (the secret is in %s), but the pushes it queued and its "
+                        "user bindings are gone; if it was lost by mistake, stop lpgw and "
+                        "restore it from the backup of %s", c.store_path, secret_path,
+                        c.state_path)
+        self.store = store
+        return secret
 
     def make_link(self, transport: str, peer: str, write, close, ping=None) -> GatewayLink:
         return GatewayLink(self.link_context, transport, peer, write, close, ping)
@@ -230,6 +259,14 @@ class Gateway:
                 self.delivery.expire(time.time())
             except Exception:
                 log.exception("expiry sweep failed")
+
+    async def _watch_storage(self) -> None:
+        """While the store fails (full disk), try a small write now and then: it recovers,
+        and says so, once space is back even if no push or phone comes to find out."""
+        while True:
+            await asyncio.sleep(STORAGE_CHECK_EVERY)
+            with faults.contained(self.metrics, "storage_check"):
+                self.delivery.check_storage(time.time())
 
     async def _report(self) -> None:
         """STATUS= for `systemctl status`, kept current."""
@@ -322,44 +359,63 @@ class Gateway:
 
     async def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Drain, in order: stop advertising, refuse new work, say bye, let the last pushes
-        and acks through, then close listeners and the store."""
-        self.notifier.stopping()
+        and acks through, then close listeners and the store.
+
+        Each step is contained: one that fails (counted in
+        lpgw_internal_errors_total{where="stop"}, logged) does not keep the others from
+        running, so SIGTERM still drains, exits 0 and always closes the store.
+        """
+        await self._stop_step("notify", self.notifier.stopping)
         if self.network is not None:  # goodbyes first: phones stop trying before we close
             network, self.network = self.network, None
-            try:
-                await network.stop()
-            except Exception:
-                log.exception("stopping discovery failed")
+            await self._stop_step("discovery", network.stop)
         if self.router is not None:
             self.router.draining = True  # providers get 503 Shutdown from here on
         if self.sip is not None:
-            self.sip.bridge.draining = True  # new INVITEs get 503
-            self.sip.bridge.calls.shutdown(time.time())
+            await self._stop_step("sip_drain", self._drain_sip)
         for task in self._tasks:
             task.cancel()
         self._tasks = []
         if self.delivery is not None:
-            with contextlib.suppress(Exception):
-                self.delivery.commit(time.time())  # an open group commit lands
-            self.delivery.shutdown()
-            await self._quiet(drain)
+            await self._stop_step("commit", self._last_commit)
+            await self._stop_step("byes", self.delivery.shutdown)
+            await self._stop_step("quiet", lambda: self._quiet(drain))
         if self._control is not None:
-            await self._control.stop()
-            self._control = None
+            control, self._control = self._control, None
+            await self._stop_step("control", control.stop)
         for name in ("_tcp", "_api", "_quic"):
             server = getattr(self, name)
             if server is not None:
-                server.close()
                 setattr(self, name, None)
+                await self._stop_step(name.strip("_"), server.close)
         if self.sip is not None:
-            await self.sip.stop()
-            self.sip = None
+            sip, self.sip = self.sip, None
+            await self._stop_step("sip", sip.stop)
         if self.link_context is not None:
-            self.link_context.timers.close()  # no heartbeat into a closed store
+            # no heartbeat into a closed store
+            await self._stop_step("timers", self.link_context.timers.close)
         if self.store is not None:
-            self.store.close()
-            self.store = None
+            store, self.store = self.store, None
+            await self._stop_step("store", store.close)
         log.info("stopped")
+
+    async def _stop_step(self, name: str, step: Callable[[], object]) -> None:
+        try:
+            result = step()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            faults.record(self.metrics, "stop", exc, name)
+
+    def _drain_sip(self) -> None:
+        self.sip.bridge.draining = True  # new INVITEs get 503
+        self.sip.bridge.calls.shutdown(time.time())
+
+    def _last_commit(self) -> None:
+        """An open group commit lands; on a full disk it cannot (already logged and
+        answered as such): nothing more to do about it here."""
+        with contextlib.suppress(Rejected):
+            self.delivery.commit(time.time())
 
     async def _quiet(self, limit: float) -> None:
         """Give the byes (and SIP's final answers) time to leave, up to `limit`."""
@@ -404,13 +460,34 @@ class Gateway:
             "uptime": round(now - self.started_at, 1) if self.started_at else 0,
             "last_reload": self.last_reload,
             "devices": {"connected": by_transport,
-                        "known": self.store.count_devices() if self.store else 0},
-            "pushes": {"delivered": m.value("lpgw_pushes_delivered_total"),
-                       "expired": m.value("lpgw_pushes_expired_total")},
-            "heartbeat_timeouts": m.value("lpgw_heartbeat_timeouts_total"),
-            "call_actions": {a: m.value("lpgw_call_actions_total", action=a)
+                        "known": self._known_devices()},
+            # counters are whole numbers: prometheus_client keeps them as floats
+            "pushes": {"delivered": int(m.value("lpgw_pushes_delivered_total")),
+                       "expired": int(m.value("lpgw_pushes_expired_total"))},
+            "heartbeat_timeouts": int(m.value("lpgw_heartbeat_timeouts_total")),
+            "call_actions": {a: int(m.value("lpgw_call_actions_total", action=a))
                              for a in CALL_ACTIONS},
+            "storage": self._storage_status(),
         }
+
+    def _known_devices(self) -> int | None:
+        try:
+            return self.store.count_devices() if self.store else 0
+        except StoreError:  # a failing store must not cost the operator the status
+            return None
+
+    def _storage_status(self) -> dict:
+        """Whether the store takes writes; the self-test and `lpgw status` show it."""
+        error = self.delivery.storage_error if self.delivery else None
+        out: dict = {"ok": error is None, "state_dir": str(self.config.state_path)}
+        try:
+            usage = shutil.disk_usage(self.config.store_path.parent)
+            out["free_mib"] = usage.free // 2**20
+        except OSError:
+            pass
+        if error is not None:
+            out["failing_since"], out["error"] = int(error[0]), error[1]
+        return out
 
     def _write_runtime(self) -> None:
         """Where this run listens, for tools and tests (the state dir is private)."""

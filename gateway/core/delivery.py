@@ -16,14 +16,18 @@ from typing import Protocol
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
 from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest, StoredPush
-from gateway.core.tokens import derive_token, is_token, short
+from gateway.core.tokens import derive_token, is_token, selftest_tokens, short
 from gateway.protocol.messages import PUSH_TYPES, ByeReason, CallAction, Hello, Push
-from gateway.store import Store
+from gateway.store import StorageFailed, Store
 
 log = logging.getLogger("lpgw.delivery")
 
 PRIORITIES = (10, 5, 1)
 MAX_COLLAPSE_ID = 64
+# A lost group commit fails every commit (and grouped push) for this long after: whoever
+# commits first (the SIP shell, a push from `lpgw send`) must not leave the API's group
+# callers to commit nothing and answer 200 for pushes rolled back.
+GROUP_FAILURE_HOLD = 2.0
 
 
 class DeviceLink(Protocol):
@@ -37,11 +41,12 @@ class DeviceLink(Protocol):
 
 
 class Refused(Exception):
-    """A hello the gateway will not admit; `reason` goes into `bye`."""
+    """A hello the gateway will not admit; `reason` (and `code`) go into `bye`."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.code = code
 
 
 class Rejected(Exception):
@@ -90,6 +95,16 @@ class Delivery:
         self._live: dict[str, _Live] = {}
         self._waiting: set[str] = set()  # devices with pushes in the open group commit
         self._warned: dict[str, float] = {}
+        # the self-test's own devices: out of the operators' counters, deleted once gone
+        self._test_tokens = selftest_tokens(token_secret, gateway_id)
+        # a full or failing disk: (since, what failed) until a write works again
+        self.storage_error: tuple[float, str] | None = None
+        # (when, why) a group commit was lost: see GROUP_FAILURE_HOLD
+        self._group_lost: tuple[float, StorageFailed] | None = None
+        # writes worth no fsync that failed, redone by retry_deferred (token -> value)
+        self._deferred_seen: dict[str, float] = {}
+        self._deferred_acks: dict[str, int] = {}  # acks reported delivered, not yet written
+        self._deferred_forget: set[str] = set()
         self.call_listeners: list[Callable[[str, CallAction, float], None]] = []
         # (token, push id, now) for each push a device acknowledged
         self.delivered_listeners: list[Callable[[str, str, float], None]] = []
@@ -99,32 +114,34 @@ class Delivery:
     def admit(self, link: DeviceLink, hello: Hello, now: float) -> str:
         """Admit a hello: welcome the link, replace an older one, send what is waiting."""
         user = None
+        token = derive_token(self._secret, hello.install_id, hello.topic)
         if hello.assertion is not None and not self.policy.enabled:
             log.warning("ignoring a user assertion: no assertion key is configured")
         elif hello.assertion is not None:
             try:
                 user = verify_assertion(self.policy, hello.assertion, now)
             except AssertionRejected as exc:
-                self.metrics.handshakes.labels(link.transport, "unauthorized").inc()
+                self._handshake(token, link, "unauthorized")
                 raise Refused(ByeReason.UNAUTHORIZED, str(exc)) from None
         elif self.policy.required:
-            self.metrics.handshakes.labels(link.transport, "unauthorized").inc()
+            self._handshake(token, link, "unauthorized")
             raise Refused(ByeReason.UNAUTHORIZED, "this gateway requires a user assertion")
-        token = derive_token(self._secret, hello.install_id, hello.topic)
+        # written before anything changes: a device the store cannot take is refused, and
+        # an older connection of it stays as it was
+        device = self._upsert(token, hello, user, link, now)
         old = self._live.pop(token, None)
         if old is not None:
             self._count_connected(old.link, -1)
-            self._lose_ephemeral(old)
+            self._lose_ephemeral(token, old)
             old.link.close(ByeReason.REPLACED, "replaced",
                            "another connection of this install took over")
             log.info("device %s replaced its %s connection", short(token), old.link.transport)
-        device = self.store.upsert_device(token, hello.topic, hello.push_types, user, now)
         if hello.last_ack and hello.gateway_id == self.gateway_id:
             self._ack_stored(token, hello.last_ack, now)
         live = _Live(link=link, since=now, sent_through=0)
         self._live[token] = live
         self._count_connected(link, +1)
-        self.metrics.handshakes.labels(link.transport, "welcome").inc()
+        self._handshake(token, link, "welcome")
         link.welcome(token, user)
         if log.isEnabledFor(logging.INFO):  # counting the queue is a query: only when said
             log.info("device %s connected over %s (topic %s%s), %d queued", short(token),
@@ -134,18 +151,64 @@ class Delivery:
             self._flush(token, live, now)
         return token
 
+    def _upsert(self, token: str, hello: Hello, user: str | None, link: DeviceLink,
+                now: float):
+        """Record the device; on a full disk a device already known as it is now is
+        admitted all the same (its last-seen time is written later), any other refused
+        with `bye unavailable` (it comes back with backoff, nothing of its is lost)."""
+        try:
+            device = self.store.upsert_device(token, hello.topic, hello.push_types, user, now)
+        except StorageFailed as exc:
+            known = self._known_as_is(token, hello, user)
+            self._storage_failed("last_seen" if known else "device", exc, now)
+            if known is not None:
+                self._deferred_seen[token] = now
+                return known
+            self._handshake(token, link, "unavailable")
+            raise Refused(ByeReason.UNAVAILABLE, f"the gateway cannot record this device now: "
+                          f"{self._why(exc)}; nothing is lost, connect again later",
+                          "storage_unavailable") from None
+        self._storage_ok(now)
+        return device
+
+    def _known_as_is(self, token: str, hello: Hello, user: str | None):
+        """The stored record when the hello would change nothing that matters in it."""
+        try:
+            device = self.store.get_device(token)
+        except StorageFailed:
+            return None
+        if (device is None or device.unregistered_at is not None
+                or tuple(device.push_types) != tuple(hello.push_types)
+                or (user is not None and user != device.user)):
+            return None
+        return device
+
     def detach(self, token: str, link: DeviceLink, now: float, reason: str) -> None:
         live = self._live.get(token)
         if live is None or live.link is not link:
             return
         del self._live[token]
         self._count_connected(link, -1)
-        self.store.touch(token, now)
-        self._lose_ephemeral(live)
+        self._lose_ephemeral(token, live)
         log.info("device %s disconnected from %s: %s", short(token), link.transport, reason)
+        if token in self._test_tokens:  # the self-test is done with it: no trace left
+            self._forget(token, now)
+            return
+        try:
+            self.store.touch(token, now)
+        except StorageFailed as exc:  # worth no fsync: written when the disk takes it
+            self._storage_failed("last_seen", exc, now)
+            self._deferred_seen[token] = now
 
     def unregister(self, token: str, link: DeviceLink, now: float) -> None:
-        self.store.unregister(token, now)
+        try:
+            self.store.unregister(token, now)
+        except StorageFailed as exc:  # not recorded: the app must ask again, so say so
+            self._storage_failed("unregister", exc, now)
+            link.close(ByeReason.UNAVAILABLE, "storage_unavailable",
+                       f"the unregistration was not recorded: {self._why(exc)}; "
+                       "unregister again later")
+            return
         log.info("device %s unregistered", short(token))
         link.close(ByeReason.UNREGISTERED, None, "pushes to this token are now refused")
 
@@ -158,12 +221,31 @@ class Delivery:
         self._ack_stored(token, seq, now)
 
     def _ack_stored(self, token: str, seq: int, now: float) -> None:
-        self._delivered(token, self.store.ack(token, seq, now), now)
+        reported = self._deferred_acks.get(token, 0)
+        try:
+            done = self.store.ack(token, seq, now, reported_through=reported)
+        except StorageFailed as exc:
+            # worth no fsync: the device has the pushes all the same. Report them now (a
+            # ringing phone must stop the others), write the ack when the disk takes it
+            self._storage_failed("ack", exc, now)
+            if seq <= reported:
+                return
+            try:
+                done = self.store.delivered_through(token, reported, seq)
+            except StorageFailed:
+                return
+            self._deferred_acks[token] = seq
+        else:
+            if seq >= reported:
+                self._deferred_acks.pop(token, None)
+        self._delivered(token, done, now)
 
     def _delivered(self, token: str, pushes: list[tuple[str, float]], now: float) -> None:
+        counted = token not in self._test_tokens
         for push_id, accepted_at in pushes:
-            self.metrics.delivered.inc()
-            self.metrics.latency.observe(max(0.0, now - accepted_at))
+            if counted:
+                self.metrics.delivered.inc()
+                self.metrics.latency.observe(max(0.0, now - accepted_at))
             for listener in self.delivered_listeners:
                 listener(token, push_id, now)
 
@@ -185,7 +267,87 @@ class Delivery:
             live.link.close(ByeReason.SHUTDOWN, None, "the gateway is stopping")
             self._live.pop(token, None)
             self._count_connected(live.link, -1)
-            self._lose_ephemeral(live)
+            self._lose_ephemeral(token, live)
+
+    # --- the self-test's devices, and writes a full disk deferred -----------------------
+
+    def forget_test_devices(self, now: float) -> None:
+        """Delete what earlier self-tests left (before this version, they stayed)."""
+        for token in self._test_tokens:
+            if token not in self._live:
+                self._forget(token, now)
+
+    def _forget(self, token: str, now: float) -> None:
+        try:
+            self.store.forget_device(token)
+            self._deferred_forget.discard(token)
+        except StorageFailed as exc:
+            self._storage_failed("forget", exc, now)
+            self._deferred_forget.add(token)
+        self._deferred_seen.pop(token, None)
+        self._deferred_acks.pop(token, None)
+
+    def retry_deferred(self, now: float) -> bool:
+        """Write what a full disk deferred (last seen, acks, self-test deletions); True
+        when nothing is left. Called now and then, and after every write that worked."""
+        try:
+            for token, seq in list(self._deferred_acks.items()):
+                self.store.ack(token, seq, now, reported_through=seq)
+                if self._deferred_acks.get(token) == seq:
+                    del self._deferred_acks[token]
+            for token, seen in list(self._deferred_seen.items()):
+                if token not in self._live:  # a connected one is seen now: on detach
+                    self.store.touch(token, seen)
+                del self._deferred_seen[token]
+            for token in list(self._deferred_forget):
+                if token not in self._live:
+                    self.store.forget_device(token)
+                self._deferred_forget.discard(token)
+        except StorageFailed as exc:
+            self._storage_failed("retry", exc, now, count=False)
+            return False
+        return True
+
+    def check_storage(self, now: float) -> None:
+        """While the store fails: try a small write, and what was deferred, so the failure
+        ends (and `lpgw status` says so) once the disk takes writes, traffic or not."""
+        if self.storage_error is None and not (
+                self._deferred_acks or self._deferred_seen or self._deferred_forget):
+            return
+        try:
+            self.store.probe(now)
+        except StorageFailed:
+            return
+        self._storage_ok(now)
+
+    def _storage_failed(self, what: str, exc: StorageFailed, now: float,
+                        count: bool = True) -> None:
+        """Count it; log once when the store starts failing (a full disk fails every
+        write: one line, not thousands), again when it works."""
+        if count:
+            self.metrics.storage_failures.labels(what).inc()
+        if self.storage_error is None:
+            self.storage_error = (now, str(exc))
+            log.error("the store cannot write (%s): refusing pushes (503 ServiceUnavailable) "
+                      "and new devices (bye unavailable) until it can; connected devices stay "
+                      "and get what is stored", exc)
+
+    def _storage_ok(self, now: float) -> None:
+        if self.storage_error is not None:
+            since, _ = self.storage_error
+            self.storage_error = None
+            log.warning("the store writes again, after %.0f s", max(0.0, now - since))
+        if self._deferred_acks or self._deferred_seen or self._deferred_forget:
+            self.retry_deferred(now)
+
+    @staticmethod
+    def _why(exc: StorageFailed) -> str:
+        return ("the gateway's storage is full" if exc.full
+                else "the gateway's storage is failing") + f" ({exc.__cause__ or exc})"
+
+    def _handshake(self, token: str, link: DeviceLink, result: str) -> None:
+        if token not in self._test_tokens:
+            self.metrics.handshakes.labels(link.transport, result).inc()
 
     # --- pushes ----------------------------------------------------------------------
 
@@ -199,19 +361,55 @@ class Delivery:
         after (an incoming call: the phone must ring now; the PBX hears nothing but
         100 Trying before the commit).
         """
+        counted = token not in self._test_tokens
+        in_group = group or self.store.in_group
         try:
-            result = self._submit(token, req, now, group, send_first)
+            lost = self._lost_group(now) if group else None
+            if lost is not None:
+                raise Rejected("ServiceUnavailable", f"the push was not stored: "
+                               f"{self._why(lost)}; try again later")
+            try:
+                result = self._submit(token, req, now, group, send_first)
+            except StorageFailed as exc:
+                if in_group:  # SQLite may have ended the group's transaction: none of it lands
+                    self._lose_group(exc, now)
+                self._storage_failed("push", exc, now)
+                raise Rejected("ServiceUnavailable",
+                               f"the push was not stored: {self._why(exc)}; try again "
+                               "later") from None
         except Rejected as exc:
-            self.metrics.rejected.labels(exc.reason).inc()
+            if counted:
+                self.metrics.rejected.labels(exc.reason).inc()
             raise
-        if not group:
-            self.commit(now)  # a no-op unless a group is open: then it lands with this push
+        if counted:
+            self.metrics.accepted.labels(req.push_type).inc()
+        if not group and self.store.in_group:
+            self.commit(now)  # a group is open: this push joined it, and lands with it
+        elif result.stored and not group:
+            self._storage_ok(now)
         return result
 
     def commit(self, now: float) -> None:
-        """End the open group commit (one fsync for all of it), then send what it held."""
-        self.store.commit()
+        """End the open group commit (one fsync for all of it), then send what it held.
+
+        Raises Rejected (ServiceUnavailable) when the group could not be stored: none of
+        its pushes may be reported accepted.
+        """
+        failed = self._lost_group(now)
+        if failed is None:
+            try:
+                self.store.commit()
+            except StorageFailed as exc:
+                self._storage_failed("push", exc, now)
+                self._lose_group(exc, now)
+                failed = exc
+        if failed is not None:
+            self.rollback()
+            raise Rejected("ServiceUnavailable", f"the pushes were not stored: "
+                           f"{self._why(failed)}; try again later")
         waiting, self._waiting = self._waiting, set()
+        if waiting:
+            self._storage_ok(now)
         for token in waiting:
             live = self._live.get(token)
             if live is not None:
@@ -220,6 +418,20 @@ class Delivery:
     def rollback(self) -> None:
         self.store.rollback()
         self._waiting.clear()
+
+    def _lose_group(self, exc: StorageFailed, now: float) -> None:
+        self.rollback()
+        self._group_lost = (now, exc)
+
+    def _lost_group(self, now: float) -> StorageFailed | None:
+        """Why a group was lost, while commits must still fail for it."""
+        if self._group_lost is None:
+            return None
+        at, exc = self._group_lost
+        if 0 <= now - at < GROUP_FAILURE_HOLD:
+            return exc
+        self._group_lost = None
+        return None
 
     def _submit(self, token: str, req: PushRequest, now: float, group: bool,
                 send_first: bool = False) -> Accepted:
@@ -264,18 +476,17 @@ class Delivery:
         if size > limit:
             raise Rejected("PayloadTooLarge", f"payload over {limit} bytes")
 
-        self.metrics.accepted.labels(req.push_type).inc()
         live = self._live.get(token)
         expiration = req.expiration
         if expiration is None:
             expiration = int(now) + self.settings.default_ttl
         if expiration != 0 and expiration < now:
-            self.metrics.expired.inc()
+            self._expired(token)
             log.info("push %s to %s expired on arrival", push_id, short(token))
             return Accepted(push_id, None, sent=False, stored=False)
         if expiration == 0:
             if live is None:
-                self.metrics.expired.inc()
+                self._expired(token)
                 return Accepted(push_id, None, sent=False, stored=False)
             seq = self.store.next_seq(token)
             live.ephemeral[seq] = (push_id, now)
@@ -287,9 +498,10 @@ class Delivery:
         stored, collapsed, evicted = self.store.add_push(
             token, push_id, req.push_type, req.priority, expiration, req.collapse_id,
             payload_json, now, self.settings.queue_limit)
-        if collapsed:
+        counted = token not in self._test_tokens
+        if collapsed and counted:
             self.metrics.dropped.labels("collapsed").inc(len(collapsed))
-        if evicted:
+        if evicted and counted:
             self.metrics.dropped.labels("queue_full").inc(len(evicted))
             if now - self._warned.get(token, 0.0) > 60:  # once a minute per device
                 self._warned[token] = now
@@ -305,11 +517,20 @@ class Delivery:
         return Accepted(push_id, stored.seq, sent=live is not None, stored=True)
 
     def expire(self, now: float) -> int:
-        """Drop stored pushes past their expiration; call it now and then."""
-        gone = self.store.expire(now)
-        if gone:
-            self.metrics.expired.inc(len(gone))
+        """Drop stored pushes past their expiration; call it now and then (a full disk
+        leaves them to the next sweep; a device is never sent an expired one)."""
+        try:
+            gone = self.store.expire(now)
+        except StorageFailed as exc:
+            self._storage_failed("expire", exc, now)
+            return 0
+        for token, _ in gone:
+            self._expired(token)
         return len(gone)
+
+    def _expired(self, token: str, n: int = 1) -> None:
+        if token not in self._test_tokens:
+            self.metrics.expired.inc(n)
 
     def _flush(self, token: str, live: _Live, now: float) -> None:
         """Send every stored push this connection has not had yet, in order."""
@@ -320,8 +541,11 @@ class Delivery:
                 continue
             self._send(live, stored, now)
         if expired:
-            self.store.delete_pushes(token, expired)
-            self.metrics.expired.inc(len(expired))
+            self._expired(token, len(expired))
+            try:
+                self.store.delete_pushes(token, expired)
+            except StorageFailed as exc:  # never sent all the same; the sweep deletes them
+                self._storage_failed("expire", exc, now)
 
     def _send(self, live: _Live, stored: StoredPush, now: float,
               payload: dict | None = None) -> None:
@@ -332,10 +556,10 @@ class Delivery:
             collapse_id=stored.collapse_id, sent_at=now, payload_json=stored.payload_json))
         live.sent_through = max(live.sent_through, stored.seq)
 
-    def _lose_ephemeral(self, live: _Live) -> None:
+    def _lose_ephemeral(self, token: str, live: _Live) -> None:
         """Expiration-0 pushes never acked on a connection that ended are gone: expired."""
         if live.ephemeral:
-            self.metrics.expired.inc(len(live.ephemeral))
+            self._expired(token, len(live.ephemeral))
             live.ephemeral.clear()
 
     def _count_connected(self, link: DeviceLink, delta: int) -> None:

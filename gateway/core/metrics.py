@@ -73,6 +73,13 @@ class Metrics:
             "lpgw_slow_readers", "Devices closed (bye slow_reader) because they left more than "
             "protocol.send_buffer_limit bytes unread", ["transport"], registry=r)
 
+        # a full or failing disk (gateway/core/delivery.py): pushes and new devices refused
+        # ("push", "device", ...), writes worth no fsync deferred and redone ("last_seen", "ack")
+        self.storage_failures = Counter(
+            "lpgw_storage_failures", "Store operations that failed (full or failing disk), by "
+            "what: refused (push, device, unregister) or deferred and redone later (last_seen, "
+            "ack, expire)", ["what"], registry=r)
+
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when never set); for status output and tests."""
         return self.registry.get_sample_value(name, labels) or 0.0

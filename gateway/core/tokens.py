@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import uuid
 
 TOKEN_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -22,3 +23,21 @@ def is_token(value: str) -> bool:
 def short(token: str) -> str:
     """What logs may show of a token."""
     return token[:8] + "…"
+
+
+# `lpgw selftest` connects test devices of its own: the gateway knows them by install id, so
+# it can keep them out of the operators' counters and delete them once they leave
+SELFTEST_NS = uuid.UUID("6c7067772d73656c66746573742d6964")
+SELFTEST_TOPIC = "lpgw.selftest"
+SELFTEST_TRANSPORTS = ("quic", "tls")
+
+
+def selftest_install(gateway_id: str, transport: str) -> str:
+    """The install id of the self-test's device over `transport` on this gateway."""
+    return str(uuid.uuid5(SELFTEST_NS, f"{gateway_id}/{transport}"))
+
+
+def selftest_tokens(secret: bytes, gateway_id: str) -> frozenset[str]:
+    """The tokens the self-test's devices get on this gateway."""
+    return frozenset(derive_token(secret, selftest_install(gateway_id, t), SELFTEST_TOPIC)
+                     for t in SELFTEST_TRANSPORTS)
