@@ -31,6 +31,9 @@ class Request:
     headers: list[tuple[str, str]]
     body: bytes = b""
     http2: bool = True
+    # when it arrived on the monotonic clock (rate limits are intervals: a step of the wall
+    # clock must not empty every bucket for an hour); None: use the wall-clock `now`
+    mono: float | None = None
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Response:
 
 
 class RateLimiter:
-    """A token bucket per provider key."""
+    """A token bucket per provider key; `now` is monotonic time (see Request.mono)."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
@@ -134,7 +137,7 @@ class Router:
             raise ApiError("Shutdown", "the gateway is stopping; send to another")
         headers = apns.single_headers(req.headers)
         key = self.auth.authenticate(headers.get("authorization"), now)
-        if not self.limiter.allow(key.name, now):
+        if not self.limiter.allow(key.name, now if req.mono is None else req.mono):
             raise ApiError("TooManyRequests", "this key is over its rate limit")
         push = apns.push_request(headers, req.body, key)
         try:

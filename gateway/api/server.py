@@ -214,7 +214,7 @@ class HttpConnection:
     def _answer(self, pending: _Pending, http2: bool) -> Response:
         self.metrics.api_requests.labels("2" if http2 else "1.1").inc()
         request = Request(pending.method, pending.path, pending.headers, bytes(pending.body),
-                          http2=http2)
+                          http2=http2, mono=time.monotonic())
         return self.router.handle(request, time.time())
 
     # --- HTTP/2 -----------------------------------------------------------------------
