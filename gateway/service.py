@@ -45,6 +45,7 @@ log = logging.getLogger("lpgw")
 DRAIN_SECONDS = 5.0  # at most this long for devices to take their last pushes and go
 STATUS_EVERY = 10.0
 STORAGE_CHECK_EVERY = 2.0  # while the store fails: how soon a freed disk is noticed
+STORAGE_HEADROOM = 1 << 20  # free bytes before that check tries a write
 # a reconnect storm after a Wi-Fi outage: 10,000 phones at once overflow the default of 100,
 # and refused SYNs come back only after the kernel's 1 s, 3 s, 7 s... retries
 LISTEN_BACKLOG = 4096
@@ -265,8 +266,12 @@ class Gateway:
         and says so, once space is back even if no push or phone comes to find out."""
         while True:
             await asyncio.sleep(STORAGE_CHECK_EVERY)
+            if self.delivery.storage_error is None:
+                continue
             with faults.contained(self.metrics, "storage_check"):
-                self.delivery.check_storage(time.time())
+                # a few bytes may fit in the WAL while a push does not: no room, no probe
+                if shutil.disk_usage(self.config.store_path.parent).free >= STORAGE_HEADROOM:
+                    self.delivery.check_storage(time.time())
 
     async def _report(self) -> None:
         """STATUS= for `systemctl status`, kept current."""

@@ -98,6 +98,7 @@ class StorageFailed(StoreError):
 
     def __init__(self, exc: sqlite3.Error) -> None:
         self.full = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+        self.detail = str(exc)  # SQLite's words: "database or disk is full"
         super().__init__(f"{'storage full' if self.full else 'storage failing'}: {exc}")
 
 

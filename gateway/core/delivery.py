@@ -28,6 +28,7 @@ MAX_COLLAPSE_ID = 64
 # commits first (the SIP shell, a push from `lpgw send`) must not leave the API's group
 # callers to commit nothing and answer 200 for pushes rolled back.
 GROUP_FAILURE_HOLD = 2.0
+STORAGE_LOG_EVERY = 60.0  # seconds between "the store cannot write" lines
 
 
 class DeviceLink(Protocol):
@@ -99,6 +100,7 @@ class Delivery:
         self._test_tokens = selftest_tokens(token_secret, gateway_id)
         # a full or failing disk: (since, what failed) until a write works again
         self.storage_error: tuple[float, str] | None = None
+        self._storage_logged = float("-inf")
         # (when, why) a group commit was lost: see GROUP_FAILURE_HOLD
         self._group_lost: tuple[float, StorageFailed] | None = None
         # writes worth no fsync that failed, redone by retry_deferred (token -> value)
@@ -168,8 +170,7 @@ class Delivery:
             raise Refused(ByeReason.UNAVAILABLE, f"the gateway cannot record this device now: "
                           f"{self._why(exc)}; nothing is lost, connect again later",
                           "storage_unavailable") from None
-        self._storage_ok(now)
-        return device
+        return device  # a small write that worked says little: a push may still not fit
 
     def _known_as_is(self, token: str, hello: Hello, user: str | None):
         """The stored record when the hello would change nothing that matters in it."""
@@ -322,28 +323,32 @@ class Delivery:
 
     def _storage_failed(self, what: str, exc: StorageFailed, now: float,
                         count: bool = True) -> None:
-        """Count it; log once when the store starts failing (a full disk fails every
-        write: one line, not thousands), again when it works."""
+        """Count it; log when the store starts failing (a full disk fails every write: one
+        line, not thousands, and at most one a minute), and when it works again."""
         if count:
             self.metrics.storage_failures.labels(what).inc()
         if self.storage_error is None:
             self.storage_error = (now, str(exc))
-            log.error("the store cannot write (%s): refusing pushes (503 ServiceUnavailable) "
-                      "and new devices (bye unavailable) until it can; connected devices stay "
-                      "and get what is stored", exc)
+            if not 0 <= now - self._storage_logged < STORAGE_LOG_EVERY:
+                self._storage_logged = now
+                log.error("the store cannot write (%s): refusing pushes (503 "
+                          "ServiceUnavailable) and new devices (bye unavailable) until it "
+                          "can; connected devices stay and get what is stored", exc)
 
     def _storage_ok(self, now: float) -> None:
+        """A push (or the shell's probe, once the disk has room) was written."""
         if self.storage_error is not None:
             since, _ = self.storage_error
             self.storage_error = None
-            log.warning("the store writes again, after %.0f s", max(0.0, now - since))
+            if self._storage_logged >= since:  # its failure was said: say it is over
+                log.warning("the store writes again, after %.0f s", max(0.0, now - since))
         if self._deferred_acks or self._deferred_seen or self._deferred_forget:
             self.retry_deferred(now)
 
     @staticmethod
     def _why(exc: StorageFailed) -> str:
         return ("the gateway's storage is full" if exc.full
-                else "the gateway's storage is failing") + f" ({exc.__cause__ or exc})"
+                else "the gateway's storage is failing") + f" ({exc.detail})"
 
     def _handshake(self, token: str, link: DeviceLink, result: str) -> None:
         if token not in self._test_tokens:
