@@ -26,8 +26,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.core.assertions import AssertionPolicy
+from gateway.core.delivery import Delivery, DeliverySettings, Rejected
+from gateway.core.metrics import Metrics
+from gateway.core.model import PushRequest
+from gateway.protocol.messages import Hello
+from gateway.store import Store
 from gateway.transport import control
 from tests.conftest import ROOT, GatewayProcess, new_install, send
+from tests.fakelink import FakeLink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -241,3 +248,33 @@ async def test_sigterm_while_the_disk_is_full_exits_0_and_keeps_every_accepted_p
         assert got == kept
     finally:
         gp.kill(signal.SIGTERM)
+
+
+def test_a_group_commit_lost_to_a_full_disk_is_lost_for_every_caller(small_fs):
+    """The API's pushes wait in a group commit for the end of the loop turn; if someone
+    else commits first (the SIP shell after a datagram, `lpgw send`) and the disk is full,
+    the group is rolled back: the API's own commit must then fail too, never answer 200."""
+    store = Store(small_fs / "lpgw.sqlite3")
+    try:
+        delivery = Delivery(store, b"k" * 32, "gw", DeliverySettings(), AssertionPolicy(),
+                            Metrics())
+        now = time.time()
+        token = delivery.admit(FakeLink(), Hello(version=1, install_id=new_install(),
+                                                 topic=TOPIC, push_types=("alert",)), now)
+        fill(small_fs / "filler")
+        push = PushRequest(push_type="alert", payload={"aps": {"alert": "in a group"}})
+        assert delivery.submit(token, push, now, group=True).stored  # in memory, waiting
+        with pytest.raises(Rejected, match="storage is full"):
+            delivery.commit(now)  # the first committer: the SIP shell, say
+        with pytest.raises(Rejected, match="storage is full"):
+            delivery.commit(now + 0.01)  # the API's group: its push is not on disk
+        with pytest.raises(Rejected):  # a grouped push meanwhile: refused at once
+            delivery.submit(token, push, now + 0.02, group=True)
+        (small_fs / "filler").unlink()
+        assert store.pending(token, 0) == []
+        later = now + 3  # the hold is over: groups land again
+        assert delivery.submit(token, push, later, group=True).stored
+        delivery.commit(later)
+        assert len(store.pending(token, 0)) == 1
+    finally:
+        store.close()
