@@ -1,4 +1,4 @@
-"""`lpgw run | device | send | pin | status | check-config | discover | db salvage`."""
+"""`lpgw run | device | send | pin | status | check-config | discover | db salvage|backup`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -107,6 +108,36 @@ def cmd_db_salvage(args: argparse.Namespace) -> int:
         print(f"lpgw: check it, then: systemctl stop lpgw; mv {source} {source}.damaged; "
               f"mv {target} {source}; systemctl start lpgw (or run again with --replace)",
               file=sys.stderr)
+    return 0
+
+
+def cmd_db_backup(args: argparse.Namespace) -> int:
+    """What a restore needs, in one private directory: the key (the pin phones check), the
+    certificate, the token secret (every device token) and a consistent copy of the
+    database, taken while the gateway runs."""
+    from gateway.store import SECRET_FILE, StoreError, backup, check_header
+
+    cfg = _load_config(args.config)
+    target = Path(args.to)
+    try:
+        check_header(cfg.store_path)
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        devices = backup(cfg.store_path, target / cfg.store_path.name)
+        copied = [cfg.store_path.name]
+        for path in (cfg.key_path, cfg.cert_path, cfg.state_path / SECRET_FILE):
+            tmp = target / f".{path.name}.new"
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(path.read_bytes())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target / path.name)
+            copied.append(path.name)
+    except (StoreError, OSError, sqlite3.Error) as exc:
+        print(f"lpgw: backup failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"ok": True, "to": str(target), "files": copied, "devices": devices}))
     return 0
 
 
@@ -368,6 +399,11 @@ def parser() -> argparse.ArgumentParser:
                       help="put it in place of the damaged one (kept as "
                            "<database>.damaged-<time>); the gateway must be stopped")
     salv.set_defaults(func=cmd_db_salvage)
+    back = with_config(db_sub.add_parser(
+        "backup", help="copy the key, certificate, token secret and database (consistent, "
+                       "while running) into a private directory"))
+    back.add_argument("--to", required=True, metavar="DIR")
+    back.set_defaults(func=cmd_db_backup)
 
     disc = sub.add_parser("discover", help="list the gateways Bonjour finds here")
     disc.add_argument("--transport", choices=("quic", "tls", "any"), default="any")

@@ -179,6 +179,11 @@ def _create(path: Path) -> None:
         db.executescript(SCHEMA)  # its schema_version is written on opening, as ever
     finally:
         db.close()  # checkpoints: the whole database is in `tmp` now
+    _put_in_place(tmp, path)
+
+
+def _put_in_place(tmp: Path, path: Path) -> None:
+    """Rename a finished file over `path`, durably: never a half-written one there."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -633,6 +638,32 @@ def token_secret(store: Store, path: Path) -> bytes:
     if in_db is None:
         store.set_meta("token_secret", secret)  # a restored file is checked against it later
     return secret
+
+
+# --- backup: a consistent copy of the live database ----------------------------------------
+
+
+def backup(source: Path, target: Path) -> int:
+    """Copy the database to `target` (replaced whole, 0600) while the gateway may be
+    writing to it: SQLite's online backup reads one consistent state, the WAL included,
+    where a plain `cp` of a live file can copy half of a write. Returns its devices."""
+    tmp = target.with_name(f".{target.name}.new")
+    tmp.unlink(missing_ok=True)
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            devices = dst.execute("SELECT count(*) FROM devices").fetchone()[0]
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    _put_in_place(tmp, target)
+    return devices
 
 
 # --- salvage: what a damaged database still holds, into a new one -------------------------

@@ -37,7 +37,10 @@ class Pristine:
     push_id: str
 
 
-async def _first_run(state: Path, devices) -> tuple[str, str, str]:
+@contextlib.asynccontextmanager
+async def a_phone_with_a_push_waiting(state: Path, devices):
+    """`lpgw run`, a phone that registered and left, and a push stored for it:
+    (gateway, install id, token, push id)."""
     gp = GatewayProcess(state, 0, {"listen": {"host": "127.0.0.1", "port": 0}})
     gp.start()
     try:
@@ -47,9 +50,9 @@ async def _first_run(state: Path, devices) -> tuple[str, str, str]:
         await phone.stop()
         reply = await send(gp.handle(), token, {"aps": {"alert": "kept"}})
         assert reply["ok"] and reply["stored"], reply
+        yield gp, install, token, reply["push_id"]
     finally:
         gp.kill(signal.SIGTERM)
-    return install, token, reply["push_id"]
 
 
 @pytest.fixture
@@ -59,7 +62,8 @@ async def pristine(tmp_path_factory, devices) -> Pristine:
     cache = tmp_path_factory.getbasetemp() / "pristine-state"
     facts = cache.with_suffix(".json")
     if not facts.exists():  # made once for the whole module, copied by each test
-        install, token, push_id = await _first_run(cache, devices)
+        async with a_phone_with_a_push_waiting(cache, devices) as (_, install, token, push_id):
+            pass
         store = Store(cache / "lpgw.sqlite3")
         try:
             for i in range(FILLER):
@@ -254,3 +258,34 @@ async def test_sigterm_drains_and_closes_the_store_when_a_stop_step_fails(tmp_pa
     assert "internal error in stop (control)" in out, out
     wal = gp.state / "lpgw.sqlite3-wal"
     assert not wal.exists() or wal.stat().st_size == 0, "the store was closed (checkpointed)"
+
+
+# --- backup and restore (hardware.md) ----------------------------------------------------
+
+
+async def test_a_backup_taken_while_running_restores_pin_tokens_and_pushes(tmp_path, devices):
+    state = tmp_path / "state"
+    async with a_phone_with_a_push_waiting(state, devices) as (gp, install, token, kept):
+        backup = lpgw("db", "backup", "-c", str(gp.config_path), "--to",
+                      str(tmp_path / "backup"))
+        assert backup.returncode == 0, backup.stderr
+        assert json.loads(backup.stdout)["devices"] == 1
+        assert (await send(gp.handle(), token, {"n": "after the backup"}))["ok"]
+    pin = gp.pin
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == [
+        "gateway.crt", "gateway.key", "lpgw.sqlite3", "token.secret"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "backup").iterdir())
+
+    shutil.rmtree(state)  # the card died; a new one, and the backup copied back
+    shutil.copytree(tmp_path / "backup", state)
+    gp = GatewayProcess(state, 0, {"listen": {"host": "127.0.0.1", "port": 0}})
+    gp.start()
+    try:
+        assert gp.pin == pin  # phones still trust it
+        phone = devices(gp.handle(), "quic", install_id=install)
+        assert await phone.welcome() == token  # app servers still reach it
+        assert (await phone.next("push"))["id"] == kept
+        with pytest.raises(TimeoutError):  # what came after the backup is not in it
+            await phone.next("push", timeout=0.5)
+    finally:
+        gp.kill(signal.SIGTERM)
