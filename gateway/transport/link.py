@@ -158,7 +158,7 @@ class GatewayLink:
                     delivery.admit(self, event.hello, wall)
                 except Refused as exc:
                     log.info("refused a hello from %s: %s", self.peer, exc)
-                    self._end(self.session.close(exc.reason, None, str(exc)))
+                    self._end(self.session.close(exc.reason, exc.code, str(exc)))
                     return
             elif isinstance(event, PingDue) and self._ping is not None:
                 self._ping(event.nonce)
