@@ -15,7 +15,7 @@ from typing import Protocol
 
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
 from gateway.core.metrics import Metrics
-from gateway.core.model import PushRequest, StoredPush
+from gateway.core.model import DeviceRecord, PushRequest, StoredPush
 from gateway.core.tokens import derive_token, is_token, selftest_tokens, short
 from gateway.protocol.messages import PUSH_TYPES, ByeReason, CallAction, Hello, Push
 from gateway.store import StorageFailed, Store
@@ -154,7 +154,7 @@ class Delivery:
         return token
 
     def _upsert(self, token: str, hello: Hello, user: str | None, link: DeviceLink,
-                now: float):
+                now: float) -> DeviceRecord:
         """Record the device; on a full disk a device already known as it is now is
         admitted all the same (its last-seen time is written later), any other refused
         with `bye unavailable` (it comes back with backoff, nothing of its is lost)."""
@@ -172,7 +172,7 @@ class Delivery:
                           "storage_unavailable") from None
         return device  # a small write that worked says little: a push may still not fit
 
-    def _known_as_is(self, token: str, hello: Hello, user: str | None):
+    def _known_as_is(self, token: str, hello: Hello, user: str | None) -> DeviceRecord | None:
         """The stored record when the hello would change nothing that matters in it."""
         try:
             device = self.store.get_device(token)
