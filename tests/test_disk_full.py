@@ -162,7 +162,7 @@ async def test_a_full_disk_refuses_clearly_serves_what_is_stored_and_recovers(
         # a new phone: told why, and nothing else happens to it
         newcomer = devices(gw, transport, install_id=new_install())
         bye = await newcomer.next("disconnected", timeout=10)
-        assert bye["reason"] == "unavailable", bye
+        assert (bye["reason"], bye["code"]) == ("unavailable", "storage_unavailable"), bye
         assert "storage is full" in bye["message"], bye
 
         # a phone already known: welcomed, and given what is stored (its acks wait)
