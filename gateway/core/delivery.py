@@ -272,6 +272,10 @@ class Delivery:
 
     # --- the self-test's devices, and writes a full disk deferred -----------------------
 
+    def is_test_device(self, token: str) -> bool:
+        """One of `lpgw selftest`'s own devices: the shells keep it out of their counters."""
+        return token in self._test_tokens
+
     def forget_test_devices(self, now: float) -> None:
         """Delete what earlier self-tests left (before this version, they stayed)."""
         for token in self._test_tokens:
