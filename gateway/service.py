@@ -137,12 +137,13 @@ class Gateway:
             raise
         self.store.start_checkpointer()
         self.delivery = Delivery(self.store, secret, self.gateway_id, delivery_settings(c),
-                                 assertion_policy(c), self.metrics)
+                                 assertion_policy(c), self.metrics, monotonic=time.monotonic)
         self.delivery.forget_test_devices(time.time())
         self.link_context = LinkContext(
             delivery=self.delivery, metrics=self.metrics, gateway_id=self.gateway_id,
             settings=session_settings(c),
-            timers=TimerWheel(asyncio.get_running_loop(), tick_for(c.protocol.heartbeat)))
+            timers=TimerWheel(asyncio.get_running_loop(), tick_for(c.protocol.heartbeat),
+                              metrics=self.metrics))
         try:
             await self._listen()
             if c.api.enabled:
@@ -473,7 +474,15 @@ class Gateway:
             "call_actions": {a: int(m.value("lpgw_call_actions_total", action=a))
                              for a in CALL_ACTIONS},
             "storage": self._storage_status(),
+            "clock": self._clock_status(),
         }
+
+    def _clock_status(self) -> dict:
+        """Steps of the wall clock this run has seen (a Pi has no RTC)."""
+        step = self.delivery.last_step if self.delivery else None
+        return {"steps": self.delivery.clock_steps if self.delivery else 0,
+                "last_step": None if step is None else {"seconds": round(step.delta, 1),
+                                                        "at": round(step.wall, 1)}}
 
     def _known_devices(self) -> int | None:
         try:

@@ -498,6 +498,21 @@ class Store:
                                  [(token, s) for s in seqs])
 
     @_storage
+    def shift_times(self, delta: float, expirations: bool) -> None:
+        """The wall clock stepped `delta` seconds: move what was stamped before the step
+        with it (last seen, unregistered, accepted), so intervals measured from those
+        stamps stay true; with `expirations`, the stored pushes' expirations too (a step
+        forward: each keeps the time it had left)."""
+        with self._tx():
+            self._db.execute(
+                """UPDATE devices SET last_seen=last_seen+?1, created_at=created_at+?1,
+                   unregistered_at=unregistered_at+?1""", (delta,))
+            self._db.execute("UPDATE pushes SET accepted_at=accepted_at+?", (delta,))
+            if expirations:
+                self._db.execute("UPDATE pushes SET expiration=expiration+? WHERE expiration>0",
+                                 (round(delta),))
+
+    @_storage
     def expire(self, now: float) -> list[tuple[str, str]]:
         """Drop every stored push whose expiration has passed; returns (token, push id)."""
         with self._tx():

@@ -418,14 +418,18 @@ def test_unacked_expiration_zero_push_counts_expired_when_replaced(delivery):
 
 
 @pytest.mark.parametrize("connected", [True, False])
-def test_past_expiration_is_neither_stored_nor_sent(delivery, store, connected):
+@pytest.mark.parametrize("ago", [0, 10])
+def test_past_expiration_is_tried_once_and_never_stored(delivery, store, connected, ago):
+    """APNs tries a nonzero expiration at least once: one that has begun (the current
+    second, what client libraries send for a time-to-live of 0) or passed goes to a device
+    that is here, like expiration 0, and is never stored. Before: dropped on arrival."""
     link = FakeLink()
     token = delivery.admit(link, hello(), NOW) if connected else register(delivery)
-    res = delivery.submit(token, alert(expiration=int(NOW) - 10), NOW)
-    assert res.seq is None and not res.sent and not res.stored
-    assert link.pushes == []
-    assert store.count_pending(token) == 0
-    assert metric(delivery, "lpgw_pushes_expired_total") == 1
+    res = delivery.submit(token, alert(expiration=int(NOW) - ago), NOW + 0.5)
+    assert not res.stored and store.count_pending(token) == 0
+    assert res.sent is connected
+    assert [p.expiration for p in link.pushes] == ([0] if connected else [])
+    assert metric(delivery, "lpgw_pushes_expired_total") == (0 if connected else 1)
     assert metric(delivery, "lpgw_pushes_accepted_total", push_type="alert") == 1
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
+from gateway.core.clock import ClockStep, ClockWatch
 from gateway.core.metrics import Metrics
 from gateway.core.model import DeviceRecord, PushRequest, StoredPush
 from gateway.core.tokens import derive_token, is_token, selftest_tokens, short
@@ -86,8 +87,15 @@ class _Live:
 
 class Delivery:
     def __init__(self, store: Store, token_secret: bytes, gateway_id: str,
-                 settings: DeliverySettings, policy: AssertionPolicy, metrics: Metrics) -> None:
+                 settings: DeliverySettings, policy: AssertionPolicy, metrics: Metrics,
+                 monotonic: Callable[[], float] | None = None) -> None:
+        """`monotonic`, when given, is read beside every `now` (wall-clock seconds) the
+        shells pass in, to see the wall clock step (see core.clock); without it (tests of
+        the core that move `now` by hand) `now` is taken as it comes."""
         self.store = store
+        self._monotonic = monotonic
+        self._clock: ClockWatch | None = None
+        self.last_step: ClockStep | None = None
         self.gateway_id = gateway_id
         self.settings = settings
         self.policy = policy
@@ -115,6 +123,7 @@ class Delivery:
 
     def admit(self, link: DeviceLink, hello: Hello, now: float) -> str:
         """Admit a hello: welcome the link, replace an older one, send what is waiting."""
+        self.observe_clock(now)
         user = None
         token = derive_token(self._secret, hello.install_id, hello.topic)
         if hello.assertion is not None and not self.policy.enabled:
@@ -185,6 +194,7 @@ class Delivery:
         return device
 
     def detach(self, token: str, link: DeviceLink, now: float, reason: str) -> None:
+        self.observe_clock(now)
         live = self._live.get(token)
         if live is None or live.link is not link:
             return
@@ -214,6 +224,7 @@ class Delivery:
         link.close(ByeReason.UNREGISTERED, None, "pushes to this token are now refused")
 
     def ack(self, token: str, link: DeviceLink, seq: int, now: float) -> None:
+        self.observe_clock(now)
         live = self._live.get(token)
         if live is None or live.link is not link:
             return
@@ -370,6 +381,7 @@ class Delivery:
         after (an incoming call: the phone must ring now; the PBX hears nothing but
         100 Trying before the commit).
         """
+        self.observe_clock(now)
         counted = token not in self._test_tokens
         in_group = group or self.store.in_group
         try:
@@ -489,13 +501,15 @@ class Delivery:
         expiration = req.expiration
         if expiration is None:
             expiration = int(now) + self.settings.default_ttl
-        if expiration != 0 and expiration < now:
-            self._expired(token)
-            log.info("push %s to %s expired on arrival", push_id, short(token))
-            return Accepted(push_id, None, sent=False, stored=False)
+        if 0 < expiration < now:
+            # APNs tries such a push once: what client libraries send for a time-to-live
+            # of 0 is the current second, which has begun. Now or never, like 0.
+            expiration = 0
         if expiration == 0:
             if live is None:
                 self._expired(token)
+                log.info("push %s to %s expired on arrival (its device is away)", push_id,
+                         short(token))
                 return Accepted(push_id, None, sent=False, stored=False)
             seq = self.store.next_seq(token)
             live.ephemeral[seq] = (push_id, now)
@@ -528,6 +542,7 @@ class Delivery:
     def expire(self, now: float) -> int:
         """Drop stored pushes past their expiration; call it now and then (a full disk
         leaves them to the next sweep; a device is never sent an expired one)."""
+        self.observe_clock(now)
         try:
             gone = self.store.expire(now)
         except StorageFailed as exc:
@@ -536,6 +551,46 @@ class Delivery:
         for token, _ in gone:
             self._expired(token)
         return len(gone)
+
+    # --- the wall clock -------------------------------------------------------------
+
+    def observe_clock(self, now: float) -> ClockStep | None:
+        """See whether the wall clock stepped since the last call (and deal with it)."""
+        if self._monotonic is None:
+            return None
+        mono = self._monotonic()
+        if self._clock is None:
+            self._clock = ClockWatch(now, mono)
+            return None
+        step = self._clock.observe(now, mono)
+        if step is not None:
+            self.clock_stepped(step)
+        return step
+
+    def clock_stepped(self, step: ClockStep) -> None:
+        """Intervals stay true across a step of the wall clock.
+
+        Last-seen times move with the clock, so a device seen a minute ago is not judged
+        unseen for 40 days (410 Unregistered, and app servers delete its token). Stored
+        pushes keep the expiration the provider gave unless the step was forward: then each
+        keeps the time it had left, so a push is dropped only when both readings, the wall
+        clock's and the time elapsed since it was accepted, say it expired.
+        """
+        self.last_step = step
+        self.metrics.clock_steps.inc()
+        log.warning("the wall clock stepped %+.0f s (%s); last-seen times%s moved with it",
+                    step.delta, "forward" if step.delta > 0 else "back",
+                    " and stored pushes' expirations" if step.delta > 0 else "")
+        for token in self._deferred_seen:
+            self._deferred_seen[token] += step.delta
+        try:
+            self.store.shift_times(step.delta, expirations=step.delta > 0)
+        except StorageFailed as exc:
+            self._storage_failed("clock_step", exc, step.wall)
+
+    @property
+    def clock_steps(self) -> int:
+        return self._clock.steps if self._clock is not None else 0
 
     def _expired(self, token: str, n: int = 1) -> None:
         if token not in self._test_tokens:

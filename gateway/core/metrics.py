@@ -80,6 +80,10 @@ class Metrics:
             "what: refused (push, device, unregister) or deferred and redone later (last_seen, "
             "ack, expire)", ["what"], registry=r)
 
+        self.clock_steps = Counter(
+            "lpgw_clock_steps", "Steps of the wall clock seen against the monotonic clock "
+            "(NTP's first sync on a board without RTC, a hand-set clock)", registry=r)
+
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when never set); for status output and tests."""
         return self.registry.get_sample_value(name, labels) or 0.0
