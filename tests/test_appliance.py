@@ -388,7 +388,7 @@ def test_unit_verifies_and_scores_well(tmp_path):
     text = unit.read_text()
     for needed in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "User=lpgw",
                    "StateDirectory=lpgw", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                   "CapabilityBoundingSet=\n", "AF_NETLINK"):
+                   "CapabilityBoundingSet=\n", "AF_NETLINK", "RestartPreventExitStatus=2 3"):
         assert needed in text, needed
     dropin = (ROOT / "systemd" / "lpgw-low-ports.conf").read_text()
     assert "CAP_NET_BIND_SERVICE" in dropin
