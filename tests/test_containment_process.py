@@ -89,3 +89,20 @@ async def test_rport_abc_invite_to_a_quic_phone_stops_nobody(tmp_path, devices):
     finally:
         pbx.close()
         proc.kill()
+
+
+async def test_sigterm_after_control_requests_is_quiet(tmp_path):
+    """`lpgw status` a few times, then SIGTERM: exit 0 and no traceback (before: the
+    control socket's finished tasks were cancelled at exit and asyncio printed one)."""
+    proc = GatewayProcess(tmp_path / "state", 0, {"listen": {"host": "127.0.0.1", "port": 0}})
+    proc.start()
+    try:
+        gw = proc.handle()
+        for _ in range(20):
+            assert (await control.request(gw.config.control_path, {"op": "status"}))["ok"]
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(20) == 0
+        out = proc.proc.stdout.read().decode(errors="replace")
+        assert "Traceback" not in out and "Exception in callback" not in out, out
+    finally:
+        proc.kill()

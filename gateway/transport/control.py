@@ -85,6 +85,8 @@ class ControlServer:
             writer.write(encode({"ok": False, "reason": exc.code, "message": str(exc)}))
         except (TimeoutError, ConnectionError):
             pass
+        except asyncio.CancelledError:  # the gateway is stopping: nothing is left to say
+            return
         except Exception as exc:  # this client's failure: the socket serves the next one
             faults.record(self.metrics, "control_connection", exc)
         finally:

@@ -102,7 +102,8 @@ class GatewayLink:
         self._write = self._close_transport = ignore
         self._ping = None
         reason = self.session.closed.reason if self.session.closed else why
-        if self.session.closed is None:
+        if self.session.closed is None and (
+                self.token is None or not self.ctx.delivery.is_test_device(self.token)):
             self.ctx.metrics.disconnects.labels(self.transport, "lost").inc()
         if self.token is not None:
             try:
@@ -181,7 +182,8 @@ class GatewayLink:
 
     def _end(self, closed: Closed) -> None:
         m = self.ctx.metrics
-        m.disconnects.labels(self.transport, closed.reason).inc()
+        if self.token is None or not self.ctx.delivery.is_test_device(self.token):
+            m.disconnects.labels(self.transport, closed.reason).inc()
         if closed.reason in BAD_INPUT_REASONS:
             m.protocol_errors.labels(closed.code or closed.reason).inc()
         if closed.reason == ByeReason.HEARTBEAT_TIMEOUT:
