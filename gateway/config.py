@@ -89,6 +89,8 @@ class ProtocolConfig:
     frame_rate: float = _k(50.0, "frames per second a device may send, sustained", lo=1,
                            hi=10000)
     frame_burst: int = _k(200, "frames a device may send in a burst", lo=1, hi=100000)
+    send_buffer_limit: int = _k(2097152, "bytes a device may leave unread before it is closed "
+                                "(bye slow_reader); its pushes wait", lo=65536, hi=268435456)
 
 
 @dataclass(frozen=True)

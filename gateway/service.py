@@ -80,7 +80,8 @@ def session_settings(c: Config) -> SessionSettings:
     p = c.protocol
     return SessionSettings(max_frame=p.max_frame, heartbeat=p.heartbeat,
                            heartbeat_misses=p.heartbeat_misses, hello_timeout=p.hello_timeout,
-                           frame_rate=p.frame_rate, frame_burst=p.frame_burst)
+                           frame_rate=p.frame_rate, frame_burst=p.frame_burst,
+                           send_buffer_limit=p.send_buffer_limit)
 
 
 def provider_auth(c: Config) -> ProviderAuth:

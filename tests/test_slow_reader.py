@@ -9,7 +9,6 @@ acknowledges packets and PINGs but never opens the stream's flow-control window 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 import ssl
 import time
@@ -95,11 +94,8 @@ async def push_until_closed(gw, token: str, limit: int = 3000) -> int:
 
 @pytest.mark.parametrize("transport", ["quic", "tls"])
 async def test_a_device_that_stops_reading_is_closed_and_its_pushes_wait(
-        gateway, devices, transport):
-    gw = gateway
-    gw.link_context = dataclasses.replace(
-        gw.link_context, settings=dataclasses.replace(gw.link_context.settings,
-                                                      send_buffer_limit=LIMIT))
+        gateway_factory, devices, transport):
+    gw = await gateway_factory(protocol={"send_buffer_limit": LIMIT})
     bystander = devices(gw, transport)
     calm = await bystander.welcome()
     install = new_install()
