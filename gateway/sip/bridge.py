@@ -6,16 +6,18 @@ A transaction user on top of `transaction.py`, still sans-IO: datagrams and `now
 
 from __future__ import annotations
 
+import codecs
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway import faults
 from gateway.core.calls import Call, Caller, Calls, message_payload
 from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
-from gateway.sip.message import SipError, SipMessage, parse
+from gateway.sip.message import SipError, SipMessage, number, parse
 from gateway.sip.register import PbxLink
 from gateway.sip.transaction import (
     CancelReceived,
@@ -63,6 +65,20 @@ class UserRouter:
     def devices_of(self, user: str) -> list[str]:
         bound = self.delivery.store.tokens_of(user)
         return list(dict.fromkeys([*bound, *self.static.get(user, [])]))
+
+
+def message_text(body: bytes, content_type: str | None) -> str:
+    """A MESSAGE body as text: in its Content-Type charset when one is named and known,
+    else UTF-8, else Windows-1252 (what PBXs on Windows send), never an error."""
+    charset = re.search(r';\s*charset\s*=\s*"?([A-Za-z0-9_.:\-]+)', content_type or "", re.I)
+    names = [charset.group(1)] if charset else []
+    for name in [*names, "utf-8", "cp1252"]:
+        try:
+            codecs.lookup(name)
+            return body.decode(name)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return body.decode("utf-8", "replace")
 
 
 def reason_text(header: str | None) -> str:
@@ -115,31 +131,65 @@ class SipBridge:
             actions = self.tx.receive(msg, peer, now)
         except SipError as exc:
             self.metrics.sip_errors.labels(str(exc.status or "drop")).inc()
-            if msg.is_request and exc.status and msg.get("via"):
+            # an ACK is never answered (RFC 3261 17.2.1), and a request without any Via
+            # value has nowhere a response could be matched: both are dropped
+            if msg.is_request and exc.status and msg.method != "ACK" and msg.get_all("via"):
                 self._reply_without_transaction(msg, peer, exc.status, str(exc))
             return "refused"
         outcome = "absorbed"
         for action in actions:
-            if isinstance(action, Send):
-                self.on_send([action])
-            elif isinstance(action, RequestReceived) and action.tx.is_invite:
-                # The phone first: the 100 Trying (ours to send, RFC 3261 17.2.1: we answer
-                # at once) is made and sent once the call's push is written, or just before
-                # any answer of ours.
-                self._trying = action.tx
-                try:
-                    outcome = self._request(action.tx, now)
-                finally:
-                    self._send_trying(now)
-            elif isinstance(action, RequestReceived):
-                outcome = self._request(action.tx, now)
-            elif isinstance(action, CancelReceived):
-                outcome = self._cancel(action, now)
-            elif isinstance(action, ResponseReceived):
-                if self.pbx is not None:
-                    self.pbx.on_response(action.tx.context, action.response, now)
-                outcome = "response"
+            outcome = self._act(action, now) or outcome
         return outcome
+
+    def _act(self, action: object, now: float) -> str | None:
+        """One event of the transaction layer. A failure in the work for one transaction is
+        contained to it: counted, logged (bounded), answered 500 and ended."""
+        tx = action.tx if isinstance(action, RequestReceived | CancelReceived) else None
+        who = f"{tx.request.method} {tx.request.call_id[:40]}" if tx is not None else ""
+        with faults.contained(self.metrics, "sip_request", who) as outcome:
+            return self._dispatch(action, now)
+        if outcome.failed and tx is not None:
+            self._abandon(tx, now)
+        return "failed"
+
+    def _dispatch(self, action: object, now: float) -> str | None:
+        if isinstance(action, Send):
+            self.on_send([action])
+        elif isinstance(action, RequestReceived) and action.tx.is_invite:
+            # The phone first: the 100 Trying (ours to send, RFC 3261 17.2.1: we answer at
+            # once) is made and sent once the call's push is written, or just before any
+            # answer of ours.
+            self._trying = action.tx
+            try:
+                return self._request(action.tx, now)
+            finally:
+                self._send_trying(now)
+        elif isinstance(action, RequestReceived):
+            return self._request(action.tx, now)
+        elif isinstance(action, CancelReceived):
+            return self._cancel(action, now)
+        elif isinstance(action, ResponseReceived):
+            if self.pbx is not None:
+                self.pbx.on_response(action.tx.context, action.response, now)
+            return "response"
+        return None
+
+    def _abandon(self, tx: ServerTransaction, now: float) -> None:
+        """A transaction whose handling failed still ends: 500 while it can be answered,
+        and forgotten if even that fails, so the table never keeps what nothing finishes.
+        Its call, if one was offered, ends too (the phone stops ringing)."""
+        if self._trying is tx:
+            self._trying = None
+        call = self._call_of.pop(id(tx), None)
+        if call is not None:
+            self._invite_of.pop(call.id, None)
+        with faults.contained(self.metrics, "sip_request", "answering 500"):
+            self._reply(tx, 500, now)
+        if tx.state in ("trying", "proceeding"):
+            self.tx.forget(tx)
+        if call is not None and call.final is None:
+            with faults.contained(self.metrics, "sip_request", f"ending call {call.id}"):
+                self.calls.cancel(call, "gateway error", now)
 
     def _send_trying(self, now: float) -> None:
         tx, self._trying = self._trying, None
@@ -162,11 +212,13 @@ class SipBridge:
         msg.address("from")
         msg.address("to")
         msg.request_uri  # noqa: B018  (validates; 416 for other schemes)
+        msg.vias  # noqa: B018  (validates the top Via: sent-by, rport, received)
         max_forwards = msg.get("max-forwards")
         if max_forwards is not None:
-            if not max_forwards.isdigit():
+            hops = number(max_forwards, 10)
+            if hops is None:
                 raise SipError("bad Max-Forwards")
-            if int(max_forwards) == 0 and msg.method not in ("OPTIONS", "ACK"):
+            if hops == 0 and msg.method not in ("OPTIONS", "ACK"):
                 raise SipError("Too Many Hops", 483)
 
     def _request(self, tx: ServerTransaction, now: float) -> str:
@@ -237,29 +289,40 @@ class SipBridge:
             return "unreachable"
         sender = req.address("from")
         payload = message_payload(str(sender.uri), sender.name,
-                                  req.body.decode("utf-8", "replace"), user)
-        accepted = 0
+                                  message_text(req.body, req.get("content-type")), user)
+        accepted, reasons = 0, set()
         for token in devices:
             try:
                 self.delivery.submit(token, PushRequest("alert", payload), now)
                 accepted += 1
             except Rejected as exc:
+                reasons.add(exc.reason)
                 log.info("MESSAGE for %s not pushed: %s", user, exc.reason)
-        self._reply(tx, 200 if accepted else 480, now)
+        if accepted:
+            self._reply(tx, 200, now)
+        elif "PayloadTooLarge" in reasons:  # not "away" (480): the PBX must not retry it
+            self._reply(tx, 513, now)
+        else:
+            self._reply(tx, 480, now)
         return "message"
 
     # --- output -----------------------------------------------------------------------
 
     def _answer(self, call: Call, status: int, reason: str, now: float) -> None:
+        """A device's answer (or the call's end) for the PBX. Called from a device's
+        connection or a timer: a failure here is contained to this call's transaction."""
         tx = self._invite_of.get(call.id)
         if tx is None:
             return
         if status >= 200:
             del self._invite_of[call.id]
             self._call_of.pop(id(tx), None)
-        self._reply(tx, status, now)
-        if status == 180:
-            self.on_ringing(now - call.started)
+        with faults.contained(self.metrics, "sip_answer", f"call {call.id}"):
+            self._reply(tx, status, now)
+            if status == 180:
+                self.on_ringing(now - call.started)
+        if status >= 200 and tx.state in ("trying", "proceeding"):
+            self.tx.forget(tx)  # its final answer failed: nothing else would end it
 
     def _reply(self, tx: ServerTransaction, status: int, now: float, reason: str = "",
                headers: list[tuple[str, str]] | None = None) -> None:
@@ -270,11 +333,10 @@ class SipBridge:
 
     def _reply_without_transaction(self, msg: SipMessage, peer: Peer, status: int,
                                    reason: str) -> None:
-        try:
-            response = response_to(msg, status, peer, reason[:60])
-            self.on_send([Send(response.encode(), response_destination(response, peer))])
-        except SipError:
-            pass  # not even a usable Via: nothing to answer to
+        """A stateless answer (RFC 3261 8.2.6), to the request's source (never raises for
+        what the request says: response_to and response_destination do not)."""
+        response = response_to(msg, status, peer, reason[:60])
+        self.on_send([Send(response.encode(), response_destination(response, peer))])
 
     def _refuse_raw(self, data: bytes, peer: Peer, exc: SipError, now: float) -> None:
         """A request too broken to parse whole still gets a 400 when its Via can be found."""
@@ -303,8 +365,20 @@ class SipBridge:
                              self.pbx.next_timer() if self.pbx else None) if t is not None]
         return min(times) if times else None
 
-    def handle_timer(self, now: float) -> None:
-        self.calls.handle_timer(now)
+    def handle_timer(self, now: float) -> bool:
+        """Ring windows, transaction timers, the PBX link: each runs even when another
+        failed (contained, counted in lpgw_internal_errors_total{where="sip_timer"}).
+        False when one failed, so the shell does not call again at once for it."""
+        ok = True
+        for name, part in (("calls", self.calls.handle_timer),
+                           ("transactions", self._transaction_timers),
+                           ("pbx", self._pbx_timers)):
+            with faults.contained(self.metrics, "sip_timer", name) as outcome:
+                part(now)
+            ok = ok and not outcome.failed
+        return ok
+
+    def _transaction_timers(self, now: float) -> None:
         for action in self.tx.handle_timer(now):
             if isinstance(action, Send):
                 self.on_send([action])
@@ -313,6 +387,8 @@ class SipBridge:
                     self.metrics.sip_errors.labels("no_ack").inc()
                 elif self.pbx is not None:
                     self.pbx.on_response(action.tx.context, None, now)
+
+    def _pbx_timers(self, now: float) -> None:
         if self.pbx is not None:
             for request, context in self.pbx.due_requests(now):
                 _, sends = self.tx.request(request, self.pbx.pbx, now, context)

@@ -7,8 +7,11 @@ this module cuts bytes into messages and leaves the values to it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sipmessage import URI, Address, CSeq, Via
 
@@ -24,6 +27,11 @@ CANONICAL = {"call-id": "Call-ID", "cseq": "CSeq", "www-authenticate": "WWW-Auth
              "max-forwards": "Max-Forwards", "content-length": "Content-Length",
              "content-type": "Content-Type"}
 TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
+# sent-protocol and sent-by of a Via (RFC 3261 20.42: SLASH and COLON allow whitespace)
+SENT_BY = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*\S+?\s+(\[[^\]]*\]|[^\s:\[]+)(?:\s*:\s*(\S*))?\s*$",
+                     re.I)
+HEADER_CHARSETS = ("utf-8", "cp1252", "latin-1")  # the last one decodes any byte
+T = TypeVar("T")
 REASONS = {100: "Trying", 180: "Ringing", 183: "Session Progress", 200: "OK",
            400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 407: "Proxy Authentication Required",
@@ -41,6 +49,88 @@ class SipError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """A header value found unusable, remembered as text: a kept exception object would
+    keep the traceback of every raise (each raise of one object adds its frames)."""
+
+    message: str
+    status: int = 400
+
+
+def grammar(parse: Callable[[str], T], value: str) -> T | None:
+    """sipmessage's `parse(value)`, or None where the value does not parse.
+
+    sipmessage raises module-level exception objects (VIA_EXCEPTION, ADDRESS_EXCEPTION):
+    every raise of one links the raising frames in front of that one object's
+    __traceback__, so each failure kept its whole message alive for good (20,000 bad Vias:
+    +182 MiB). What is caught here is emptied before anything else sees it, and callers
+    raise their own SipError after the `except` block, so nothing chains to it either.
+    """
+    try:
+        return parse(value)
+    except ValueError as exc:
+        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return None
+
+
+def number(text: str | None, digits: int) -> int | None:
+    """A decimal of ASCII digits (str.isdigit also passes Arabic-Indic ones), at most
+    `digits` of them besides leading zeros (int() of thousands raises), else None."""
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    significant = text.lstrip("0")
+    return int(significant or "0") if len(significant) <= digits else None
+
+
+def port_number(text: str | None) -> int | None:
+    """A port a datagram can be sent to: 1-65535, ASCII digits."""
+    port = number(text, 5)
+    return port if port is not None and 0 < port < 65536 else None
+
+
+def sent_by(value: str) -> tuple[str, str | None] | None:
+    """A Via value's sent-by host (without brackets) and port text (None when absent)."""
+    head = split_outside_quotes(value, ";")
+    match = SENT_BY.match(head[0]) if head else None
+    if match is None:
+        return None
+    return match.group(1).strip("[]"), match.group(2)
+
+
+def via_parameters(value: str) -> dict[str, str | None]:
+    """A Via value's parameters by lower-case name (a flag's value is None); never raises."""
+    out: dict[str, str | None] = {}
+    for param in split_outside_quotes(value, ";")[1:]:
+        name, eq, val = param.partition("=")
+        out.setdefault(name.strip().lower(), val.strip() if eq else None)
+    return out
+
+
+def check_top_via(value: str) -> str | None:
+    """What is wrong with the top Via's sent-by, rport or received, or None.
+
+    Responses never go where these say (see transaction.response_destination), but a
+    request that carries impossible ones is refused with 400 instead of being rung:
+    RFC 3261 20.42 and RFC 3581 allow only a port (1-65535) and an IP address there.
+    """
+    hostport = sent_by(value)
+    if hostport is None or not hostport[0].isascii():
+        return "bad Via sent-by"
+    if hostport[1] is not None and port_number(hostport[1]) is None:
+        return "bad Via port"
+    params = via_parameters(value)
+    rport = params.get("rport")
+    if rport is not None and port_number(rport) is None:
+        return "bad Via rport"
+    if "received" in params:
+        try:
+            ipaddress.ip_address((params["received"] or "").strip("[]"))
+        except ValueError:
+            return "bad Via received"
+    return None
 
 
 def canonical(name: str) -> str:
@@ -90,48 +180,55 @@ class SipMessage:
 
     # typed views (sipmessage does the grammar)
 
-    def _memo(self, key: str, make):
+    def _memo(self, key: str, make: Callable[[], T | _Bad]) -> T:
         """Parsed header values, kept while the headers are unchanged (they are parsed by
-        regular expressions, and a request is read many times on its way)."""
+        regular expressions, and a request is read many times on its way). A bad one is
+        kept as text and raised anew each time."""
         memo = self.__dict__.setdefault("_parsed", {})
         stamp = (key, len(self.headers))
         if stamp not in memo:
             memo[stamp] = make()
-        return memo[stamp]
+        value = memo[stamp]
+        if isinstance(value, _Bad):
+            raise SipError(value.message, value.status)
+        return value
 
     @property
     def vias(self) -> list[Via]:
-        def make() -> list[Via]:
-            try:
-                return [Via.parse(v) for v in self.get_all("via")]
-            except ValueError:
-                raise SipError("bad Via header") from None
+        """Every Via, the top one checked (check_top_via)."""
+        def make() -> list[Via] | _Bad:
+            values = self.get_all("via")
+            vias = [grammar(Via.parse, v) for v in values]
+            if any(v is None for v in vias):
+                return _Bad("bad Via header")
+            problem = check_top_via(values[0]) if values else None
+            return _Bad(problem) if problem else vias
         return self._memo("via", make)
 
     @property
     def cseq(self) -> CSeq:
-        try:
-            return CSeq.parse(self.get("cseq") or "")
-        except ValueError:
-            raise SipError("bad CSeq header") from None
+        def make() -> CSeq | _Bad:
+            value = self.get("cseq") or ""
+            cseq = grammar(CSeq.parse, value) if value.isascii() else None
+            return _Bad("bad CSeq header") if cseq is None else cseq
+        return self._memo("cseq", make)
 
     def address(self, name: str) -> Address:
-        def make() -> Address:
-            try:
-                return Address.parse(self.get(name) or "")
-            except ValueError:
-                raise SipError(f"bad {canonical(name)} header") from None
+        def make() -> Address | _Bad:
+            address = grammar(Address.parse, self.get(name) or "")
+            return _Bad(f"bad {canonical(name)} header") if address is None else address
         return self._memo(name.lower(), make)
 
     @property
     def request_uri(self) -> URI:
-        try:
-            return URI.parse(self.uri)
-        except ValueError:
+        def make() -> URI | _Bad:
+            uri = grammar(URI.parse, self.uri)
+            if uri is not None:
+                return uri
             scheme = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:", self.uri)
-            raise SipError("bad Request-URI", 416 if scheme and not
-                           self.uri.lower().startswith(("sip:", "sips:", "tel:")) else 400) \
-                from None
+            return _Bad("bad Request-URI", 416 if scheme and not
+                        self.uri.lower().startswith(("sip:", "sips:", "tel:")) else 400)
+        return self._memo(" uri", make)
 
     @property
     def call_id(self) -> str:
@@ -163,8 +260,13 @@ def _clean(value: str) -> str:
 
 def split_commas(value: str) -> list[str]:
     """Split a header value on commas that are outside quotes and angle brackets."""
+    return split_outside_quotes(value, ",")
+
+
+def split_outside_quotes(value: str, sep: str) -> list[str]:
+    """Split on `sep` outside quotes and angle brackets; parts stripped, empty ones dropped."""
     if '"' not in value and "<" not in value:
-        return [p.strip() for p in value.split(",") if p.strip()]  # the common case
+        return [p.strip() for p in value.split(sep) if p.strip()]  # the common case
     parts, depth, quoted, current = [], 0, False, []
     escaped = False
     for ch in value:
@@ -178,7 +280,7 @@ def split_commas(value: str) -> list[str]:
             depth += 1
         elif not quoted and ch == ">":
             depth = max(0, depth - 1)
-        elif ch == "," and not quoted and depth == 0:
+        elif ch == sep and not quoted and depth == 0:
             parts.append("".join(current).strip())
             current = []
             continue
@@ -197,11 +299,7 @@ def parse(data: bytes, stream: bool = False) -> SipMessage:
         head, sep, body = data.partition(b"\n\n")  # bare LF, seen in the wild
         if not sep:
             raise SipError("no blank line after the headers")
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SipError("headers are not UTF-8") from None
-    lines = _unfold(text.replace("\r\n", "\n").split("\n"))
+    lines = _unfold(_decode(head).replace("\r\n", "\n").split("\n"))
     while lines and not lines[0].strip():
         lines.pop(0)  # leading CRLFs are keepalives (RFC 5626) or junk
     if not lines:
@@ -223,9 +321,9 @@ def parse(data: bytes, stream: bool = False) -> SipMessage:
         raise SipError("conflicting Content-Length headers")
     length = msg.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        n = number(length, 10)
+        if n is None:
             raise SipError("bad Content-Length")
-        n = int(length)
         if n > len(body):
             raise SipError("Content-Length is larger than the body" if not stream
                            else "truncated body")
@@ -234,6 +332,25 @@ def parse(data: bytes, stream: bool = False) -> SipMessage:
         raise SipError("Content-Length is required over TCP")
     msg.body = body
     return msg
+
+
+def _decode(head: bytes) -> str:
+    """The header block as text: UTF-8 (RFC 3261 7.3.1), and where a line is not, that line
+    as Windows-1252 or Latin-1: PBXs send display names like "José Müller" in their
+    own code page, and a call must not be refused (400) for how its caller is spelled."""
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for line in head.split(b"\n"):
+        for charset in HEADER_CHARSETS:
+            try:
+                lines.append(line.decode(charset))
+                break
+            except UnicodeDecodeError:
+                continue
+    return "\n".join(lines)
 
 
 def _unfold(lines: list[str]) -> list[str]:
@@ -249,9 +366,10 @@ def _unfold(lines: list[str]) -> list[str]:
 def _start_line(line: str) -> SipMessage:
     parts = line.split()
     if parts[0] == "SIP/2.0":
-        if len(parts) < 2 or not parts[1].isdigit() or len(parts[1]) != 3:
+        status = number(parts[1], 3) if len(parts) > 1 and len(parts[1]) == 3 else None
+        if status is None or not 100 <= status <= 699:  # three ASCII digits, classes 1-6
             raise SipError("bad status line", 0)
-        return SipMessage(status=int(parts[1]), reason=" ".join(parts[2:]))
+        return SipMessage(status=status, reason=" ".join(parts[2:]))
     if len(parts) != 3:
         raise SipError("bad request line")
     method, uri, version = parts
@@ -283,10 +401,13 @@ class StreamFramer:
             lengths = re.findall(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\S*)", head)
             if len(set(lengths)) > 1:
                 raise SipError("conflicting Content-Length headers", 0)
-            match = re.search(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)", head)
+            match = re.search(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([0-9]+)", head)
             if match is None:
                 raise SipError("Content-Length is required over TCP", 0)
-            total = end + 4 + int(match.group(1))
+            digits = match.group(1).lstrip(b"0")
+            if len(digits) > 6:  # thousands of digits: int() would raise
+                raise SipError("message too large", 0)
+            total = end + 4 + int(digits or b"0")
             if total > MAX_MESSAGE:
                 raise SipError("message too large", 0)
             if len(self._buffer) < total:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import re
 import secrets
 from dataclasses import dataclass, field
 
-from sipmessage import Via
-
-from gateway.sip.message import SipError, SipMessage
+from gateway.sip.message import (
+    SipError,
+    SipMessage,
+    port_number,
+    sent_by,
+    split_outside_quotes,
+    via_parameters,
+)
 
 T1, T2, T4 = 0.5, 4.0, 5.0
 MAGIC = "z9hG4bK"
@@ -71,7 +75,7 @@ class ServerTransaction:
     to_tag: str = field(default_factory=lambda: secrets.token_hex(6))
     state: str = "trying"  # trying/proceeding -> completed -> confirmed -> terminated
     last: bytes | None = None
-    dest: Peer | None = None  # where responses go (Via, received, rport)
+    dest: Peer | None = None  # where responses go (response_destination)
     final: int = 0
     interval: float = T1
     retransmit_at: float | None = None
@@ -201,20 +205,35 @@ class TransactionLayer:
             at, _, tx = heapq.heappop(self._timers)
             if self._due(tx) != at:
                 continue
-            if tx.give_up_at is not None and now >= tx.give_up_at:
-                state = tx.state
-                self._forget(tx)
-                if isinstance(tx, ClientTransaction) or (tx.is_invite and state == "completed"):
-                    actions.append(TimedOut(tx))  # timer F, or H: no ACK came
-                continue
-            if tx.retransmit_at is not None and now >= tx.retransmit_at:
-                if isinstance(tx, ServerTransaction):
-                    actions.append(Send(tx.last, tx.dest))
-                else:
-                    actions.append(Send(tx.request.encode(), tx.peer))
-                tx.interval = min(tx.interval * 2, T2)
-                self._schedule(tx, retransmit_at=now + tx.interval)
+            done = False
+            try:
+                self._expire(tx, now, actions)
+                done = True
+            finally:
+                if not done:  # its timer raised: it is forgotten, and never fires again
+                    self._forget(tx)
         return actions
+
+    def _expire(self, tx: ServerTransaction | ClientTransaction, now: float,
+                actions: list) -> None:
+        if tx.give_up_at is not None and now >= tx.give_up_at:
+            state = tx.state
+            self._forget(tx)
+            if isinstance(tx, ClientTransaction) or (tx.is_invite and state == "completed"):
+                actions.append(TimedOut(tx))  # timer F, or H: no ACK came
+            return
+        if tx.retransmit_at is not None and now >= tx.retransmit_at:
+            if isinstance(tx, ServerTransaction):
+                actions.append(Send(tx.last, tx.dest))
+            else:
+                actions.append(Send(tx.request.encode(), tx.peer))
+            tx.interval = min(tx.interval * 2, T2)
+            self._schedule(tx, retransmit_at=now + tx.interval)
+
+    def forget(self, tx: ServerTransaction | ClientTransaction) -> None:
+        """End a transaction now, answered or not (its TU failed): the table never keeps
+        one that nothing will finish."""
+        self._forget(tx)
 
     def _due(self, tx) -> float | None:
         times = [t for t in (tx.retransmit_at, tx.give_up_at) if t is not None]
@@ -270,30 +289,44 @@ def response_to(request: SipMessage, status: int, peer: Peer, reason: str = "",
 
 
 def stamp_via(value: str, peer: Peer) -> str:
-    """RFC 3261 18.2.1 `received` and RFC 3581 `rport`, so responses find their way back."""
-    try:
-        via = Via.parse(value)
-    except ValueError:
-        return value  # copied as it came; the response goes to the source address
-    out = value
-    if "rport" in via.parameters:
-        out = re.sub(r";\s*rport(?=\s*(;|$))", f";rport={peer.port}", out, count=1)
-        if "received" not in via.parameters:
-            out += f";received={peer.host}"
-    elif via.host.strip("[]") != peer.host and "received" not in via.parameters:
-        out += f";received={peer.host}"
-    return out
+    """The top Via of a response: RFC 3261 18.2.1 `received` and RFC 3581 `rport` set from
+    the socket address the request came from. Whatever the request said in its own
+    `received` or `rport` values is dropped, never trusted. Never raises: a Via too broken to
+    read is copied as it came (its response still goes to the source address)."""
+    parts = split_outside_quotes(value, ";")
+    hostport = sent_by(value)
+    if not parts or hostport is None:
+        return value
+    params = via_parameters(value)
+    differs = hostport[0] != peer.host
+    if "rport" not in params and "received" not in params and not differs:
+        return value
+    kept = [p for p in parts[1:]
+            if p.partition("=")[0].strip().lower() not in ("rport", "received")]
+    if "rport" in params:
+        kept.append(f"rport={peer.port}")
+    if "rport" in params or differs:
+        kept.append(f"received={peer.host}")
+    return ";".join([parts[0], *kept])
 
 
 def response_destination(response: SipMessage, peer: Peer) -> Peer:
-    """Where a UDP response goes (RFC 3261 18.2.2, RFC 3581): received/rport, else sent-by."""
+    """Where a response goes; never raises.
+
+    Over TCP: the connection the request came on. Over UDP: always the source host of the
+    request (what RFC 3261 18.2.2 reaches through `received`, which we stamp from the
+    socket, never from the message); the port is the source port when the Via asks for it
+    with `rport` (RFC 3581), else the Via's sent-by port, else 5060 (RFC 3261 18.2.2). The
+    sent-by port is kept rather than always the source port because a PBX may send from
+    one socket and listen on another, as RFC 3261 allows; a sent-by port that cannot be a
+    port (only a message refused with 400 has one) falls back to the source port.
+    """
     if peer.reliable:
         return peer
-    try:
-        via = response.vias[0]
-    except SipError:
-        return peer
-    host = via.parameters.get("received") or via.host
-    rport = via.parameters.get("rport")
-    port = int(rport) if rport else (via.port or 5060)
-    return Peer("udp", host.strip("[]"), port)
+    vias = response.get_all("via")
+    port = peer.port
+    if vias and "rport" not in via_parameters(vias[0]):
+        hostport = sent_by(vias[0])
+        if hostport is not None:
+            port = 5060 if hostport[1] is None else (port_number(hostport[1]) or peer.port)
+    return Peer("udp", peer.host, port)

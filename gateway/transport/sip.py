@@ -1,9 +1,16 @@
-"""SIP over UDP and TCP: sockets and the clock for the sans-IO SIP bridge."""
+"""SIP over UDP and TCP: sockets and the clock for the sans-IO SIP bridge.
+
+Every input is handled inside `faults.contained`: a failure costs the one datagram, TCP
+message, response or timer tick it came from (counted in
+lpgw_internal_errors_total{where}, logged at most once a minute per where), and the
+listeners and the bridge's timer go on.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import re
@@ -11,9 +18,10 @@ import socket
 import time
 from pathlib import Path
 
+from gateway import faults
 from gateway.config import SipConfig
 from gateway.core.calls import Calls, CallSettings
-from gateway.core.delivery import Delivery
+from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
 from gateway.sip.bridge import Route, SipBridge, UserRouter
 from gateway.sip.message import SipError, StreamFramer
@@ -24,6 +32,7 @@ log = logging.getLogger("lpgw.sip")
 
 MAX_TCP_CONNECTIONS = 256
 TCP_IDLE = 300.0
+TIMER_RETRY = 1.0  # seconds before the timer runs again after a tick that failed
 
 
 class SipTransport:
@@ -63,28 +72,32 @@ class SipTransport:
         self.port = port
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._udp is not None:
-            self._udp.close()
-            self._udp = None
-        if self._tcp_server is not None:
-            self._tcp_server.close()
-            self._tcp_server = None
-        for conn in list(self._conns.values()):
-            conn.transport.close()
+        """Close everything; each step runs even when another fails (SIGTERM drains)."""
+        timer, self._timer = self._timer, None
+        udp, self._udp = self._udp, None
+        server, self._tcp_server = self._tcp_server, None
+        steps = [timer.cancel if timer else None, udp.close if udp else None,
+                 server.close if server else None,
+                 *(conn.transport.close for conn in list(self._conns.values())
+                   if conn.transport is not None),
+                 *(task.cancel for task in list(self._tasks))]
+        for step in steps:
+            if step is not None:
+                with faults.contained(self.metrics, "sip_stop"):
+                    step()
 
     # --- in ---------------------------------------------------------------------------
 
     def received(self, data: bytes, peer: Peer, stream: bool) -> None:
+        """One datagram or TCP message; whatever fails in it stays with it."""
         self._started = time.perf_counter()
         self._receiving = True
-        try:
+        with faults.contained(self.metrics, "sip_message", f"{peer.transport}:{peer.host}"):
             self.bridge.receive(data, peer, time.time(), stream=stream)
-        finally:
-            self._receiving = False
-            self.bridge.delivery.commit(time.time())  # and on disk before anything else
+        self._receiving = False
+        # and on disk before anything else; a full disk is counted and logged by the store
+        with faults.contained(self.metrics, "sip_commit"), contextlib.suppress(Rejected):
+            self.bridge.delivery.commit(time.time())
         self._arm()
 
     def _ringing(self, seconds: float) -> None:
@@ -100,20 +113,30 @@ class SipTransport:
     # --- out --------------------------------------------------------------------------
 
     def send(self, sends: list[Send]) -> None:
+        """Each send on its own: one that fails does not keep the others from going."""
         for s in sends:
-            if s.peer.transport == "udp":
-                if self._udp is not None and not self._udp.is_closing():
-                    self._udp.sendto(s.data, (self._udp_host(s.peer.host), s.peer.port))
-            elif s.peer.conn == 0:
-                self._outbound(s.peer, s.data)
-            else:
-                conn = self._conns.get(s.peer.conn)
-                if conn is not None and not conn.transport.is_closing():
-                    conn.transport.write(s.data)
-                else:
-                    self.metrics.sip_errors.labels("tcp_gone").inc()
+            with faults.contained(self.metrics, "sip_send",
+                                  f"{s.peer.transport}:{s.peer.host}:{s.peer.port}"):
+                self._send_one(s)
         if not self._receiving:
             self._arm()
+
+    def _send_one(self, s: Send) -> None:
+        if s.peer.transport == "udp":
+            if not 0 < s.peer.port < 65536:
+                # asyncio's loop closes the whole socket on such an address, uvloop sends
+                # to the port modulo 65536: neither may happen (the bridge never asks)
+                self.metrics.sip_errors.labels("bad_destination").inc()
+            elif self._udp is not None and not self._udp.is_closing():
+                self._udp.sendto(s.data, (self._udp_host(s.peer.host), s.peer.port))
+        elif s.peer.conn == 0:
+            self._outbound(s.peer, s.data)
+        else:
+            conn = self._conns.get(s.peer.conn)
+            if conn is not None and not conn.transport.is_closing():
+                conn.transport.write(s.data)
+            else:
+                self.metrics.sip_errors.labels("tcp_gone").inc()
 
     def _outbound(self, peer: Peer, data: bytes) -> None:
         """A request of ours over TCP (to the PBX): one kept connection per destination."""
@@ -152,21 +175,33 @@ class SipTransport:
             return f"::ffff:{host}"
         return host
 
-    def _arm(self) -> None:
+    def _arm(self, not_before: float | None = None) -> None:
+        """(Re)schedule the bridge's next timer; always leaves one armed when one is due."""
         if self._udp is None and self._tcp_server is None:
             return  # stopped
-        at = self.bridge.next_timer()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        at = None
+        with faults.contained(self.metrics, "sip_timer", "next") as outcome:
+            at = self.bridge.next_timer()
+        if outcome.failed:
+            at = time.time() + TIMER_RETRY
         if at is not None:
+            if not_before is not None:
+                at = max(at, not_before)
             self._timer = self._loop.call_at(self._loop.time() + max(0.0, at - time.time()),
                                              self._fire)
 
     def _fire(self) -> None:
+        """One timer tick. After a failure the timer is armed again, but not sooner than
+        TIMER_RETRY: what failed may still be due, and must not spin the loop."""
         self._timer = None
-        self.bridge.handle_timer(time.time())
-        self._arm()
+        now = time.time()
+        ok = False
+        with faults.contained(self.metrics, "sip_timer", "tick"):
+            ok = self.bridge.handle_timer(now) is not False
+        self._arm(None if ok else now + TIMER_RETRY)
 
 
 class _SipDatagrams(asyncio.DatagramProtocol):
@@ -198,12 +233,17 @@ class _SipStream(asyncio.Protocol):
         self._touch()
 
     def data_received(self, data: bytes) -> None:
+        """Bytes of one connection: a stream that cannot be framed closes that one."""
         self._touch()
-        try:
-            messages = self.framer.feed(data)
-        except SipError as exc:
-            self.owner.metrics.sip_errors.labels("tcp_framing").inc()
-            log.info("closing SIP/TCP from %s:%s: %s", self.peer.host, self.peer.port, exc)
+        messages: list[bytes] | None = None
+        with faults.contained(self.owner.metrics, "sip_tcp", f"{self.peer.host}") as outcome:
+            try:
+                messages = self.framer.feed(data)
+            except SipError as exc:
+                self.owner.metrics.sip_errors.labels("tcp_framing").inc()
+                log.info("closing SIP/TCP from %s:%s: %s", self.peer.host, self.peer.port,
+                         exc)
+        if messages is None or outcome.failed:
             self.transport.close()
             return
         for message in messages:
