@@ -141,12 +141,12 @@ class SipBridge:
             outcome = self._act(action, now) or outcome
         return outcome
 
-    def _act(self, action: object, now: float) -> str | None:
+    def _act(self, action: object, now: float, where: str = "sip_request") -> str | None:
         """One event of the transaction layer. A failure in the work for one transaction is
         contained to it: counted, logged (bounded), answered 500 and ended."""
         tx = action.tx if isinstance(action, RequestReceived | CancelReceived) else None
         who = f"{tx.request.method} {tx.request.call_id[:40]}" if tx is not None else ""
-        with faults.contained(self.metrics, "sip_request", who) as outcome:
+        with faults.contained(self.metrics, where, who) as outcome:
             return self._dispatch(action, now)
         if outcome.failed and tx is not None:
             self._abandon(tx, now)
@@ -172,6 +172,11 @@ class SipBridge:
             if self.pbx is not None:
                 self.pbx.on_response(action.tx.context, action.response, now)
             return "response"
+        elif isinstance(action, TimedOut):
+            if isinstance(action.tx, ServerTransaction):
+                self.metrics.sip_errors.labels("no_ack").inc()
+            elif self.pbx is not None:
+                self.pbx.on_response(action.tx.context, None, now)
         return None
 
     def _abandon(self, tx: ServerTransaction, now: float) -> None:
@@ -380,13 +385,7 @@ class SipBridge:
 
     def _transaction_timers(self, now: float) -> None:
         for action in self.tx.handle_timer(now):
-            if isinstance(action, Send):
-                self.on_send([action])
-            elif isinstance(action, TimedOut):
-                if isinstance(action.tx, ServerTransaction):
-                    self.metrics.sip_errors.labels("no_ack").inc()
-                elif self.pbx is not None:
-                    self.pbx.on_response(action.tx.context, None, now)
+            self._act(action, now, "sip_timer")  # one that fails keeps none of the others
 
     def _pbx_timers(self, now: float) -> None:
         if self.pbx is not None:

@@ -28,8 +28,8 @@ CANONICAL = {"call-id": "Call-ID", "cseq": "CSeq", "www-authenticate": "WWW-Auth
              "content-type": "Content-Type"}
 TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 # sent-protocol and sent-by of a Via (RFC 3261 20.42: SLASH and COLON allow whitespace)
-SENT_BY = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*\S+?\s+(\[[^\]]*\]|[^\s:\[]+)(?:\s*:\s*(\S*))?\s*$",
-                     re.I)
+SENT_BY = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*\S+?\s+(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)"
+                     r"(?:\s*:\s*(\S*))?\s*$", re.I)
 HEADER_CHARSETS = ("utf-8", "cp1252", "latin-1")  # the last one decodes any byte
 T = TypeVar("T")
 REASONS = {100: "Trying", 180: "Ringing", 183: "Session Progress", 200: "OK",
@@ -40,7 +40,8 @@ REASONS = {100: "Trying", 180: "Ringing", 183: "Session Progress", 200: "OK",
            480: "Temporarily Unavailable", 481: "Call/Transaction Does Not Exist",
            482: "Loop Detected", 483: "Too Many Hops", 486: "Busy Here",
            487: "Request Terminated", 500: "Server Internal Error", 501: "Not Implemented",
-           503: "Service Unavailable", 505: "Version Not Supported", 603: "Decline"}
+           503: "Service Unavailable", 505: "Version Not Supported", 513: "Message Too Large",
+           603: "Decline"}
 
 
 class SipError(Exception):
@@ -117,7 +118,7 @@ def check_top_via(value: str) -> str | None:
     RFC 3261 20.42 and RFC 3581 allow only a port (1-65535) and an IP address there.
     """
     hostport = sent_by(value)
-    if hostport is None or not hostport[0].isascii():
+    if hostport is None:
         return "bad Via sent-by"
     if hostport[1] is not None and port_number(hostport[1]) is None:
         return "bad Via port"

@@ -114,7 +114,17 @@ class PbxLink:
         out: list[tuple[SipMessage, object]] = []
         for reg in self.registrations:
             if reg.state != "registering" and now >= reg.due:
-                out.append((self._register(reg), reg))
+                try:
+                    out.append((self._register(reg), reg))
+                except SipError as exc:  # a challenge we cannot answer (algorithm, qop)
+                    reg.challenge = None
+                    self._failed(reg, str(exc), now)
+                except Exception:
+                    # never left "registering" with nothing in flight (it would never be
+                    # tried again); the bridge counts and logs what raised
+                    reg.challenge = None
+                    self._failed(reg, "internal error", now)
+                    raise
         if now >= self.next_ping:
             self.next_ping = now + self.keepalive
             out.append((self._options(), self))
