@@ -531,6 +531,36 @@ async def test_an_unsendable_response_still_ends_its_transaction(sip_gw, pbx):
     assert internal(sip_gw, "sip_request") >= 1
 
 
+async def test_a_failing_answer_costs_the_phone_nothing(sip_gw, devices, pbx):
+    """The 180 for a phone's ack raises (injected; the real trigger, rport=abc, is now
+    refused with 400): counted under sip_answer, the phone keeps its connection, and the
+    call can still be cancelled. Before: the failure went up into the phone's QUIC
+    connection, which was closed with bye internal_error."""
+    device = devices(sip_gw, "quic", assertion=assertion("nurse"))
+    await device.welcome()
+    bridge = sip_gw.sip.bridge
+    original = bridge._reply
+
+    def failing(tx, status, now, *args, **kwargs):
+        if status == 180:
+            raise RuntimeError("injected failure in the 180")
+        return original(tx, status, now, *args, **kwargs)
+
+    bridge._reply = failing
+    call_id = f"answer-{next(_ids)}"
+    via = f"SIP/2.0/UDP 127.0.0.1:{pbx.port};branch=z9hG4bK-answer;rport"
+    await pbx.send(request("INVITE", pbx.port, call_id=call_id, via=via))
+    await device.next("push")
+    await eventually(lambda: internal(sip_gw, "sip_answer") == 1)
+    await pbx.send(request("CANCEL", pbx.port, call_id=call_id, via=via))
+    got = await pbx.until(call_id, statuses=[487])
+    assert [status_of(d) for d in got if call_id_of(d) == call_id] in ([100, 200, 487],
+                                                                        [100, 487, 200])
+    ended = (await device.next("push"))["payload"]["call_ended"]
+    assert ended["status"] == 487
+    assert [e for e in device.log if e["event"] == "disconnected"] == []
+
+
 async def test_a_failing_timer_tick_is_contained_and_rearmed(sip_gw, pbx):
     """The bridge's timer raises (injected): counted, not called again at once (no spin),
     and armed again so the timers run once it works: a 480 is retransmitted with no
@@ -649,6 +679,20 @@ async def test_status_code_in_other_digits_is_not_an_answer(linked):
     assert gw.sip.bridge.pbx.pbx_ok is None
     await pbx.send_to(answer(again, "200 OK"), gw.sip.port)
     await eventually(lambda: gw.sip.bridge.pbx.pbx_ok is True)
+
+
+async def test_a_pbx_named_by_host_name_is_reached_under_uvloop(tmp_path):
+    """`sip.pbx_host: localhost` (docs/sip.md names the PBX by name) under `lpgw run`'s
+    default uvloop: the keepalive OPTIONS reaches it. Before: uvloop's sendto refused the
+    name, which raised in the timer; nothing was ever sent to the PBX."""
+    pbx = SipUdp(0)
+    gw = Followed(tmp_path, pbx_host="localhost", pbx_port=pbx.port, keepalive_interval=1)
+    try:
+        ping = await next_request(pbx, "OPTIONS", timeout=4)
+        assert ping.startswith(f"OPTIONS sip:127.0.0.1:{pbx.port} SIP/2.0".encode())
+    finally:
+        pbx.close()
+        gw.kill()
 
 
 # --- SIGTERM with a call open ---------------------------------------------------------------

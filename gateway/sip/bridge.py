@@ -76,7 +76,7 @@ def message_text(body: bytes, content_type: str | None) -> str:
         try:
             codecs.lookup(name)
             return body.decode(name)
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, ValueError):  # unknown, not a text codec, or not that charset
             continue
     return body.decode("utf-8", "replace")
 

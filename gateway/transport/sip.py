@@ -268,12 +268,20 @@ def routes(cfg: SipConfig) -> list[tuple[re.Pattern, str]]:
     return [(re.compile(r.match), r.user) for r in cfg.routes]
 
 
-def _local_address(host: str, port: int) -> str:
-    """The address of ours that the PBX sees: the source of a socket routed toward it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _route(cfg: SipConfig) -> tuple[str, str]:
+    """The PBX's address, and ours as the PBX sees it (the source of a socket routed toward
+    it). A name is resolved here, once per start or reload: uvloop's sendto takes
+    addresses only (every REGISTER and OPTIONS to `pbx.ward3.example` over UDP raised), and
+    a lookup per datagram would block the loop. The family is the SIP socket's when it is
+    bound to one (an IPv4 socket cannot reach an IPv6 address)."""
+    family = socket.AF_UNSPEC
+    if cfg.host not in ("", "::"):
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    family, _, _, _, addr = socket.getaddrinfo(cfg.pbx_host, cfg.pbx_port, family,
+                                               socket.SOCK_DGRAM)[0]
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, port))  # no packet is sent: this only asks the routing table
-        return probe.getsockname()[0]
+        probe.connect(addr)  # no packet is sent: this only asks the routing table
+        return addr[0], probe.getsockname()[0]
 
 
 def pbx_link(cfg: SipConfig, port: int, now: float) -> PbxLink | None:
@@ -283,8 +291,8 @@ def pbx_link(cfg: SipConfig, port: int, now: float) -> PbxLink | None:
                         domain=cfg.domain or cfg.pbx_host,
                         password=Path(r.password_file).read_text().strip())
                 for r in cfg.register]
-    pbx = Peer(cfg.pbx_transport, cfg.pbx_host, cfg.pbx_port)
-    return PbxLink(accounts, pbx, (_local_address(cfg.pbx_host, cfg.pbx_port), port),
+    pbx_address, ours = _route(cfg)
+    return PbxLink(accounts, Peer(cfg.pbx_transport, pbx_address, cfg.pbx_port), (ours, port),
                    cfg.keepalive_interval, now)
 
 
