@@ -145,7 +145,7 @@ class SipBridge:
         """One event of the transaction layer. A failure in the work for one transaction is
         contained to it: counted, logged (bounded), answered 500 and ended."""
         tx = action.tx if isinstance(action, RequestReceived | CancelReceived) else None
-        who = f"{tx.request.method} {tx.request.call_id[:40]}" if tx is not None else ""
+        who = f"{tx.request.method} {tx.request.call_id[:40]!r}" if tx is not None else ""
         with faults.contained(self.metrics, where, who) as outcome:
             return self._dispatch(action, now)
         if outcome.failed and tx is not None:

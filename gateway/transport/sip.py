@@ -160,6 +160,10 @@ class SipTransport:
             log.info("cannot reach %s:%s over TCP: %s", *key, exc)
             self._pending.pop(key, None)
             return
+        except Exception as exc:  # a task's exception would only be logged at its GC
+            faults.record(self.metrics, "sip_connect", exc, f"{key[0]}:{key[1]}")
+            self._pending.pop(key, None)
+            return
         self._out[key] = conn
         for data in self._pending.pop(key, []):
             conn.transport.write(data)
