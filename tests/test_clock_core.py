@@ -114,3 +114,28 @@ def test_calls_keep_their_time_left_across_a_step(delivery, clocks):
     calls.calls[c.id] = c
     calls.clock_stepped(40 * DAY)
     assert calls.next_timer() == pytest.approx(started + 40 * DAY + 10)
+
+
+def test_sip_timers_keep_their_intervals_across_a_step():
+    """Registrations and transactions are intervals too: a step back of an hour must not
+    let a registration lapse, a step forward must not time every transaction out."""
+    from gateway.sip.register import Account, PbxLink
+    from gateway.sip.transaction import Peer, TransactionLayer
+
+    pbx = PbxLink([Account(user="nurse", auth_user="nurse", expires=300, domain="pbx",
+                           password="pw")], Peer("udp", "127.0.0.1", 5060),
+                  ("127.0.0.1", 5070), 30.0, NOW)
+    before = pbx.next_timer()
+    pbx.clock_stepped(-3600)
+    assert pbx.next_timer() == pytest.approx(before - 3600)
+
+    layer = TransactionLayer()
+    from gateway.sip.message import parse
+    msg = parse(b"OPTIONS sip:pbx SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-c\r\n"
+                b"From: <sip:a@x>;tag=1\r\nTo: <sip:pbx>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n"
+                b"Content-Length: 0\r\n\r\n")
+    layer.request(msg, Peer("udp", "127.0.0.1", 5060), NOW)
+    due = layer.next_timer()
+    layer.clock_stepped(40 * DAY)
+    assert layer.next_timer() == pytest.approx(due + 40 * DAY)
+    assert layer.handle_timer(NOW + 40 * DAY) == []  # nothing due yet in the new reckoning

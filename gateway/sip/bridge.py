@@ -365,6 +365,14 @@ class SipBridge:
 
     # --- time -------------------------------------------------------------------------
 
+    def clock_stepped(self, delta: float) -> None:
+        """The wall clock jumped `delta` s (the shell saw it): transactions, ring windows
+        and the PBX link keep the time they had left."""
+        self.tx.clock_stepped(delta)
+        self.calls.clock_stepped(delta)
+        if self.pbx is not None:
+            self.pbx.clock_stepped(delta)
+
     def next_timer(self) -> float | None:
         times = [t for t in (self.tx.next_timer(), self.calls.next_timer(),
                              self.pbx.next_timer() if self.pbx else None) if t is not None]

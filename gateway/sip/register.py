@@ -104,6 +104,15 @@ class PbxLink:
 
     # --- what to send, when -----------------------------------------------------------
 
+    def clock_stepped(self, delta: float) -> None:
+        """The wall clock jumped `delta` s: refreshes and keepalives keep their intervals
+        (a step back of an hour would otherwise let every registration lapse)."""
+        self.next_ping += delta
+        self.last_ping_ok += delta
+        for reg in self.registrations:
+            reg.due += delta
+            reg.expires_at += delta
+
     def next_timer(self) -> float | None:
         times = [r.due for r in self.registrations if r.state != "registering"]
         times.append(self.next_ping)

@@ -191,6 +191,18 @@ class TransactionLayer:
 
     # --- time -------------------------------------------------------------------------
 
+    def clock_stepped(self, delta: float) -> None:
+        """The wall clock jumped `delta` s: every timer keeps the time it had left."""
+        self._timers = []
+        for tx in (*self.server.values(), *self.client.values()):
+            if tx.retransmit_at is not None:
+                tx.retransmit_at += delta
+            if tx.give_up_at is not None:
+                tx.give_up_at += delta
+            due = self._due(tx)
+            if due is not None:
+                heapq.heappush(self._timers, (due, next(self._seq), tx))
+
     def next_timer(self) -> float | None:
         while self._timers:
             at, _, tx = self._timers[0]

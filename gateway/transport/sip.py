@@ -21,6 +21,7 @@ from pathlib import Path
 from gateway import faults
 from gateway.config import SipConfig
 from gateway.core.calls import Calls, CallSettings
+from gateway.core.clock import ClockWatch
 from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
 from gateway.sip.bridge import Route, SipBridge, UserRouter
@@ -47,6 +48,7 @@ class SipTransport:
         self._conns: dict[int, _SipStream] = {}
         self._ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
+        self._clock: ClockWatch | None = None
         self._out: dict[tuple[str, int], _SipStream] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -93,7 +95,7 @@ class SipTransport:
         self._started = time.perf_counter()
         self._receiving = True
         with faults.contained(self.metrics, "sip_message", f"{peer.transport}:{peer.host}"):
-            self.bridge.receive(data, peer, time.time(), stream=stream)
+            self.bridge.receive(data, peer, self._now(), stream=stream)
         self._receiving = False
         # and on disk before anything else; a full disk is counted and logged by the store
         with faults.contained(self.metrics, "sip_commit"), contextlib.suppress(Rejected):
@@ -179,6 +181,20 @@ class SipTransport:
             return f"::ffff:{host}"
         return host
 
+    def _now(self) -> float:
+        """The wall clock, after telling the bridge if it stepped since the last reading:
+        SIP's timers are intervals (ring windows, retransmissions, registrations)."""
+        wall, mono = time.time(), time.monotonic()
+        if self._clock is None:
+            self._clock = ClockWatch(wall, mono)
+            return wall
+        step = self._clock.observe(wall, mono)
+        if step is not None:
+            log.info("SIP timers follow a wall-clock step of %+.0f s", step.delta)
+            with faults.contained(self.metrics, "sip_clock"):
+                self.bridge.clock_stepped(step.delta)
+        return wall
+
     def _arm(self, not_before: float | None = None) -> None:
         """(Re)schedule the bridge's next timer; always leaves one armed when one is due."""
         if self._udp is None and self._tcp_server is None:
@@ -188,6 +204,7 @@ class SipTransport:
             self._timer = None
         at = None
         with faults.contained(self.metrics, "sip_timer", "next") as outcome:
+            self._now()  # a step is applied before the next deadline is read
             at = self.bridge.next_timer()
         if outcome.failed:
             at = time.time() + TIMER_RETRY
@@ -201,7 +218,7 @@ class SipTransport:
         """One timer tick. After a failure the timer is armed again, but not sooner than
         TIMER_RETRY: what failed may still be due, and must not spin the loop."""
         self._timer = None
-        now = time.time()
+        now = self._now()
         ok = False
         with faults.contained(self.metrics, "sip_timer", "tick"):
             ok = self.bridge.handle_timer(now) is not False
