@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import ssl
 import time
@@ -20,6 +19,7 @@ from gateway.core.clock import ClockWatch
 from gateway.transport import control
 from tests.conftest import GatewayProcess, eventually, new_install, send
 from tests.test_api import TOPIC, Keys
+from tests.test_containment_process import invite
 from tests.test_sip import _free_port
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -123,19 +123,6 @@ async def test_a_step_forward_forgets_no_device_and_drops_no_push(tmp_path, devi
         fake.proc.kill()
 
 
-def _invite(sip_port: int, me: int, user: str, branch: str) -> bytes:
-    return (f"INVITE sip:{user}@127.0.0.1 SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch={branch};rport\r\n"
-            f"From: \"Ward\" <sip:1000@127.0.0.1>;tag=a\r\nTo: <sip:{user}@127.0.0.1>\r\n"
-            f"Call-ID: {branch}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
-            f"Content-Length: 0\r\n\r\n").encode()
-
-
-def _cancel(sip_port: int, me: int, user: str, branch: str) -> bytes:
-    return _invite(sip_port, me, user, branch).replace(b"INVITE sip:", b"CANCEL sip:", 1) \
-        .replace(b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL")
-
-
 def _options(me: int) -> bytes:
     return (f"OPTIONS sip:lpgw@127.0.0.1 SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK-o{time.monotonic_ns()};rport\r\n"
@@ -179,8 +166,7 @@ async def test_a_ringing_call_keeps_its_ring_window_across_a_step(tmp_path, devi
         token = await nurse.welcome()
         assert (await control.request(gw.config.control_path,
                                       {"op": "bind", "token": token, "user": "nurse"}))["ok"]
-        branch = f"z9hG4bK-clock{os.getpid()}"
-        pbx.sendto(_invite(sip_port, me, "nurse", branch), ("127.0.0.1", sip_port))
+        pbx.sendto(invite(sip_port, me, "nurse", ";rport"), ("127.0.0.1", sip_port))
         first = await _statuses(pbx, 1.0)
         assert (180, "1 INVITE") in first, first
 
@@ -193,10 +179,8 @@ async def test_a_ringing_call_keeps_its_ring_window_across_a_step(tmp_path, devi
         # the ring window (4 s) ends on time: 480 within a few seconds, not an hour
         later = await _statuses(pbx, 5.0)
         assert (480, "1 INVITE") in later, later
-        ended = [e for e in nurse.log if e["event"] == "push" and "call_ended" in e["payload"]]
         await eventually(lambda: any("call_ended" in e["payload"] for e in nurse.log
                                      if e["event"] == "push"))
-        del ended
     finally:
         pbx.close()
         fake.proc.kill()

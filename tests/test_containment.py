@@ -93,7 +93,6 @@ async def test_a_failure_writing_a_push_is_not_the_pushers(gateway, devices, tra
     device = devices(gateway, transport, install_id=new_install())
     token = await device.welcome()
     link = gateway.delivery._live[token].link
-    original = link.session.push
 
     def failing(push):
         raise RuntimeError("injected failure writing a push")
@@ -104,7 +103,6 @@ async def test_a_failure_writing_a_push_is_not_the_pushers(gateway, devices, tra
     gone = await device.next("disconnected")
     assert gone["reason"] == ByeReason.UNAVAILABLE
     assert internal(gateway, "device_write") == 1
-    del original
     assert await device.welcome() == token  # a new connection, a new link
     assert (await device.next("push"))["payload"] == {"n": "later"}
 
