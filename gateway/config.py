@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -71,6 +72,10 @@ class ListenConfig:
     quic_receive_buffer: int = _k(
         8388608, "bytes of kernel receive buffer for the QUIC socket (0: the kernel's "
         "default); Linux caps it at net.core.rmem_max", lo=0, hi=268435456)
+    quic_retry_above: int = _k(64, "half-open QUIC connections above which a new one must "
+                               "first prove its address (a Retry); 0: always", lo=0, hi=100000)
+    quic_half_open_limit: int = _k(256, "half-open QUIC connections at most (each ~80 KiB); "
+                                   "Initials past it wait or are dropped", lo=1, hi=100000)
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,16 @@ class DeliveryConfig:
                           hi=315360000)
     expire_interval: float = _k(60.0, "seconds between sweeps for expired pushes", lo=0.05,
                                 hi=86400)
-    unregistered_after_days: float = _k(30.0, "a device unseen this long gets 410 Unregistered",
-                                        lo=0.001, hi=3650)
+    unregistered_after_days: float = _k(30.0, "a device unseen this long gets 410 Unregistered "
+                                        "and is then pruned with its queue", lo=0.001, hi=3650)
+    max_devices: int = _k(20000, "device records kept at most; a new install past it is "
+                          "refused (bye device_limit)", lo=1, hi=10000000)
+    new_device_rate: float = _k(0.1, "new installs per second one source address may create, "
+                                "sustained", lo=0.0001, hi=100000)
+    new_device_burst: int = _k(20, "new installs one source address may create in a burst",
+                               lo=1, hi=1000000)
+    new_device_exempt: tuple[str, ...] = _k(("127.0.0.0/8", "::1"), "addresses/networks the "
+                                            "new-install rate does not apply to")
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,7 @@ class ProviderConfig:
     team_id: str = _k("", "Apple team id: the JWT's iss")
     key_id: str = _k("", "key id: the JWT header's kid")
     key_file: str = _k("", "the key's PEM public key (or the .p8 itself)")
-    topics: tuple[str, ...] = _k((), "bundle ids this key may push to")
+    topics: tuple[str, ...] = _k((), "bundle ids this key may push to, see and bind users of")
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,22 @@ class ApiConfig:
     rate_burst: int = _k(2000, "pushes a key may send in a burst", lo=1, hi=1000000)
     idle_timeout: float = _k(3600.0, "seconds before an idle API connection is closed", lo=0.1,
                              hi=604800)
+    handshake_timeout: float = _k(10.0, "seconds a new API connection has for TLS and its "
+                                  "first request", lo=0.1, hi=600)
+    request_timeout: float = _k(10.0, "seconds a started request has to send all of its body",
+                                lo=0.1, hi=600)
+    max_connections: int = _k(256, "API connections at most; the rest of the open-file "
+                              "limit is kept for devices", lo=1, hi=1000000)
+    max_connections_per_source: int = _k(32, "API connections at most from one address",
+                                         lo=1, hi=1000000)
+    max_concurrent_streams: int = _k(128, "HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS", lo=1,
+                                     hi=100000)
+    max_buffered_bytes: int = _k(1048576, "request bytes one connection may have buffered "
+                                 "(headers and unfinished bodies)", lo=16384, hi=268435456)
+    reset_rate: float = _k(20.0, "HTTP/2 stream resets per second a connection may cause, "
+                           "sustained; past it: GOAWAY ENHANCE_YOUR_CALM", lo=0.01, hi=1000000)
+    reset_burst: int = _k(200, "HTTP/2 stream resets a connection may cause in a burst", lo=1,
+                          hi=1000000)
     metrics_need_auth: bool = _k(False, "require a bearer token for /metrics")
     providers: tuple[ProviderConfig, ...] = _k((), "provider keys (team, key id, topics)")
 
@@ -143,6 +172,8 @@ class AssertionsConfig:
 class SipRouteConfig:
     match: str = _k("", "regular expression over the Request-URI user, whole match")
     user: str = _k("", r"the lpgw user it becomes; \1 etc. refer to groups")
+    topics: tuple[str, ...] = _k((), "bundle ids whose devices this route rings; empty: "
+                                     "sip.topics")
 
 
 @dataclass(frozen=True)
@@ -157,6 +188,13 @@ class SipRegistration:
     auth_user: str = _k("", "digest user name; empty: user")
     password_file: str = _k("", "file holding the digest password")
     expires: int = _k(600, "registration lifetime asked for, seconds", lo=30, hi=86400)
+
+
+@dataclass(frozen=True)
+class SipInboundAuth:
+    enabled: bool = _k(False, "challenge INVITE and MESSAGE with digest authentication")
+    realm: str = _k("", "digest realm; empty: sip.domain, else the gateway's name")
+    credentials_file: str = _k("", "file of 'user:password' lines the PBX may answer with")
 
 
 @dataclass(frozen=True)
@@ -179,6 +217,13 @@ class SipConfig:
     register: tuple[SipRegistration, ...] = _k((), "accounts lpgw registers with the PBX")
     keepalive_interval: float = _k(30.0, "seconds between OPTIONS pings to the PBX", lo=1,
                                    hi=86400)
+    trusted: tuple[str, ...] = _k((), "addresses/networks allowed to send SIP requests; "
+                                      "empty: loopback and pbx_host")
+    untrusted_reply: str = _k("403", "answer to a request from elsewhere: 403, or none "
+                              "(silence)", choices=("403", "none"))
+    topics: tuple[str, ...] = _k((), "bundle ids whose devices SIP calls and messages ring; "
+                                     "empty: every topic")
+    inbound_auth: SipInboundAuth = field(default_factory=SipInboundAuth)
 
 
 @dataclass(frozen=True)
@@ -502,6 +547,8 @@ def _cross_checks(c: Config) -> list[str]:
         problems.append("assertions.required: true needs a key (hs256_secret_file or "
                         "es256_public_key_file)")
     problems.extend(_api_checks(c.api))
+    problems.extend(_network_problems("delivery.new_device_exempt",
+                                      c.delivery.new_device_exempt))
     problems.extend(_sip_checks(c.sip))
     secret = hs256_secret(c) if not problems else None
     if secret is not None and len(secret) < 32:
@@ -573,6 +620,17 @@ def _sip_checks(sip: SipConfig) -> list[str]:
         for j, token in enumerate(binding.tokens):
             if not is_token(token):
                 problems.append(f"sip.static_bindings[{i}].tokens[{j}]: not a device token")
+    problems.extend(_network_problems("sip.trusted", sip.trusted))
+    auth = sip.inbound_auth
+    if auth.enabled and not auth.credentials_file:
+        problems.append("sip.inbound_auth.credentials_file: needed when enabled")
+    elif auth.credentials_file:
+        problem = _text_file_problem(auth.credentials_file)
+        if problem:
+            problems.append(f"sip.inbound_auth.credentials_file: {problem}")
+        elif auth.enabled and not any(
+                ":" in line for line in Path(auth.credentials_file).read_text().splitlines()):
+            problems.append("sip.inbound_auth.credentials_file: no 'user:password' line")
     if sip.register and not sip.pbx_host:
         problems.append("sip.register: needs sip.pbx_host")
     for i, reg in enumerate(sip.register):
@@ -581,6 +639,17 @@ def _sip_checks(sip: SipConfig) -> list[str]:
         if not reg.password_file or not os.access(reg.password_file, os.R_OK):
             problems.append(f"sip.register[{i}].password_file: cannot read "
                             f"{reg.password_file or '(empty)'}")
+    return problems
+
+
+def _network_problems(key: str, values: tuple[str, ...]) -> list[str]:
+    """Each entry must be an IPv4/IPv6 address or network (CIDR), host bits allowed."""
+    problems = []
+    for i, value in enumerate(values):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            problems.append(f"{key}[{i}]: not an address or network: {_SHORT.repr(value)}")
     return problems
 
 

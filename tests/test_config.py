@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,17 @@ def test_run_on_embedded_defaults_prints_where_it_listens_and_the_pin(tmp_path):
     pinned = lpgw("pin", env={"STATE_DIRECTORY": str(state)})
     assert pinned.stdout.strip() == f"sha256/{pin}"
     assert Path(state / "control.sock").exists() is False  # removed on stop
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"sip": {"trusted": ["10.0.0.0/33"]}}, "sip.trusted[0]: not an address or network"),
+    ({"sip": {"trusted": ["pbx.example"]}}, "sip.trusted[0]: not an address or network"),
+    ({"delivery": {"new_device_exempt": ["x"]}}, "delivery.new_device_exempt[0]: not an"),
+    ({"sip": {"inbound_auth": {"enabled": True}}}, "sip.inbound_auth.credentials_file: needed"),
+    ({"sip": {"untrusted_reply": "404"}}, "sip.untrusted_reply: must be one of 403, none"),
+    ({"api": {"max_concurrent_streams": 0}}, "api.max_concurrent_streams: must be at least 1"),
+    ({"listen": {"quic_half_open_limit": 0}}, "listen.quic_half_open_limit: must be at least"),
+])
+def test_trust_boundary_keys_are_checked(data, message):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.from_dict(data)
