@@ -423,7 +423,7 @@ def test_slow_apply_installs_configures_and_keeps_secrets_out(target, wheelhouse
     assert data["discovery"]["require_ssid"] == "Aurora-Crew"
     assert data["sip"]["pbx_host"] == "192.0.2.5"
     assert [r["user"] for r in data["sip"]["register"]] == ["2501", "2502"]
-    assert data["sip"]["routes"] == [{"match": r"2(\d{3})", "user": r"crew\1"}]
+    assert data["sip"]["routes"] == [{"match": r"2(\d{3})", "user": r"crew\1", "topics": []}]
     assert data["assertions"]["hs256_secret"] == ""
     secret_files = [data["assertions"]["hs256_secret_file"], data["api"]["admin_token_file"],
                     data["api"]["providers"][0]["key_file"],
