@@ -26,3 +26,7 @@ def setup(level: str = "info") -> None:
     root.setLevel(level.upper())
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic logs every connection
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # and pyroute2 every message
+    # hpack logs every decoded header at debug: the admin token, whole provider JWTs and
+    # device tokens in :path. Held at WARNING whatever --log-level says (issue 15).
+    logging.getLogger("hpack").setLevel(logging.WARNING)
+    logging.getLogger("h2").setLevel(logging.WARNING)

@@ -82,8 +82,11 @@ class Router:
     def handle(self, req: Request, now: float) -> Response:
         """The answer to one request; never raises. The shell adds the request's apns-id."""
         try:
-            return self._route(req, now)
+            response = self._route(req, now)
+            log.debug("%s: %d", loggable(req.method, req.path), response.status)
+            return response
         except ApiError as exc:
+            log.debug("%s: %d %s", loggable(req.method, req.path), exc.status, exc.reason)
             self.metrics.api_errors.labels(exc.reason).inc()
             body: dict[str, Any] = {"reason": exc.reason}
             if exc.timestamp is not None:
