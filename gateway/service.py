@@ -27,6 +27,7 @@ from gateway.config import Config, hs256_secret
 from gateway.core.assertions import AssertionPolicy
 from gateway.core.calls import CallSettings
 from gateway.core.delivery import Delivery, DeliverySettings, Rejected
+from gateway.core.installs import InstallPolicy
 from gateway.core.metrics import Metrics
 from gateway.net.discovery import Identity, NetworkService
 from gateway.notify import Notifier
@@ -73,7 +74,11 @@ def assertion_policy(c: Config) -> AssertionPolicy:
 def delivery_settings(c: Config) -> DeliverySettings:
     d = c.delivery
     return DeliverySettings(queue_limit=d.queue_limit, default_ttl=d.default_ttl,
-                            forget_after=d.unregistered_after_days * 86400)
+                            forget_after=d.unregistered_after_days * 86400,
+                            installs=InstallPolicy(rate=d.new_device_rate,
+                                                   burst=d.new_device_burst,
+                                                   max_devices=d.max_devices,
+                                                   exempt=d.new_device_exempt))
 
 
 def session_settings(c: Config) -> SessionSettings:

@@ -38,9 +38,11 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen REAL NOT NULL,
     acked_seq INTEGER NOT NULL DEFAULT 0,
     next_seq INTEGER NOT NULL DEFAULT 1,
-    unregistered_at REAL
+    unregistered_at REAL,
+    user_expires REAL
 );
 CREATE INDEX IF NOT EXISTS devices_user ON devices(user);
+CREATE INDEX IF NOT EXISTS devices_last_seen ON devices(last_seen);
 CREATE TABLE IF NOT EXISTS pushes (
     token TEXT NOT NULL REFERENCES devices(token) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -55,16 +57,21 @@ CREATE TABLE IF NOT EXISTS pushes (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pushes_expiration ON pushes(expiration) WHERE expiration > 0;
 """
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# what each older schema needs to become this one (run in order, in one transaction)
+MIGRATIONS = {
+    # 2: a user binding made by a device's assertion ends when the assertion does
+    1: "ALTER TABLE devices ADD COLUMN user_expires REAL",
+}
 
 
 _DEVICE_COLUMNS = ("token, topic, push_types, user, created_at, last_seen, acked_seq, next_seq, "
-                   "unregistered_at")
+                   "unregistered_at, user_expires")
 
 
 def _device(row: tuple) -> DeviceRecord:
     return DeviceRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5],
-                        row[6], row[7], row[8])
+                        row[6], row[7], row[8], row[9])
 
 
 # SQLite's own checkpoint, once the WAL is this many pages (~64 MiB), if ours falls behind
@@ -235,6 +242,8 @@ class Store:
         version = self.get_meta("schema_version")
         if version is not None and int(version) > SCHEMA_VERSION:
             raise StoreError(f"{self.path} was written by a newer lpgw (schema {int(version)})")
+        if version is not None and int(version) < SCHEMA_VERSION:
+            self._migrate(int(version))
         self._db.executescript(SCHEMA)
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
@@ -246,6 +255,14 @@ class Store:
         self._lazy.execute("PRAGMA synchronous=NORMAL")
         self._lazy.execute("PRAGMA foreign_keys=ON")
         self._lazy.execute("PRAGMA busy_timeout=5000")
+
+    def _migrate(self, version: int) -> None:
+        """Bring a database an older lpgw wrote up to SCHEMA_VERSION, all or nothing."""
+        with self._tx():
+            for step in range(version, SCHEMA_VERSION):
+                self._db.execute(MIGRATIONS[step])
+            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+        log.info("%s: schema %d brought up to %d", self.path, version, SCHEMA_VERSION)
 
     def start_checkpointer(self, every: float = 1.0) -> None:
         """Copy the WAL into the database from a thread of its own, every `every` seconds.
@@ -323,18 +340,27 @@ class Store:
 
     @_storage
     def upsert_device(self, token: str, topic: str, push_types: tuple[str, ...],
-                      user: str | None, now: float) -> DeviceRecord:
+                      user: str | None, now: float,
+                      user_expires: float | None = None) -> DeviceRecord:
         """Without an fsync of its own: a reconnect storm must not wait on the disk, and a
         row lost to a power cut is written again when the phone reconnects; every accepted
-        push is a FULL commit, which makes this row durable before it."""
+        push is a FULL commit, which makes this row durable before it.
+
+        `user` with `user_expires` is a binding from the device's assertion, until then;
+        without a user, a binding an earlier assertion made ends (one the API made stays)."""
         row = self._relaxed().execute(
-            f"""INSERT INTO devices(token, topic, push_types, user, created_at, last_seen)
-                VALUES (?, ?, ?, ?, ?, ?)
+            f"""INSERT INTO devices(token, topic, push_types, user, created_at, last_seen,
+                                    user_expires)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT(token) DO UPDATE SET push_types=excluded.push_types,
-                  user=COALESCE(excluded.user, devices.user), last_seen=excluded.last_seen,
-                  unregistered_at=NULL
+                  user=CASE WHEN excluded.user IS NOT NULL THEN excluded.user
+                            WHEN devices.user_expires IS NOT NULL THEN NULL
+                            ELSE devices.user END,
+                  user_expires=CASE WHEN excluded.user IS NOT NULL THEN excluded.user_expires
+                                    ELSE NULL END,
+                  last_seen=excluded.last_seen, unregistered_at=NULL
                 RETURNING {_DEVICE_COLUMNS}""",
-            (token, topic, json.dumps(list(push_types)), user, now, now),
+            (token, topic, json.dumps(list(push_types)), user, now, now, user_expires),
         ).fetchone()
         return _device(row)
 
@@ -359,16 +385,22 @@ class Store:
         return [_device(r) for r in self._db.execute(sql + " ORDER BY last_seen DESC", args)]
 
     @_storage
-    def tokens_of(self, user: str) -> list[str]:
-        """The registered devices bound to a user, most recently seen first (every call)."""
+    def tokens_of(self, user: str, now: float | None = None) -> list[str]:
+        """The registered devices bound to a user, most recently seen first (every call);
+        a binding from an assertion that has expired by `now` (default: the wall clock)
+        no longer counts."""
+        now = time.time() if now is None else now
         return [r[0] for r in self._db.execute(
             """SELECT token FROM devices WHERE user=? AND unregistered_at IS NULL
-               ORDER BY last_seen DESC""", (user,))]
+               AND (user_expires IS NULL OR user_expires > ?)
+               ORDER BY last_seen DESC""", (user, now))]
 
     @_storage
     def set_user(self, token: str, user: str | None) -> bool:
-        """Bind a device to a user (None unbinds); False when there is no such device."""
-        cur = self._db.execute("UPDATE devices SET user=? WHERE token=?", (user, token))
+        """Bind a device to a user (None unbinds) for good; False when there is no such
+        device."""
+        cur = self._db.execute("UPDATE devices SET user=?, user_expires=NULL WHERE token=?",
+                               (user, token))
         return cur.rowcount == 1
 
     @_storage
@@ -385,6 +417,18 @@ class Store:
             self._db.execute("UPDATE devices SET unregistered_at=?, last_seen=? WHERE token=?",
                              (now, now, token))
             self._db.execute("DELETE FROM pushes WHERE token=?", (token,))
+
+    @_storage
+    def prune_devices(self, unseen_since: float, keep: set[str], limit: int) -> int:
+        """Delete up to `limit` devices last seen before `unseen_since` (not those in
+        `keep`), with their pushes; how many went."""
+        with self._tx():
+            tokens = [r[0] for r in self._db.execute(
+                "SELECT token FROM devices WHERE last_seen < ? ORDER BY last_seen LIMIT ?",
+                (unseen_since, limit + len(keep))) if r[0] not in keep][:limit]
+            self._db.executemany("DELETE FROM pushes WHERE token=?", [(t,) for t in tokens])
+            self._db.executemany("DELETE FROM devices WHERE token=?", [(t,) for t in tokens])
+        return len(tokens)
 
     @_storage
     def count_devices(self) -> int:
@@ -719,7 +763,9 @@ def salvage(source: Path, target: Path) -> Salvaged:
         try:
             meta = _valid(_scan(db, "SELECT rowid, key, value FROM meta WHERE rowid>? "
                                 "ORDER BY rowid", (), -(2**62), found), _meta_row, found)
-            devices = _valid(_scan(db, f"SELECT rowid, {_DEVICE_COLUMNS} FROM devices "
+            columns = _DEVICE_COLUMNS if _has_column(db, "devices", "user_expires") else (
+                _DEVICE_COLUMNS.replace("user_expires", "NULL"))  # schema 1
+            devices = _valid(_scan(db, f"SELECT rowid, {columns} FROM devices "
                                    "WHERE rowid>? ORDER BY rowid", (), -(2**62), found),
                              _device_row, found)
             pushes = []
@@ -740,8 +786,9 @@ def salvage(source: Path, target: Path) -> Salvaged:
             for p in pushes:  # a push kept whose device row said less: seqs must go on rising
                 next_seq[p[0]] = max(next_seq.get(p[0], 0), p[1] + 1)
             out._db.executemany(
-                f"INSERT OR IGNORE INTO devices({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                [(*d[1:8], max(d[8], next_seq.get(d[1], 0)), d[9]) for d in devices])
+                f"INSERT OR IGNORE INTO devices({_DEVICE_COLUMNS}) VALUES "
+                "(?,?,?,?,?,?,?,?,?,?)",
+                [(*d[1:8], max(d[8], next_seq.get(d[1], 0)), *d[9:]) for d in devices])
             out._db.executemany(
                 """INSERT OR IGNORE INTO pushes(token, seq, push_id, push_type, priority,
                    expiration, collapse_id, payload, accepted_at) VALUES (?,?,?,?,?,?,?,?,?)""",
@@ -883,14 +930,22 @@ def _meta_row(row: tuple) -> bool:
     return isinstance(row[1], str) and isinstance(row[2], (bytes, str))
 
 
+def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
+    try:
+        return any(r[1] == column for r in db.execute(f"PRAGMA table_info({table})"))
+    except sqlite3.DatabaseError:
+        return False
+
+
 def _device_row(row: tuple) -> bool:
-    _, token, topic, push_types, user, created, seen, acked, next_seq, gone = row
+    _, token, topic, push_types, user, created, seen, acked, next_seq, gone, expires = row
     return (isinstance(token, str) and is_token(token) and isinstance(topic, str)
             and isinstance(json.loads(push_types), list)
             and (user is None or isinstance(user, str))
             and all(isinstance(v, (int, float)) for v in (created, seen))
             and isinstance(acked, int) and isinstance(next_seq, int) and next_seq > acked >= 0
-            and (gone is None or isinstance(gone, (int, float))))
+            and (gone is None or isinstance(gone, (int, float)))
+            and (expires is None or isinstance(expires, (int, float))))
 
 
 def _push_row(row: tuple) -> bool:

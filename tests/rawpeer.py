@@ -56,13 +56,14 @@ class RawPeer:
 
 class RawTls(RawPeer):
     @classmethod
-    async def open(cls, port: int, alpn: list[str] | None = None) -> RawTls:
+    async def open(cls, port: int, alpn: list[str] | None = None,
+                   host: str = "127.0.0.1") -> RawTls:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         ctx.set_alpn_protocols(alpn or ["lpgw/1"])
         self = cls()
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        self.reader, self.writer = await asyncio.open_connection(host, port, ssl=ctx)
         self._pump = asyncio.create_task(self._read_loop())
         return self
 

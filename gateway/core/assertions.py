@@ -56,6 +56,12 @@ class AssertionPolicy:
 
 def verify_assertion(policy: AssertionPolicy, token: str, now: float) -> str:
     """Return the user (`sub`); `now` is passed in so expiry is testable without waiting."""
+    return verified_binding(policy, token, now)[0]
+
+
+def verified_binding(policy: AssertionPolicy, token: str, now: float) -> tuple[str, float]:
+    """The user (`sub`) and until when the assertion holds (`exp` plus the leeway): a
+    binding it makes ends then."""
     if not policy.enabled:
         raise AssertionRejected("this gateway has no assertion key configured")
     try:
@@ -101,4 +107,4 @@ def verify_assertion(policy: AssertionPolicy, token: str, now: float) -> str:
     sub = claims["sub"]
     if not isinstance(sub, str) or not 0 < len(sub) <= 128:
         raise AssertionRejected("assertion 'sub' must be a user name of 1 to 128 characters")
-    return sub
+    return sub, exp + policy.leeway

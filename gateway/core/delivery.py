@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
+from gateway.core.assertions import AssertionPolicy, AssertionRejected, verified_binding
 from gateway.core.clock import ClockStep, ClockWatch
+from gateway.core.installs import InstallGate, InstallPolicy, InstallVerdict
 from gateway.core.metrics import Metrics
 from gateway.core.model import DeviceRecord, PushRequest, StoredPush
 from gateway.core.tokens import derive_token, is_token, selftest_tokens, short
@@ -60,6 +61,10 @@ class Rejected(Exception):
         self.timestamp = timestamp
 
 
+# devices pruned in one sweep at most: a long-idle site's first sweep stays short
+PRUNE_BATCH = 1000
+
+
 @dataclass(frozen=True)
 class Accepted:
     push_id: str
@@ -74,7 +79,8 @@ class DeliverySettings:
     default_ttl: int = 30 * 86400
     max_payload: int = 4096
     max_payload_voip: int = 5120
-    forget_after: float = 30 * 86400  # unseen this long: Unregistered (410)
+    forget_after: float = 30 * 86400  # unseen this long: Unregistered (410), then pruned
+    installs: InstallPolicy = field(default_factory=InstallPolicy)
 
 
 @dataclass
@@ -102,6 +108,7 @@ class Delivery:
         self.metrics = metrics
         self._secret = token_secret
         self._live: dict[str, _Live] = {}
+        self._installs = InstallGate(settings.installs)
         self._waiting: set[str] = set()  # devices with pushes in the open group commit
         self._warned: dict[str, float] = {}
         # the self-test's own devices: out of the operators' counters, deleted once gone
@@ -121,25 +128,28 @@ class Delivery:
 
     # --- devices ---------------------------------------------------------------------
 
-    def admit(self, link: DeviceLink, hello: Hello, now: float) -> str:
-        """Admit a hello: welcome the link, replace an older one, send what is waiting."""
+    def admit(self, link: DeviceLink, hello: Hello, now: float,
+              source: str | None = None) -> str:
+        """Admit a hello: welcome the link, replace an older one, send what is waiting.
+        `source` is the device's IP address: new installs are limited per source."""
         self.observe_clock(now)
-        user = None
+        user = user_expires = None
         token = derive_token(self._secret, hello.install_id, hello.topic)
         if hello.assertion is not None and not self.policy.enabled:
             log.warning("ignoring a user assertion: no assertion key is configured")
         elif hello.assertion is not None:
             try:
-                user = verify_assertion(self.policy, hello.assertion, now)
+                user, user_expires = verified_binding(self.policy, hello.assertion, now)
             except AssertionRejected as exc:
                 self._handshake(token, link, "unauthorized")
                 raise Refused(ByeReason.UNAUTHORIZED, str(exc)) from None
         elif self.policy.required:
             self._handshake(token, link, "unauthorized")
             raise Refused(ByeReason.UNAUTHORIZED, "this gateway requires a user assertion")
+        self._admit_install(token, link, source, now)
         # written before anything changes: a device the store cannot take is refused, and
         # an older connection of it stays as it was
-        device = self._upsert(token, hello, user, link, now)
+        device = self._upsert(token, hello, user, user_expires, link, now)
         old = self._live.pop(token, None)
         if old is not None:
             self._count_connected(old.link, -1)
@@ -162,13 +172,44 @@ class Delivery:
             self._flush(token, live, now)
         return token
 
-    def _upsert(self, token: str, hello: Hello, user: str | None, link: DeviceLink,
-                now: float) -> DeviceRecord:
+    def _admit_install(self, token: str, link: DeviceLink, source: str | None,
+                       now: float) -> None:
+        """Refuse a new install past its source's rate or the record cap (Refused)."""
+        if token in self._live:
+            return
+        try:
+            if self.store.get_device(token) is not None:
+                return
+            devices = self.store.count_devices()
+        except StorageFailed:
+            return  # _upsert says what the store cannot do
+        if self._installs.policy is not self.settings.installs:
+            self._installs.set_policy(self.settings.installs)
+        mono = self._monotonic() if self._monotonic is not None else now
+        verdict = self._installs.check(source, mono, devices)
+        if verdict is InstallVerdict.ALLOWED:
+            return
+        self.metrics.installs_refused.labels(verdict.value).inc()
+        if verdict is InstallVerdict.RATE:
+            self._handshake(token, link, "rate_limited")
+            raise Refused(ByeReason.RATE_LIMITED, "too many new installs from this address "
+                          "lately; connect again later", "new_install_rate")
+        self._handshake(token, link, "device_limit")
+        if now - self._warned.get("device_limit", 0.0) > 60:  # once a minute
+            self._warned["device_limit"] = now
+            log.warning("the gateway keeps %d device records at most (delivery.max_devices):"
+                        " new installs are refused", self.settings.installs.max_devices)
+        raise Refused(ByeReason.DEVICE_LIMIT, "this gateway has all the devices it can keep; "
+                      "ask the site to raise delivery.max_devices", "device_limit")
+
+    def _upsert(self, token: str, hello: Hello, user: str | None,
+                user_expires: float | None, link: DeviceLink, now: float) -> DeviceRecord:
         """Record the device; on a full disk a device already known as it is now is
         admitted all the same (its last-seen time is written later), any other refused
         with `bye unavailable` (it comes back with backoff, nothing of its is lost)."""
         try:
-            device = self.store.upsert_device(token, hello.topic, hello.push_types, user, now)
+            device = self.store.upsert_device(token, hello.topic, hello.push_types, user, now,
+                                              user_expires)
         except StorageFailed as exc:
             known = self._known_as_is(token, hello, user)
             self._storage_failed("last_seen" if known else "device", exc, now)
@@ -540,16 +581,23 @@ class Delivery:
         return Accepted(push_id, stored.seq, sent=live is not None, stored=True)
 
     def expire(self, now: float) -> int:
-        """Drop stored pushes past their expiration; call it now and then (a full disk
-        leaves them to the next sweep; a device is never sent an expired one)."""
+        """Drop stored pushes past their expiration, and devices unseen for `forget_after`
+        with their queues; call it now and then (a full disk leaves them to the next sweep;
+        a device is never sent an expired one)."""
         self.observe_clock(now)
         try:
             gone = self.store.expire(now)
+            pruned = self.store.prune_devices(now - self.settings.forget_after,
+                                              keep=set(self._live), limit=PRUNE_BATCH)
         except StorageFailed as exc:
             self._storage_failed("expire", exc, now)
             return 0
         for token, _ in gone:
             self._expired(token)
+        if pruned:
+            self.metrics.devices_pruned.inc(pruned)
+            log.info("pruned %d devices unseen for %.0f days, with their queues", pruned,
+                     self.settings.forget_after / 86400)
         return len(gone)
 
     # --- the wall clock -------------------------------------------------------------

@@ -54,6 +54,12 @@ class Metrics:
         self.quic_backlog_dropped = Counter(
             "lpgw_quic_backlog_dropped", "Packets of QUIC connections dropped because "
             "too many waited to be handled (the peer retransmits)", registry=r)
+        self.installs_refused = Counter(
+            "lpgw_device_installs_refused", "New installs refused: rate (too many from one "
+            "address) or full (delivery.max_devices)", ["reason"], registry=r)
+        self.devices_pruned = Counter("lpgw_devices_pruned", "Devices deleted with their "
+                                      "queues after delivery.unregistered_after_days unseen",
+                                      registry=r)
         self.call_actions = Counter("lpgw_call_actions", "Call actions from devices",
                                     ["action"], registry=r)
         # a pass stops the whole gateway: a full one visits every object (each QUIC phone is

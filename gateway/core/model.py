@@ -43,4 +43,5 @@ class DeviceRecord:
     acked_seq: int
     next_seq: int
     unregistered_at: float | None = None
+    user_expires: float | None = None  # a binding from an assertion ends then
     extra: dict[str, Any] = field(default_factory=dict)

@@ -49,6 +49,10 @@ class ByeReason:
     # the device stopped reading: its outgoing buffer passed the limit; its pushes stay
     # queued and go again when it reconnects
     SLOW_READER = "slow_reader"
+    # a new install (an install id the gateway has not seen) refused: too many lately from
+    # this address, or the gateway keeps all the device records it may; come back later
+    RATE_LIMITED = "rate_limited"
+    DEVICE_LIMIT = "device_limit"
 
 
 def _field(d: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True):

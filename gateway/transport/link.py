@@ -69,7 +69,8 @@ class GatewayLink:
         the transport reports acknowledgements to `ping_acknowledged`."""
         self.ctx = ctx
         self.transport = transport
-        self.peer = peer
+        self.peer = peer  # "host:port"
+        self.source = peer.rsplit(":", 1)[0].strip("[]")  # the address new installs count by
         self._write = write
         self._close_transport = close
         self._ping = ping
@@ -156,7 +157,7 @@ class GatewayLink:
         for event in events:
             if isinstance(event, HelloReceived):
                 try:
-                    delivery.admit(self, event.hello, wall)
+                    delivery.admit(self, event.hello, wall, source=self.source)
                 except Refused as exc:
                     log.info("refused a hello from %s: %s", self.peer, exc)
                     self._end(self.session.close(exc.reason, exc.code, str(exc)))
