@@ -419,3 +419,38 @@ def test_a_device_written_without_fsync_is_durable_once_a_push_to_it_is(path):
         assert [p.push_id for p in s.pending("a" * 64, 0)] == ["p1"]
     finally:
         s.close()
+
+
+def test_a_schema_1_database_is_brought_up_to_date_in_place(tmp_path):
+    """What lpgw before issue 15 wrote (no user_expires) opens with every row kept; its
+    bindings were all made for good."""
+    path = tmp_path / "old.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);"
+            "CREATE TABLE devices (token TEXT PRIMARY KEY, topic TEXT NOT NULL, push_types "
+            "TEXT NOT NULL, user TEXT, created_at REAL NOT NULL, last_seen REAL NOT NULL, "
+            "acked_seq INTEGER NOT NULL DEFAULT 0, next_seq INTEGER NOT NULL DEFAULT 1, "
+            "unregistered_at REAL);"
+            "CREATE TABLE pushes (token TEXT NOT NULL, seq INTEGER NOT NULL, push_id TEXT NOT "
+            "NULL, push_type TEXT NOT NULL, priority INTEGER NOT NULL, expiration INTEGER NOT "
+            "NULL, collapse_id TEXT, payload TEXT NOT NULL, accepted_at REAL NOT NULL, "
+            "PRIMARY KEY (token, seq)) WITHOUT ROWID;"
+            "INSERT INTO meta VALUES ('schema_version', '1');")
+        db.execute("INSERT INTO devices(token, topic, push_types, user, created_at, last_seen)"
+                   " VALUES (?, 'com.example.app', '[\"alert\"]', 'nurse', 1, ?)",
+                   ("ab" * 32, time.time()))
+        db.commit()
+    store = Store(path)
+    try:
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION).encode() == b"2"
+        assert store.get_device("ab" * 32).user_expires is None
+        assert store.tokens_of("nurse") == ["ab" * 32]
+        # a hello with an assertion binds until it ends; one without ends that binding
+        store.upsert_device("ab" * 32, "com.example.app", ("alert",), "porter", 10.0, 100.0)
+        assert store.tokens_of("porter", now=99.0) == ["ab" * 32]
+        assert store.tokens_of("porter", now=100.0) == []
+        store.upsert_device("ab" * 32, "com.example.app", ("alert",), None, 11.0)
+        assert store.get_device("ab" * 32).user is None
+    finally:
+        store.close()
