@@ -435,6 +435,33 @@ async def test_status_and_metrics(api, h2, keys, devices):
         assert name in metrics, name
 
 
+async def test_a_provider_key_sees_and_changes_only_its_own_apps(api, h2, keys, devices):
+    """Key C (com.example.other only) next to key A (TOPIC): neither reads nor binds the
+    other's devices, and /status shows a key its own apps' devices, not the site's calls."""
+    mine = devices(api, "tls", topic="com.example.other")
+    mine_token = await mine.welcome()
+    theirs = devices(api, "quic", topic=TOPIC)
+    theirs_token = await theirs.welcome()
+    c = {"authorization": f"bearer {keys.token('KEYCCCCCCC')}"}
+    admin = {"authorization": f"bearer {api.admin_token}"}
+
+    for method, path, body in (("GET", "", None), ("PUT", "/user", {"user": "nurse"}),
+                               ("DELETE", "/user", None)):
+        refused = await h2.request(method, f"/v1/devices/{theirs_token}{path}", headers=c,
+                                   json=body)
+        assert (refused.status_code, refused.json()["reason"]) == (400, "BadDeviceToken")
+    assert (await h2.get(f"/v1/devices/{theirs_token}", headers=admin)).json()["user"] is None
+    listed = (await h2.get("/v1/devices", headers=c)).json()["devices"]
+    assert [d["token"] for d in listed] == [mine_token]
+
+    scoped = (await h2.get("/status", headers=c)).json()
+    assert scoped["topics"] == ["com.example.other"]
+    assert scoped["devices"] == {"connected": {"quic": 0, "tls": 1}, "known": 1}
+    assert "sip" not in scoped and "storage" not in scoped and "call_actions" not in scoped
+    full = (await h2.get("/status", headers=admin)).json()
+    assert full["devices"]["connected"] == {"quic": 1, "tls": 1} and "storage" in full
+
+
 # --- bad connections -----------------------------------------------------------------
 
 

@@ -113,8 +113,8 @@ class Router:
                             generate_latest(self.metrics.registry))
         if path == "/status":
             self._method(req, "GET")
-            self._principal(req, now)
-            return Response.json(200, self.status())
+            key = self._principal(req, now)
+            return Response.json(200, self.status() if key.admin else self._status_of(key))
         if path == "/v1/devices":
             self._method(req, "GET")
             key = self._principal(req, now)
@@ -180,6 +180,21 @@ class Router:
             log.info("device %s unbound by %s", short(token), key.name)
             return Response(204)
         raise ApiError("MethodNotAllowed", "use PUT or DELETE")
+
+    def _status_of(self, key: ProviderKey) -> dict:
+        """/status as a provider key sees it: the gateway, and its own apps' devices only
+        (calls, the PBX, storage and the other apps are the site's: the admin token's)."""
+        full = self.status()
+        connected = self.delivery.connected()
+        by_transport: dict[str, int] = {"quic": 0, "tls": 0}
+        devices = self.delivery.store.list_devices(key.topics)
+        for device in devices:
+            if device.token in connected:
+                by_transport[connected[device.token]] += 1
+        return {**{k: full.get(k) for k in ("version", "gateway_id", "name", "pin", "listen",
+                                             "api", "uptime")},
+                "topics": list(key.topics),
+                "devices": {"connected": by_transport, "known": len(devices)}}
 
     def _devices(self, key: ProviderKey, user: str | None) -> list[dict]:
         store = self.delivery.store
