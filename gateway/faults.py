@@ -48,6 +48,28 @@ def record(metrics: Metrics | None, where: str, exc: BaseException, who: str = "
               exc_info=(type(exc), exc, exc.__traceback__))
 
 
+_said: dict[str, float] = {}
+_unsaid: dict[str, int] = {}
+MAX_KINDS = 256  # kinds of bounded lines remembered at most (they are few and fixed)
+
+
+def bounded(logger: logging.Logger, kind: str, msg: str, *args: object) -> None:
+    """Log at INFO a refusal a peer can cause at will (a bad hello, frame or request): the
+    first of each `kind` in a minute, the rest counted and said with the next line."""
+    now = time.monotonic()
+    last = _said.get(kind)
+    if last is not None and now - last < LOG_EVERY:
+        _unsaid[kind] = _unsaid.get(kind, 0) + 1
+        return
+    if len(_said) >= MAX_KINDS and kind not in _said:
+        _said.clear()
+        _unsaid.clear()
+    _said[kind] = now
+    skipped = _unsaid.pop(kind, 0)
+    more = f" ({skipped} more like it not logged in the last minute)" if skipped else ""
+    logger.info(msg + "%s", *args, more)
+
+
 class Outcome:
     """What `contained` saw: `failed` is True once the block raised (and was contained)."""
 

@@ -87,7 +87,8 @@ def test_new_installs_are_limited_per_source_and_capped(lab, tmp_path):
         "store": {"synchronous": "NORMAL"},
         "delivery": {"new_device_rate": 0.01, "new_device_burst": 5, "max_devices": 12}}))
     proc = gw_ns.popen([PY, "-m", "gateway.cli", "run", "-c", str(config)], cwd=ROOT, env=ENV)
-    Lines(proc).wait_for(lambda line: "pin sha256/" in line, 30)
+    lines = Lines(proc)
+    lines.wait_for(lambda line: "pin sha256/" in line, 30)
 
     first = [new_install() for _ in range(8)]
     got = hellos(a, first)
@@ -111,6 +112,11 @@ def test_new_installs_are_limited_per_source_and_capped(lab, tmp_path):
     assert handshakes['lpgw_handshakes_total{result="rate_limited",transport="tls"}'] == 3
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(15) == 0
+    # a refusal a client causes at will is logged once a minute per kind, the rest counted
+    said = [line for _, line in lines.drain() if "refused a hello" in line]
+    assert len(said) == 2, said  # of 3 rate refusals and 2 for the cap
+    assert "too many new installs" in said[0] and "all the devices it can keep" in said[1]
+    assert sum("closing tls peer" in line for _, line in lines.seen) == 2
     rows = sqlite3.connect(tmp_path / "state" / "lpgw.sqlite3").execute(
         "SELECT count(*) FROM devices").fetchone()[0]
     assert rows == 12

@@ -159,7 +159,8 @@ class GatewayLink:
                 try:
                     delivery.admit(self, event.hello, wall, source=self.source)
                 except Refused as exc:
-                    log.info("refused a hello from %s: %s", self.peer, exc)
+                    faults.bounded(log, f"hello:{exc.reason}", "refused a hello from %s: %s",
+                                   self.peer, exc)
                     self._end(self.session.close(exc.reason, exc.code, str(exc)))
                     return
             elif isinstance(event, PingDue) and self._ping is not None:
@@ -173,8 +174,8 @@ class GatewayLink:
                 return
             elif isinstance(event, FrameRejected):
                 self.ctx.metrics.protocol_errors.labels(event.code).inc()
-                log.info("refused a frame from %s (%s): %s", self._who(), event.code,
-                         event.message)
+                faults.bounded(log, f"frame:{event.code}", "refused a frame from %s (%s): %s",
+                               self._who(), event.code, event.message)
             elif isinstance(event, Closed):
                 self._end(event)
                 return
@@ -189,7 +190,11 @@ class GatewayLink:
             m.protocol_errors.labels(closed.code or closed.reason).inc()
         if closed.reason == ByeReason.HEARTBEAT_TIMEOUT:
             m.heartbeat_timeouts.inc()
-        if not closed.by_peer:
+        if not closed.by_peer and (closed.reason in BAD_INPUT_REASONS or self.token is None):
+            # a peer can cause these at will: bounded
+            faults.bounded(log, f"close:{closed.reason}", "closing %s: %s (%s)", self._who(),
+                           closed.reason, closed.message or "")
+        elif not closed.by_peer:
             log.info("closing %s: %s (%s)", self._who(), closed.reason, closed.message or "")
         self._flush()
         self._close_transport(closed.reason)
