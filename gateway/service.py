@@ -39,6 +39,7 @@ from gateway.transport import quic, tls
 from gateway.transport.control import ControlServer
 from gateway.transport.link import GatewayLink, LinkContext
 from gateway.transport.sip import SipTransport, pbx_link, routes, start_sip
+from gateway.transport.sip import trust as sip_trust
 from gateway.transport.timers import TimerWheel, tick_for
 
 log = logging.getLogger("lpgw")
@@ -348,6 +349,7 @@ class Gateway:
         if self.sip is not None:
             bridge = self.sip.bridge
             bridge.router.routes = [Route(*r) for r in routes(new.sip)]
+            bridge.router.topics = tuple(new.sip.topics)
             bridge.router.static = {b.user: list(b.tokens) for b in new.sip.static_bindings}
             bridge.calls.settings = CallSettings(new.sip.ring_window, new.sip.reach_timeout)
             pbx_fields = ("pbx_host", "pbx_port", "pbx_transport", "domain", "register",
@@ -355,6 +357,8 @@ class Gateway:
             if any(getattr(old.sip, f) != getattr(new.sip, f) for f in pbx_fields):
                 bridge.pbx = pbx_link(new.sip, self.sip.port, time.time())
                 self.sip.kick()
+            bridge.sources, bridge.digest = sip_trust(
+                new.sip, bridge.pbx.pbx.host if bridge.pbx else None, new.name, bridge.digest)
         logs.setup(new.log.level)
         self.config = new
         discovery_changed = (old.discovery != new.discovery or old.name != new.name

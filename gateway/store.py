@@ -385,15 +385,19 @@ class Store:
         return [_device(r) for r in self._db.execute(sql + " ORDER BY last_seen DESC", args)]
 
     @_storage
-    def tokens_of(self, user: str, now: float | None = None) -> list[str]:
-        """The registered devices bound to a user, most recently seen first (every call);
-        a binding from an assertion that has expired by `now` (default: the wall clock)
-        no longer counts."""
+    def tokens_of(self, user: str, now: float | None = None,
+                  topics: tuple[str, ...] | None = None) -> list[str]:
+        """The registered devices bound to a user, most recently seen first (every call),
+        only of `topics` when given; a binding from an assertion that has expired by `now`
+        (default: the wall clock) no longer counts."""
         now = time.time() if now is None else now
-        return [r[0] for r in self._db.execute(
-            """SELECT token FROM devices WHERE user=? AND unregistered_at IS NULL
-               AND (user_expires IS NULL OR user_expires > ?)
-               ORDER BY last_seen DESC""", (user, now))]
+        sql = """SELECT token FROM devices WHERE user=? AND unregistered_at IS NULL
+                 AND (user_expires IS NULL OR user_expires > ?)"""
+        args: list = [user, now]
+        if topics is not None:
+            sql += f" AND topic IN ({','.join('?' * len(topics))})"
+            args.extend(topics)
+        return [r[0] for r in self._db.execute(sql + " ORDER BY last_seen DESC", args)]
 
     @_storage
     def set_user(self, token: str, user: str | None) -> bool:

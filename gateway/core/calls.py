@@ -66,8 +66,10 @@ class Calls:
         delivery.delivered_listeners.append(self._delivered)
         delivery.call_listeners.append(self._action)
 
-    def offer(self, user: str, caller: Caller, now: float) -> Call | None:
-        """Push the call to every device of `user`; None when there is none to push to.
+    def offer(self, user: str, caller: Caller, now: float,
+              devices: list[str] | None = None) -> Call | None:
+        """Push the call to `devices` (default: every device of `user`); None when there is
+        none to push to.
 
         The pushes are written to connected devices before they are fsynced: the caller
         must call `delivery.commit()` next (the SIP shell does, after timing the write).
@@ -78,7 +80,7 @@ class Calls:
         payload = {"call": {"id": call.id, "from": caller.uri,
                             "display_name": caller.display_name, "to": caller.callee,
                             "user": user, "sip_call_id": caller.sip_call_id}}
-        for token in self.devices_of(user):
+        for token in self.devices_of(user) if devices is None else devices:
             push = PushRequest(push_type="voip", payload=payload, priority=10,
                                expiration=int(call.ring_deadline) + 1)
             try:  # rings at once; the caller commits right after (see Delivery.submit)

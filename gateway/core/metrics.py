@@ -40,6 +40,12 @@ class Metrics:
                                     registry=r)
         self.sip_errors = Counter("lpgw_sip_errors", "SIP messages refused or dropped",
                                   ["kind"], registry=r)
+        self.sip_untrusted = Counter(
+            "lpgw_sip_untrusted", "SIP messages from sources outside sip.trusted: "
+            "forbidden (answered 403) or dropped", ["outcome"], registry=r)
+        self.sip_auth = Counter("lpgw_sip_auth", "Inbound digest checks of INVITE and "
+                                "MESSAGE by verdict (ok, challenge, stale, bad)", ["verdict"],
+                                registry=r)
         self.sip_invite_to_push = Histogram(
             "lpgw_sip_invite_to_push_seconds", "From an INVITE read to its pushes written",
             registry=r, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))

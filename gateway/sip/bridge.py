@@ -31,6 +31,7 @@ from gateway.sip.transaction import (
     response_destination,
     response_to,
 )
+from gateway.sip.trust import DigestPolicy, SourcePolicy, Verdict
 
 log = logging.getLogger("lpgw.sip")
 
@@ -47,24 +48,39 @@ class Route:
 
     match: re.Pattern
     user: str  # a re.sub template: "nurse\\1"
+    topics: tuple[str, ...] = ()  # the apps whose devices it rings; empty: the site's
 
 
 class UserRouter:
+    """Request-URI user -> the lpgw user and the devices a call for it rings: devices bound
+    to that user whose app (topic) the route allows, so that an app cannot receive another
+    app's calls by binding its own device to one of that app's users."""
+
     def __init__(self, routes: list[Route], static: dict[str, list[str]],
-                 delivery: Delivery) -> None:
+                 delivery: Delivery, topics: tuple[str, ...] = ()) -> None:
         self.routes = routes
         self.static = static
         self.delivery = delivery
+        self.topics = topics  # sip.topics: the apps SIP rings when a route names none
 
     def user_for(self, uri_user: str) -> str:
+        return self.resolve(uri_user)[0]
+
+    def resolve(self, uri_user: str) -> tuple[str, tuple[str, ...]]:
+        """The lpgw user, and the topics its calls may ring (empty: every topic)."""
         for route in self.routes:
             if route.match.fullmatch(uri_user):
-                return route.match.sub(route.user, uri_user)
-        return uri_user
+                return route.match.sub(route.user, uri_user), route.topics or self.topics
+        return uri_user, self.topics
 
-    def devices_of(self, user: str) -> list[str]:
-        bound = self.delivery.store.tokens_of(user)
+    def devices_of(self, user: str, topics: tuple[str, ...] = ()) -> list[str]:
+        """Bound devices of those topics (all when empty), then the site's static ones."""
+        bound = self.delivery.store.tokens_of(user, topics=topics or None)
         return list(dict.fromkeys([*bound, *self.static.get(user, [])]))
+
+    def devices_for(self, uri_user: str) -> tuple[str, list[str]]:
+        user, topics = self.resolve(uri_user)
+        return user, self.devices_of(user, topics)
 
 
 def message_text(body: bytes, content_type: str | None) -> str:
@@ -104,6 +120,8 @@ class SipBridge:
         self.draining = False
         self.on_send: Callable[[list[Send]], None] = lambda sends: None
         self.pbx: PbxLink | None = None
+        self.sources: SourcePolicy | None = None  # None: requests from anywhere (tests)
+        self.digest: DigestPolicy | None = None  # inbound digest authentication, when on
         self._invite_of: dict[str, ServerTransaction] = {}  # call id -> INVITE transaction
         self._call_of: dict[int, Call] = {}  # id(INVITE transaction) -> call
         # INVITE read -> 180 sent, seconds (the shell records it, as it does INVITE -> push)
@@ -117,12 +135,21 @@ class SipBridge:
 
     def receive(self, data: bytes, peer: Peer, now: float, stream: bool = False) -> str:
         """Handle one message; returns what it was, for the shell's counters."""
+        trusted = self.sources is None or self.sources.allows(peer.host)
+        if not trusted and (self.sources is None or self.sources.reply == "none"):
+            self.metrics.sip_untrusted.labels("dropped").inc()
+            return "untrusted"
         try:
             msg = parse(data, stream=stream)
         except SipError as exc:
             self.metrics.sip_errors.labels("parse").inc()
-            self._refuse_raw(data, peer, exc, now)
+            if trusted:
+                self._refuse_raw(data, peer, exc, now)
+            else:
+                self.metrics.sip_untrusted.labels("dropped").inc()
             return "malformed"
+        if not trusted:
+            return self._untrusted(msg, peer)
         if msg.is_request:
             self.metrics.sip_requests.labels(msg.method if msg.method in ALLOW or
                                              msg.method in IN_DIALOG else "other").inc()
@@ -178,6 +205,32 @@ class SipBridge:
             elif self.pbx is not None:
                 self.pbx.on_response(action.tx.context, None, now)
         return None
+
+    def _untrusted(self, msg: SipMessage, peer: Peer) -> str:
+        """A message from a source not in sip.trusted: a request gets 403 (to its source,
+        never an address it names), anything else is dropped; nothing else happens."""
+        if msg.is_request and msg.method != "ACK" and msg.get_all("via"):
+            self.metrics.sip_untrusted.labels("forbidden").inc()
+            self._reply_without_transaction(msg, peer, 403, "Forbidden")
+        else:
+            self.metrics.sip_untrusted.labels("dropped").inc()
+        return "untrusted"
+
+    def _authorized(self, tx: ServerTransaction, now: float) -> bool:
+        """Inbound digest (sip.inbound_auth): False once the request has been answered
+        401 (no or stale credentials) or 403 (wrong ones)."""
+        if self.digest is None:
+            return True
+        verdict = self.digest.check(tx.request, now)
+        self.metrics.sip_auth.labels(verdict.value).inc()
+        if verdict is Verdict.OK:
+            return True
+        if verdict is Verdict.BAD:
+            self._reply(tx, 403, now, reason="Bad Credentials")
+        else:
+            self._reply(tx, 401, now, headers=[(
+                "www-authenticate", self.digest.challenge(now, verdict is Verdict.STALE))])
+        return False
 
     def _abandon(self, tx: ServerTransaction, now: float) -> None:
         """A transaction whose handling failed still ends: 500 while it can be answered,
@@ -238,6 +291,8 @@ class SipBridge:
             self._reply(tx, 200, now, headers=[("allow", ALLOW), ("accept", "text/plain"),
                                                ("supported", "")])
             return "options"
+        if method in ("INVITE", "MESSAGE") and not has_tag and not self._authorized(tx, now):
+            return "refused"
         if method == "INVITE":
             if has_tag or req.get("replaces"):
                 self._reply(tx, 481, now)  # a re-INVITE or a transfer: not ours to push
@@ -258,10 +313,10 @@ class SipBridge:
         req = tx.request
         caller_address = req.address("from")
         callee = req.request_uri
-        user = self.router.user_for(callee.user or "")
+        user, devices = self.router.devices_for(callee.user or "")
         caller = Caller(uri=str(caller_address.uri), display_name=caller_address.name,
                         callee=str(callee), sip_call_id=req.call_id)
-        call = self.calls.offer(user, caller, now)
+        call = self.calls.offer(user, caller, now, devices)
         if call is not None:
             self.on_call_pushed()
         if call is None:
@@ -287,8 +342,7 @@ class SipBridge:
         if not content_type.startswith("text/"):
             self._reply(tx, 415, now, headers=[("accept", "text/plain")])
             return "refused"
-        user = self.router.user_for(req.request_uri.user or "")
-        devices = self.router.devices_of(user)
+        user, devices = self.router.devices_for(req.request_uri.user or "")
         if not any(self.delivery.is_connected(t) for t in devices):
             self._reply(tx, 480, now)
             return "unreachable"

@@ -28,6 +28,12 @@ from gateway.sip.bridge import Route, SipBridge, UserRouter
 from gateway.sip.message import SipError, StreamFramer
 from gateway.sip.register import Account, PbxLink
 from gateway.sip.transaction import Peer, Send
+from gateway.sip.trust import (
+    DigestPolicy,
+    SourcePolicy,
+    read_credentials,
+    source_policy,
+)
 
 log = logging.getLogger("lpgw.sip")
 
@@ -285,8 +291,24 @@ def _host(host: str) -> str:
     return host.removeprefix("::ffff:")
 
 
-def routes(cfg: SipConfig) -> list[tuple[re.Pattern, str]]:
-    return [(re.compile(r.match), r.user) for r in cfg.routes]
+def routes(cfg: SipConfig) -> list[tuple[re.Pattern, str, tuple[str, ...]]]:
+    return [(re.compile(r.match), r.user, tuple(r.topics)) for r in cfg.routes]
+
+
+def trust(cfg: SipConfig, pbx_address: str | None, name: str,
+          digest: DigestPolicy | None = None) -> tuple[SourcePolicy, DigestPolicy | None]:
+    """Who may send requests (sip.trusted, else loopback and the PBX's address) and the
+    inbound digest policy; a reload keeps `digest`'s nonce key, so a challenge answered
+    across it still counts."""
+    sources = source_policy(cfg.trusted, (pbx_address,) if pbx_address else (),
+                            cfg.untrusted_reply)
+    auth = cfg.inbound_auth
+    if not auth.enabled:
+        return sources, None
+    realm = auth.realm or cfg.domain or name
+    credentials = read_credentials(Path(auth.credentials_file).read_text())
+    key = {"key": digest.key} if digest is not None else {}
+    return sources, DigestPolicy(realm, credentials, **key)
 
 
 def _route(cfg: SipConfig) -> tuple[str, str]:
@@ -321,11 +343,14 @@ async def start_sip(cfg: SipConfig, delivery: Delivery, metrics: Metrics,
                     name: str) -> SipTransport:
     """The SIP bridge as configured, listening."""
     router = UserRouter([Route(*r) for r in routes(cfg)],
-                        {b.user: list(b.tokens) for b in cfg.static_bindings}, delivery)
+                        {b.user: list(b.tokens) for b in cfg.static_bindings}, delivery,
+                        tuple(cfg.topics))
     calls = Calls(delivery, CallSettings(cfg.ring_window, cfg.reach_timeout),
                   router.devices_of)
     bridge = SipBridge(calls, delivery, router, metrics, server_name=name)
     transport = SipTransport(bridge, metrics)
+    # before the first request can come
+    bridge.sources, bridge.digest = trust(cfg, _route(cfg)[0] if cfg.pbx_host else None, name)
     await transport.start(cfg.host, cfg.port, cfg.udp, cfg.tcp)
     bridge.pbx = pbx_link(cfg, transport.port, time.time())
     transport.kick()
