@@ -225,7 +225,9 @@ class Gateway:
 
             self._quic = await quic.serve(host or "::", port, configuration=self._quic_config,
                                           create_protocol=protocol, metrics=self.metrics,
-                                          receive_buffer=c.listen.quic_receive_buffer)
+                                          receive_buffer=c.listen.quic_receive_buffer,
+                                          retry_above=c.listen.quic_retry_above,
+                                          half_open_limit=c.listen.quic_half_open_limit)
             transports.append("quic")
         self.listening = Listening(host or "::", port, transports)
 

@@ -263,3 +263,30 @@ async def test_a_welcome_and_the_pushes_waiting_for_it_leave_in_one_packet(gatew
             == ["push"]
     finally:
         await again.close()
+
+
+def test_the_token_of_an_initial():
+    """b"" for a first Initial, the Retry's token when it answers one, None for others."""
+    import ssl
+    import time
+
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet import encode_quic_retry
+
+    from gateway.transport.initials import initial_token
+
+    client = QuicConnection(configuration=QuicConfiguration(
+        is_client=True, alpn_protocols=["lpgw/1"], verify_mode=ssl.CERT_NONE))
+    client.connect(("127.0.0.1", 4433), now=time.monotonic())
+    first = client.datagrams_to_send(now=time.monotonic())[0][0]
+    assert initial_token(first) == b""
+    retry = encode_quic_retry(version=1, source_cid=b"S" * 8,
+                              destination_cid=client.host_cid,
+                              original_destination_cid=client._peer_cid.cid,
+                              retry_token=b"T" * 40)
+    client.receive_datagram(retry, ("127.0.0.1", 4433), now=time.monotonic())
+    again = client.datagrams_to_send(now=time.monotonic())[0][0]
+    assert initial_token(again) == b"T" * 40
+    assert initial_token(b"\x40" + first[1:]) is None  # a short header
+    assert initial_token(first[:8]) is None  # cut off

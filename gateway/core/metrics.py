@@ -57,6 +57,20 @@ class Metrics:
         self.quic_initials_dropped = Counter(
             "lpgw_quic_initials_dropped", "New QUIC connections' first packets dropped while "
             "the gateway was busy (the phone retries)", registry=r)
+        self.quic_retries = Counter(
+            "lpgw_quic_retries_sent", "Retry packets sent: new QUIC connections asked to "
+            "prove their address first (past listen.quic_retry_above)", registry=r)
+        self.quic_tokens_refused = Counter(
+            "lpgw_quic_retry_tokens_refused", "Initials with a Retry token that was not ours, "
+            "had expired or named another address", registry=r)
+        self.quic_half_open = Gauge("lpgw_quic_half_open", "QUIC handshakes under way",
+                                    registry=r)
+        self.quic_half_open_refused = Counter(
+            "lpgw_quic_half_open_refused", "New QUIC connections dropped: "
+            "listen.quic_half_open_limit handshakes were under way", registry=r)
+        self.quic_half_open_expired = Counter(
+            "lpgw_quic_half_open_expired", "QUIC handshakes dropped unfinished after "
+            "HALF_OPEN_TIMEOUT", registry=r)
         self.quic_backlog_dropped = Counter(
             "lpgw_quic_backlog_dropped", "Packets of QUIC connections dropped because "
             "too many waited to be handled (the peer retransmits)", registry=r)

@@ -32,6 +32,25 @@ def new_connection_id(data: bytes) -> bytes | None:
     return bytes(data[6:6 + length])
 
 
+def initial_token(data: bytes) -> bytes | None:
+    """The token of a QUIC v1 Initial (b"" when it has none: a first try; a Retry's token
+    when it answers one), or None when `data` is not a readable Initial."""
+    if new_connection_id(data) is None:
+        return None
+    at = 6 + data[5]
+    if at >= len(data) or data[at] > 20:
+        return None
+    at += 1 + data[at]  # the source connection id
+    if at >= len(data):
+        return None
+    size = 1 << (data[at] >> 6)  # a variable-length integer (RFC 9000 16)
+    if at + size > len(data):
+        return None
+    length = int.from_bytes(data[at:at + size], "big") & ((1 << (8 * size - 2)) - 1)
+    at += size
+    return bytes(data[at:at + length]) if at + length <= len(data) else None
+
+
 class InitialQueue:
     """New connections waiting to be started: most recently heard first, bounded.
 

@@ -41,12 +41,13 @@ from aioquic.quic.connection import (
     stream_is_client_initiated,
     stream_is_unidirectional,
 )
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from gateway import faults
 from gateway.core.metrics import Metrics
 from gateway.protocol import ALPN
 from gateway.transport import h3health
-from gateway.transport.initials import InitialQueue, new_connection_id
+from gateway.transport.initials import InitialQueue, initial_token, new_connection_id
 from gateway.transport.link import ignore
 
 log = logging.getLogger("lpgw.quic")
@@ -55,6 +56,9 @@ ERROR_STREAM_REFUSED = 0x10  # application error code for a second stream
 INITIAL_RTT = 0.333  # seconds, before the first measurement
 WORK_SLICE = 0.002  # seconds of packet handling between reads of the socket
 BACKLOG_LIMIT = 4096  # datagrams of known connections waiting (~6 MiB at most)
+# seconds a handshake may take before it is dropped (a phone on a bad link takes 1-2 s;
+# aioquic alone would keep an unanswered one until its idle timeout, ~45 s)
+HALF_OPEN_TIMEOUT = 10.0
 
 
 def server_configuration(cert: str, key: str, idle_timeout: float,
@@ -216,6 +220,22 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         self._release_now()
         release_closed_connection(self._quic)
 
+    @property
+    def handshake_done(self) -> bool:
+        return self._link is not None or self._h3 is not None or self._closing
+
+    def give_up(self, reason: str) -> None:
+        """Drop a handshake that did not finish in time: CONNECTION_CLOSE, and forget it at
+        once (its closing period is not waited for: memory is what this is about)."""
+        with contextlib.suppress(Exception):
+            self._close(reason)
+        with contextlib.suppress(Exception):
+            self._connection_terminated_handler()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._release_now()
+
     def _release_now(self) -> None:
         self._link = self._h3 = None
         self._connection_id_issued_handler = self._connection_id_retired_handler = ignore
@@ -366,12 +386,20 @@ class DeviceQuicServer(QuicServer):
     the backlog first, in arrival order, and only when it is empty one new connection.
     """
 
-    def __init__(self, *args, metrics: Metrics | None = None, **kwargs) -> None:
+    def __init__(self, *args, metrics: Metrics | None = None, retry_above: int = 64,
+                 half_open_limit: int = 256, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._metrics = metrics
         self._initials = InitialQueue()
         self._backlog: deque[tuple[bytes, Any]] = deque()
         self._working = False
+        self.retry_above = retry_above
+        self.half_open_limit = half_open_limit
+        # aioquic's Retry (tokens: AES-GCM under a key made here, bound to the address and
+        # the ids, good 30 s); handed to QuicServer per Initial, see _start
+        self._tokens = QuicRetryTokenHandler()
+        self._half_open: dict[QuicConnectionProtocol, float] = {}  # -> when it started
+        self._sweep: asyncio.TimerHandle | None = None
 
     def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[override]
         cid = new_connection_id(data)
@@ -401,12 +429,74 @@ class DeviceQuicServer(QuicServer):
                     break
             else:
                 for data, addr in self._initials.take() or ():
-                    self._handle(data, addr)
+                    self._start(data, addr)
         finally:  # whatever happened, the next slice comes: one failure must not stop QUIC
             if backlog or len(self._initials):
                 self._loop.call_soon(self._work)
             else:
                 self._working = False
+
+    def _start(self, data: bytes, addr: Any) -> None:
+        """An Initial of a connection not known yet. Past `retry_above` handshakes under
+        way it gets a Retry (aioquic's, stateless: a source that cannot receive at its
+        address costs nothing more); past `half_open_limit` it is dropped (the phone
+        retries). An Initial that answers a Retry is always checked against its token.
+
+        aioquic 1.7.2's QuicServer reads `self._retry` for each Initial: setting it per
+        datagram is the one touch of its internals here (retry=True would ask every
+        phone for an extra round trip, even when nothing is wrong)."""
+        cid = new_connection_id(data)
+        if cid is None or cid in self._protocols:
+            self._handle(data, addr)
+            return
+        now = time.monotonic()
+        self._expire_half_open(now)
+        token = initial_token(data)
+        half_open = len(self._half_open)
+        if half_open >= self.half_open_limit and token:
+            self._count("quic_half_open_refused")
+            return
+        retry = bool(token) or half_open >= min(self.retry_above, self.half_open_limit)
+        self._retry = self._tokens if retry else None
+        try:
+            self._handle(data, addr)
+        finally:
+            self._retry = None
+        protocol = self._protocols.get(cid)
+        if protocol is None:
+            if retry and not token:
+                self._count("quic_retries")
+            elif token:
+                self._count("quic_tokens_refused")
+            return
+        self._half_open[protocol] = now
+        if self._metrics is not None:
+            self._metrics.quic_half_open.set(len(self._half_open))
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(HALF_OPEN_TIMEOUT / 2, self._swept)
+
+    def _swept(self) -> None:
+        self._sweep = None
+        with faults.contained(self._metrics, "quic_half_open"):
+            self._expire_half_open(time.monotonic())
+        if self._half_open:
+            self._sweep = self._loop.call_later(HALF_OPEN_TIMEOUT / 2, self._swept)
+
+    def _expire_half_open(self, now: float) -> None:
+        """Forget handshakes that finished; drop those older than HALF_OPEN_TIMEOUT."""
+        for protocol, started in list(self._half_open.items()):
+            done = getattr(protocol, "handshake_done", True)
+            if done or now - started > HALF_OPEN_TIMEOUT:
+                del self._half_open[protocol]
+                if not done:
+                    self._count("quic_half_open_expired")
+                    protocol.give_up("handshake timeout")
+        if self._metrics is not None:
+            self._metrics.quic_half_open.set(len(self._half_open))
+
+    def _count(self, name: str) -> None:
+        if self._metrics is not None:
+            getattr(self._metrics, name).inc()
 
     def _handle(self, data: bytes, addr: Any) -> None:
         """One datagram through aioquic; a failure costs that datagram only (the
@@ -426,14 +516,16 @@ def _address(addr: Any) -> str:
 
 async def serve(host: str, port: int, *, configuration: QuicConfiguration,
                 create_protocol: Callable, metrics: Metrics | None = None,
-                receive_buffer: int = 0) -> QuicServer:
+                receive_buffer: int = 0, retry_above: int = 64,
+                half_open_limit: int = 256) -> QuicServer:
     """aioquic's server, fitted for thousands of phones (DeviceQuicServer, forget_ids_only).
 
     `receive_buffer`: bytes of kernel socket buffer to ask for (0: the kernel's default).
     """
     _, server = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: DeviceQuicServer(configuration=configuration, create_protocol=create_protocol,
-                                 metrics=metrics),
+                                 metrics=metrics, retry_above=retry_above,
+                                 half_open_limit=half_open_limit),
         local_addr=(host, port))
     forget_ids_only(server)
     if receive_buffer:
@@ -471,8 +563,9 @@ def forget_ids_only(server: QuicServer) -> bool:
     aioquic 1.7.2's `QuicServer._connection_terminated` scans the ids of every connection
     for each one that ends: when thousands of phones drop at once (an access point
     rebooting) that is O(N^2), and 3,000 ending together kept the gateway busy for ~80 s.
-    A connection's ids are the client's original destination id (no Retry here) and its
-    live host ids (retired ones were removed as they retired). The server binds this
+    A connection's ids are the client's original destination id, or after a Retry the
+    id the Retry gave it, and its live host ids (retired ones were removed as they
+    retired). The server binds this
     handler when it creates each connection, so it must be set before the first one.
     """
     if not callable(getattr(server, "_connection_terminated", None)) \
@@ -482,7 +575,9 @@ def forget_ids_only(server: QuicServer) -> bool:
 
     def terminated(protocol: QuicConnectionProtocol) -> None:
         quic = protocol._quic
-        ids = {quic._original_destination_connection_id, *(c.cid for c in quic._host_cids)}
+        ids = {quic._original_destination_connection_id,
+               getattr(quic, "_retry_source_connection_id", None),
+               *(c.cid for c in quic._host_cids)}
         for cid in ids:
             if protocols.get(cid) is protocol:
                 del protocols[cid]
