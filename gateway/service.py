@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gateway import __version__, certs, config, faults, logs
 from gateway.api import server as http_server
+from gateway.api.limits import ApiLimits, descriptor_split
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
 from gateway.api.router import RateLimiter, Router
 from gateway.config import Config, hs256_secret
@@ -82,6 +83,16 @@ def delivery_settings(c: Config) -> DeliverySettings:
                                                    exempt=d.new_device_exempt))
 
 
+def api_limits(c: Config) -> ApiLimits:
+    a = c.api
+    return ApiLimits(handshake_timeout=a.handshake_timeout, request_timeout=a.request_timeout,
+                     idle_timeout=a.idle_timeout, max_connections=a.max_connections,
+                     max_connections_per_source=a.max_connections_per_source,
+                     max_concurrent_streams=a.max_concurrent_streams,
+                     max_buffered_bytes=a.max_buffered_bytes, reset_rate=a.reset_rate,
+                     reset_burst=a.reset_burst)
+
+
 def session_settings(c: Config) -> SessionSettings:
     p = c.protocol
     return SessionSettings(max_frame=p.max_frame, heartbeat=p.heartbeat,
@@ -123,6 +134,7 @@ class Gateway:
         self._control: ControlServer | None = None
         self._api: asyncio.AbstractServer | None = None
         self._api_ctx = None
+        self._api_factory: http_server.ApiFactory | None = None
         self.api_port: int | None = None
         self.router: Router | None = None
         self.sip: SipTransport | None = None
@@ -237,8 +249,8 @@ class Gateway:
                              self.status, RateLimiter(a.rate_limit, a.rate_burst),
                              a.metrics_need_auth)
         self._api_ctx = tls.server_context(*self._api_cert(self.config), http_server.ALPN)
-        factory = http_server.serve_factory(self._api_ctx, self.router, self.metrics,
-                                            self.config.protocol.hello_timeout, a.idle_timeout)
+        factory = self._api_factory = http_server.ApiFactory(
+            self._api_ctx, self.router, self.metrics, api_limits(self.config))
         # port 0 on "::" would give IPv4 and IPv6 two different ports: choose one first
         port = a.port or _free_port(a.host)
         self._api = await asyncio.get_running_loop().create_server(
@@ -348,6 +360,8 @@ class Gateway:
             self.router.auth = auth
             self.router.limiter = RateLimiter(a.rate_limit, a.rate_burst)
             self.router.metrics_need_auth = a.metrics_need_auth
+            if self._api_factory is not None:
+                self._api_factory.limits = api_limits(new)
         if self.sip is not None:
             bridge = self.sip.bridge
             bridge.router.routes = [Route(*r) for r in routes(new.sip)]
@@ -648,8 +662,12 @@ async def run(cfg: Config, path: str | None = None) -> None:
         print(f"lpgw: SIP on udp+tcp [{cfg.sip.host}]:{gateway.sip.port}", flush=True)
     print(f"lpgw: gateway {gateway.gateway_id} pin sha256/{gateway.pin}", flush=True)
     print(f"lpgw: state in {cfg.state_path}", flush=True)
-    print(f"lpgw: open-file limit {open_files}: room for about {max(0, open_files - 256)} TLS "
-          f"devices; event loop {loop_name}", flush=True)
+    api_fds, device_fds = descriptor_split(open_files, api_limits(cfg) if cfg.api.enabled
+                                           else dataclasses.replace(ApiLimits(),
+                                                                    max_connections=0))
+    print(f"lpgw: open-file limit {open_files}: up to {api_fds} for API connections "
+          f"(api.max_connections), room for about {device_fds} TLS devices; event loop "
+          f"{loop_name}", flush=True)
     print(f"lpgw: garbage collector thresholds {'/'.join(map(str, gc.get_threshold()))}, "
           f"{frozen} start-up objects frozen", flush=True)
     try:

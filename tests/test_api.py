@@ -466,8 +466,7 @@ async def test_a_provider_key_sees_and_changes_only_its_own_apps(api, h2, keys, 
 
 
 async def test_a_silent_tcp_client_is_closed(gateway_factory, keys):
-    gw = await gateway_factory(protocol={"hello_timeout": 0.5},
-                               api={"host": "127.0.0.1", "port": 0})
+    gw = await gateway_factory(api={"host": "127.0.0.1", "port": 0, "handshake_timeout": 0.5})
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.api_port)
     async with asyncio.timeout(3):
         assert await reader.read() == b""

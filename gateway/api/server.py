@@ -27,6 +27,7 @@ import hpack.hpack
 
 from gateway import faults
 from gateway.api.apns import MAX_BODY
+from gateway.api.limits import ApiLimits, ConnectionGate, TokenBucket
 from gateway.api.router import Request, Response, Router, internal_error
 from gateway.core.delivery import Rejected
 from gateway.core.metrics import Metrics
@@ -44,7 +45,6 @@ if not hasattr(hpack.hpack.decode_huffman, "cache_info"):
 UNIQUE_PER_RESPONSE = frozenset({"apns-id"})
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ALPN = ("h2", "http/1.1")
-MAX_STREAMS = 1000
 MAX_HEADERS = 16384
 BODY_CAP = MAX_BODY + 1024  # /v1 bodies are tiny; anything past a push's limit is refused
 TOO_LARGE = f"payload over the limit (4096 bytes, {MAX_BODY} for voip)"
@@ -57,6 +57,8 @@ class _Pending:
     headers: list[tuple[str, str]]
     body: bytearray = field(default_factory=bytearray)
     refused: bool = False
+    started: float = 0.0  # monotonic: a body unfinished after request_timeout is refused
+    size: int = 0  # bytes of it the connection holds (headers and body so far)
 
     @property
     def apns_id(self) -> str | None:
@@ -124,14 +126,23 @@ class GroupCommit:
 
 class HttpConnection:
     def __init__(self, stream: TlsStream, router: Router, metrics: Metrics,
-                 idle_timeout: float, committer: GroupCommit | None = None) -> None:
+                 limits: ApiLimits, committer: GroupCommit | None = None) -> None:
         self.stream = stream
         self.committer = committer
         self.router = router
         self.metrics = metrics
-        self._idle_timeout = idle_timeout
+        self.limits = limits
+        self._idle_timeout = limits.idle_timeout
         self._loop = asyncio.get_running_loop()
         self._idle: asyncio.TimerHandle | None = None
+        # no request within handshake_timeout of the handshake: closed (a connection that
+        # says nothing useful must not hold a descriptor for an hour)
+        self._first: asyncio.TimerHandle | None = self._loop.call_later(
+            limits.handshake_timeout, self._no_request)
+        self._late: asyncio.TimerHandle | None = None  # the request_timeout check
+        self._buffered = 0  # request bytes held: headers and bodies of unfinished requests
+        self._resets = TokenBucket(limits.reset_rate, limits.reset_burst, time.monotonic())
+        self._h1_since: float | None = None  # an HTTP/1.1 request begun, not yet whole
         self._h2: h2.connection.H2Connection | None = None
         self._h1: h11.Connection | None = None
         self._h1_request: _Pending | None = None
@@ -181,15 +192,62 @@ class HttpConnection:
 
     def lost(self, why: str) -> None:
         self._closed = True
-        if self._idle is not None:
-            self._idle.cancel()
+        self._cancel_timers()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._idle is not None:
-                self._idle.cancel()
+            self._cancel_timers()
             self.stream.close()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle, self._first, self._late):
+            if timer is not None:
+                timer.cancel()
+        self._first = self._late = None
+
+    def _requested(self) -> None:
+        if self._first is not None:
+            self._first.cancel()
+            self._first = None
+
+    def _no_request(self) -> None:
+        self._first = None
+        self.metrics.api_errors.labels("no_request").inc()
+        faults.bounded(log, "api:no_request", "closing an API connection from %s: no request "
+                       "within %.0f s (api.handshake_timeout)", self.stream.peer,
+                       self.limits.handshake_timeout)
+        self._idle_out()
+
+    def _arm_late(self) -> None:
+        if self._late is None and not self._closed:
+            self._late = self._loop.call_later(self.limits.request_timeout, self._late_check)
+
+    def _late_check(self) -> None:
+        """Refuse requests whose body did not come within request_timeout (408)."""
+        self._late = None
+        with faults.contained(self.metrics, "api_timer", f"api peer {self.stream.peer}"):
+            cutoff = time.monotonic() - self.limits.request_timeout
+            if self._h2 is not None:
+                late = [sid for sid, p in self._streams.items()
+                        if not p.refused and p.started <= cutoff]
+                for stream_id in late:
+                    self._refuse(stream_id, 408, "RequestTimeout",
+                                 "the request's body did not come in time")
+                self._flush()
+                if any(not p.refused for p in self._streams.values()):
+                    self._arm_late()
+            elif self._h1_since is not None:
+                if self._h1_since <= cutoff:
+                    self.metrics.api_errors.labels("RequestTimeout").inc()
+                    if self._h1 is not None and self._h1.our_state in (h11.IDLE,
+                                                                        h11.SEND_RESPONSE):
+                        self._h1_send(Response.json(408, {
+                            "reason": "RequestTimeout",
+                            "message": "the request did not come whole in time"}), close=True)
+                    self.close()
+                else:
+                    self._arm_late()
 
     def _touch(self) -> None:
         if self._idle is not None:
@@ -228,7 +286,7 @@ class HttpConnection:
             client_side=False, header_encoding=None, validate_outbound_headers=False,
             normalize_outbound_headers=False))
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS,
         })
         conn.initiate_connection()
@@ -272,42 +330,91 @@ class HttpConnection:
 
     def _h2_stream_event(self, conn: h2.connection.H2Connection, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            self._requested()
+            if len(self._streams) + len(self._unsent) >= self.limits.max_concurrent_streams:
+                # past SETTINGS_MAX_CONCURRENT_STREAMS (h2 enforces it only once the client
+                # has acknowledged our SETTINGS, and a hostile one never does)
+                self.metrics.api_errors.labels("too_many_streams").inc()
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             headers = [(name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
                        for name, value in event.headers]
             pseudo = dict(h for h in headers if h[0].startswith(":"))
             pending = _Pending(pseudo.get(":method", ""), pseudo.get(":path", ""),
-                               [h for h in headers if not h[0].startswith(":")])
+                               [h for h in headers if not h[0].startswith(":")],
+                               started=time.monotonic(),
+                               size=sum(len(n) + len(v) + 32 for n, v in headers))
             self._streams[event.stream_id] = pending
+            self._buffered += pending.size
             if (apns_id := pending.apns_id) is not None:
                 self._ids[event.stream_id] = apns_id
             if event.stream_ended:
                 self._h2_request_done(event.stream_id)
+            elif not self._over_budget(event.stream_id):
+                self._arm_late()
         elif isinstance(event, h2.events.DataReceived):
             conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             pending = self._streams.get(event.stream_id)
             if pending is None or pending.refused:
                 return
             pending.body += event.data
+            pending.size += len(event.data)
+            self._buffered += len(event.data)
             if len(pending.body) > BODY_CAP:  # refuse now; never buffer more
-                pending.refused = True
-                pending.body = bytearray()
-                self._h2_send(event.stream_id, Response.json(
-                    413, {"reason": "PayloadTooLarge", "message": TOO_LARGE}))
-                self.metrics.api_errors.labels("PayloadTooLarge").inc()
-                with contextlib.suppress(h2.exceptions.StreamClosedError):
-                    # ask the client to stop sending (RFC 9113 §8.1); it may be done
-                    conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                self._refuse(event.stream_id, 413, "PayloadTooLarge", TOO_LARGE)
+            elif self._over_budget(event.stream_id):
+                return
             elif event.stream_ended:
                 self._h2_request_done(event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):
             self._h2_request_done(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
             self._forget(event.stream_id)
+            if not self._resets.take(time.monotonic()):
+                self._calm_down()
         elif isinstance(event, h2.events.WindowUpdated):
             self._pump()
 
+    def _over_budget(self, stream_id: int) -> bool:
+        """Past max_buffered_bytes held for this connection: this stream is refused (503)
+        and its bytes let go; True if so."""
+        if self._buffered <= self.limits.max_buffered_bytes:
+            return False
+        self._refuse(stream_id, 503, "TooMuchBuffered",
+                     "this connection holds too many unfinished requests; finish them first")
+        return True
+
+    def _refuse(self, stream_id: int, status: int, reason: str, message: str) -> None:
+        """Answer a request before its body is whole, let go of what it held, and ask
+        the client to stop sending it (RST_STREAM NO_ERROR, RFC 9113 §8.1)."""
+        pending = self._streams.get(stream_id)
+        if pending is not None:
+            pending.refused = True
+            pending.body = bytearray()
+            self._buffered -= pending.size
+            pending.size = 0
+        self.metrics.api_errors.labels(reason).inc()
+        self._h2_send(stream_id, Response.json(status, {"reason": reason, "message": message}))
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _calm_down(self) -> None:
+        """Rapid reset (CVE-2023-44487): more stream resets than reset_rate/reset_burst
+        allow. GOAWAY ENHANCE_YOUR_CALM and close this connection; the others go on."""
+        self.metrics.api_errors.labels("rapid_reset").inc()
+        faults.bounded(log, "api:rapid_reset", "closing an API connection from %s: more "
+                       "stream resets than api.reset_rate allows (GOAWAY ENHANCE_YOUR_CALM)",
+                       self.stream.peer)
+        with contextlib.suppress(Exception):
+            self._h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._flush()
+        self.close()
+
     def _forget(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+        pending = self._streams.pop(stream_id, None)
+        if pending is not None:
+            self._buffered -= pending.size
         self._unsent.pop(stream_id, None)
         self._ids.pop(stream_id, None)
 
@@ -315,7 +422,9 @@ class HttpConnection:
         """A bug while handling one stream: answer it 500 (or reset it), keep the rest."""
         faults.record(self.metrics, "api_http2_stream", exc,
                       f"api peer {self.stream.peer} stream {stream_id}")
-        self._streams.pop(stream_id, None)
+        pending = self._streams.pop(stream_id, None)
+        if pending is not None:
+            self._buffered -= pending.size
         self._unsent.pop(stream_id, None)
         try:
             self._h2_send(stream_id, internal_error(self.metrics))
@@ -330,6 +439,8 @@ class HttpConnection:
 
     def _h2_request_done(self, stream_id: int) -> None:
         pending = self._streams.pop(stream_id, None)
+        if pending is not None:
+            self._buffered -= pending.size
         if pending is None or pending.refused:
             return
         response = self._answer(pending, http2=True)
@@ -399,6 +510,9 @@ class HttpConnection:
 
     def _h1_data(self, data: bytes) -> None:
         conn = self._h1
+        if self._h1_since is None and data:
+            self._h1_since = time.monotonic()  # a request has begun: request_timeout runs
+            self._arm_late()
         conn.receive_data(data)
         while not self._closed:
             try:
@@ -413,6 +527,7 @@ class HttpConnection:
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             if isinstance(event, h11.Request):
+                self._requested()
                 self._h1_request = _Pending(
                     event.method.decode("latin-1"), event.target.decode("latin-1"),
                     [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers])
@@ -435,6 +550,7 @@ class HttpConnection:
                     return
                 self._h1_send(response)
                 self._h1_request = None
+                self._h1_since = None
                 if conn.our_state is h11.MUST_CLOSE:
                     self.close()
                     return
@@ -459,22 +575,66 @@ class HttpConnection:
         self.stream.write(out)
 
 
-def serve_factory(ctx, router: Router, metrics: Metrics, handshake_timeout: float,
-                  idle_timeout: float):
-    """Protocol factory for loop.create_server."""
+class ApiFactory:
+    """Protocol factory for loop.create_server; `limits` may be replaced (a reload)."""
 
-    def on_error(why: str) -> None:
-        metrics.api_errors.labels("tls_handshake").inc()
-        log.info("api tls: %s", why)
+    def __init__(self, ctx, router: Router, metrics: Metrics, limits: ApiLimits) -> None:
+        self.ctx = ctx
+        self.router = router
+        self.metrics = metrics
+        self.gate = ConnectionGate(limits)
+        self.committer = GroupCommit(router)
 
-    committer = GroupCommit(router)
+    @property
+    def limits(self) -> ApiLimits:
+        return self.gate.limits
 
-    def on_open(stream: TlsStream) -> None:
-        HttpConnection(stream, router, metrics, idle_timeout, committer)
+    @limits.setter
+    def limits(self, limits: ApiLimits) -> None:
+        self.gate.limits = limits  # new connections; open ones keep theirs
 
-    def stream() -> TlsStream:
-        made = TlsStream(ctx, True, handshake_timeout, on_open, on_error, alpn=(*ALPN, None))
-        made.metrics = metrics  # its own failures are counted too
+    def __call__(self) -> TlsStream:
+        made = _ApiStream(self, self.ctx, True, self.limits.handshake_timeout, self._open,
+                          self._tls_failed, alpn=(*ALPN, None))
+        made.metrics = self.metrics  # its own failures are counted too
         return made
 
-    return stream
+    def _open(self, stream: TlsStream) -> None:
+        HttpConnection(stream, self.router, self.metrics, self.limits, self.committer)
+
+    def _tls_failed(self, why: str) -> None:
+        self.metrics.api_errors.labels("tls_handshake").inc()
+        faults.bounded(log, "api:tls", "api tls: %s", why)
+
+
+class _ApiStream(TlsStream):
+    """A TlsStream counted against the API's connection caps: one past them is closed
+    before its handshake costs anything."""
+
+    def __init__(self, factory: ApiFactory, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._factory = factory
+        self._source: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        name = transport.get_extra_info("peername")
+        source = str(name[0]) if name else "?"
+        why = self._factory.gate.admit(source)
+        metrics = self._factory.metrics
+        if why is not None:
+            metrics.api_connections_refused.labels(why).inc()
+            faults.bounded(log, f"api:{why}", "refused an API connection from %s: api.%s "
+                           "reached", source, why)
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._source = source
+        metrics.api_connections.set(self._factory.gate.open)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._source is None:
+            return  # refused in connection_made: nothing was opened
+        self._factory.gate.release(self._source)
+        self._factory.metrics.api_connections.set(self._factory.gate.open)
+        self._source = None
+        super().connection_lost(exc)

@@ -34,6 +34,11 @@ class Metrics:
                                           "Devices dropped for missed heartbeats", registry=r)
         self.api_errors = Counter("lpgw_api_errors", "API requests refused, by APNs reason",
                                   ["reason"], registry=r)
+        self.api_connections = Gauge("lpgw_api_connections", "API connections open now",
+                                     registry=r)
+        self.api_connections_refused = Counter(
+            "lpgw_api_connections_refused", "API connections closed at once: past "
+            "api.max_connections or max_connections_per_source", ["reason"], registry=r)
         self.api_requests = Counter("lpgw_api_requests", "API requests by HTTP version",
                                     ["http"], registry=r)
         self.sip_requests = Counter("lpgw_sip_requests", "SIP requests received", ["method"],
