@@ -46,6 +46,11 @@ UNIQUE_PER_RESPONSE = frozenset({"apns-id"})
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ALPN = ("h2", "http/1.1")
 MAX_HEADERS = 16384
+# HTTP/2 bytes handed to h2 at once: it parses all it is given before we see any event,
+# and 256 KiB of HEADERS+RST_STREAM pairs is ~8,000 streams (~100 ms of Python) past the
+# point where the connection should have been told to calm down
+H2_SLICE = 8192
+GOAWAY_GRACE = 1.0  # seconds between a GOAWAY for abuse and the close
 BODY_CAP = MAX_BODY + 1024  # /v1 bodies are tiny; anything past a push's limit is refused
 TOO_LARGE = f"payload over the limit (4096 bytes, {MAX_BODY} for voip)"
 
@@ -217,6 +222,11 @@ class HttpConnection:
         faults.bounded(log, "api:no_request", "closing an API connection from %s: no request "
                        "within %.0f s (api.handshake_timeout)", self.stream.peer,
                        self.limits.handshake_timeout)
+        if self._h1 is not None and self._h1.our_state is h11.IDLE and self._h1_since:
+            with faults.contained(self.metrics, "api_timer", f"api peer {self.stream.peer}"):
+                self._h1_send(Response.json(408, {"reason": "RequestTimeout",
+                                                  "message": "no whole request in time"}),
+                              close=True)
         self._idle_out()
 
     def _arm_late(self) -> None:
@@ -294,11 +304,21 @@ class HttpConnection:
         self._flush()
 
     def _h2_data(self, data: bytes) -> None:
+        for at in range(0, len(data), H2_SLICE):
+            self._h2_slice(data[at:at + H2_SLICE] if len(data) > H2_SLICE else data)
+            if self._closed:
+                return
+
+    def _h2_slice(self, data: bytes) -> None:
         conn = self._h2
         try:
             events = conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self.metrics.api_errors.labels("http2_protocol_error").inc()
+            # TooManyStreamsError: a stream past our SETTINGS_MAX_CONCURRENT_STREAMS (h2
+            # holds it from the first frame on, acknowledged or not); h2 has queued GOAWAY
+            self.metrics.api_errors.labels(
+                "too_many_streams" if isinstance(exc, h2.exceptions.TooManyStreamsError)
+                else "http2_protocol_error").inc()
             log.info("closing an API connection from %s: %s", self.stream.peer, exc)
             self._flush()
             self.close()
@@ -331,13 +351,6 @@ class HttpConnection:
     def _h2_stream_event(self, conn: h2.connection.H2Connection, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
             self._requested()
-            if len(self._streams) + len(self._unsent) >= self.limits.max_concurrent_streams:
-                # past SETTINGS_MAX_CONCURRENT_STREAMS (h2 enforces it only once the client
-                # has acknowledged our SETTINGS, and a hostile one never does)
-                self.metrics.api_errors.labels("too_many_streams").inc()
-                with contextlib.suppress(h2.exceptions.StreamClosedError):
-                    conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-                return
             headers = [(name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
                        for name, value in event.headers]
             pseudo = dict(h for h in headers if h[0].startswith(":"))
@@ -409,7 +422,11 @@ class HttpConnection:
         with contextlib.suppress(Exception):
             self._h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             self._flush()
-        self.close()
+        # what it sends now is not read; the socket closes a moment later, so that the
+        # GOAWAY is not lost to the reset a close with unread data would cause
+        self._closed = True
+        self._cancel_timers()
+        self._loop.call_later(GOAWAY_GRACE, self.stream.close)
 
     def _forget(self, stream_id: int) -> None:
         pending = self._streams.pop(stream_id, None)
