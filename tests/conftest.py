@@ -43,6 +43,23 @@ def make_config(state: Path, **overrides: Any) -> config_mod.Config:
 
 
 @pytest.fixture
+def lab():
+    """Network namespaces for the test (tests/netns.py), all deleted at its end; skipped
+    with the reason where they cannot be made."""
+    from tests.netns import Lab, leftover_namespaces, why_not_available
+
+    reason = why_not_available()
+    if reason:
+        pytest.skip(reason)
+    made = Lab()
+    try:
+        yield made
+    finally:
+        made.close()
+        assert leftover_namespaces(made.tag) == []
+
+
+@pytest.fixture
 async def gateway_factory(tmp_path):
     """Start in-process gateways; all are stopped at the end of the test."""
     started: list[Gateway] = []

@@ -17,11 +17,10 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import ROOT, GatewayProcess, new_install, send
-from tests.netns import Lab, Lines, leftover_namespaces, why_not_available
+from tests.netns import Lines
 
 PY = sys.executable
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -42,19 +41,6 @@ HELLOS = textwrap.dedent("""
         print(json.dumps([await one(i) for i in sys.argv[3:]]))
     asyncio.run(main())
 """)
-
-
-@pytest.fixture
-def lab():
-    reason = why_not_available()
-    if reason:
-        pytest.skip(reason)
-    made = Lab()
-    try:
-        yield made
-    finally:
-        made.close()
-        assert leftover_namespaces(made.tag) == []
 
 
 def hellos(ns, installs: list[str]) -> list[list]:

@@ -30,10 +30,8 @@ from tests.conftest import ROOT
 from tests.netns import (
     AvahiPhone,
     AvahiRecord,
-    Lab,
     Lines,
     Netns,
-    leftover_namespaces,
     why_not_available,
 )
 
@@ -45,19 +43,6 @@ SEEN_WITHIN = 2.0  # the promise: phones see an address change within 2 s
 # 6762 section 10.2's one second before it flushes records an announcement replaced
 AVAHI_GRACE = 1.0
 LATENCIES: dict[str, list[float]] = {"python-zeroconf": [], "avahi": []}  # change -> seen
-
-
-@pytest.fixture
-def lab():
-    reason = why_not_available()
-    if reason:
-        pytest.skip(reason)
-    made = Lab()
-    try:
-        yield made
-    finally:
-        made.close()
-        assert leftover_namespaces(made.tag) == []
 
 
 class GatewayInNs:

@@ -21,11 +21,10 @@ import time
 import uuid
 
 import jwt
-import pytest
 import yaml
 
 from tests.conftest import ROOT, GatewayProcess
-from tests.netns import Lab, Lines, leftover_namespaces, why_not_available
+from tests.netns import Lines
 from tests.test_sip import SCENARIOS, SIPP, _free_port, needs_sipp
 
 PY = sys.executable
@@ -100,19 +99,6 @@ class Device:
 
     def pushes(self) -> list[str]:
         return [line for _, line in self.lines.drain() if '"event": "push"' in line]
-
-
-@pytest.fixture
-def lab():
-    reason = why_not_available()
-    if reason:
-        pytest.skip(reason)
-    made = Lab()
-    try:
-        yield made
-    finally:
-        made.close()
-        assert leftover_namespaces(made.tag) == []
 
 
 def metric(ns, name: str) -> dict[str, float]:

@@ -8,15 +8,14 @@ passes the source address and the time, and gets back whether and why not.
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from gateway.core.addresses import Network, networks, within
 
 # source addresses whose buckets are kept at most: past it the longest-unused goes (its
 # owner starts again with a full burst, which only costs it the wait it would have had)
 MAX_SOURCES = 4096
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class InstallVerdict(enum.Enum):
@@ -43,15 +42,14 @@ class InstallGate:
     def set_policy(self, policy: InstallPolicy) -> None:
         """A reload's limits; the buckets as they are go on."""
         self.policy = policy
-        self._exempt: tuple[Network, ...] = tuple(
-            ipaddress.ip_network(n, strict=False) for n in policy.exempt)
+        self._exempt: tuple[Network, ...] = networks(policy.exempt)
 
     def check(self, source: str | None, now: float, devices: int) -> InstallVerdict:
         """May `source` add a record now, with `devices` records kept? Takes a token if so.
         `now` is monotonic seconds; `source` an IP address (None: not from the network)."""
         if devices >= self.policy.max_devices:
             return InstallVerdict.FULL
-        if source is None or self._is_exempt(source):
+        if source is None or within(source, self._exempt):
             return InstallVerdict.ALLOWED
         tokens, at = self._buckets.pop(source, (float(self.policy.burst), now))
         tokens = min(float(self.policy.burst), tokens + max(0.0, now - at) * self.policy.rate)
@@ -63,12 +61,3 @@ class InstallGate:
 
     def sources(self) -> int:
         return len(self._buckets)
-
-    def _is_exempt(self, source: str) -> bool:
-        try:
-            address = ipaddress.ip_address(source.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._exempt)

@@ -11,16 +11,15 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from dataclasses import dataclass, field
 
 from sipmessage import AuthChallenge, AuthCredentials
 from sipmessage.auth import AuthParameters
 
+from gateway.core.addresses import Network, networks, within
 from gateway.sip.message import SipMessage
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK = ("127.0.0.0/8", "::1")
 NONCE_LIFETIME = 300.0  # seconds a nonce is good for; older ones are answered stale=true
 
@@ -32,10 +31,6 @@ class Verdict(enum.Enum):
     BAD = "bad"  # wrong user, password, realm or nonce: 403
 
 
-def networks(entries: tuple[str, ...] | list[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(e, strict=False) for e in entries)
-
-
 @dataclass(frozen=True)
 class SourcePolicy:
     """The addresses and networks SIP requests are taken from; `reply`: "403" or "none"."""
@@ -44,13 +39,7 @@ class SourcePolicy:
     reply: str = "403"
 
     def allows(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.trusted)
+        return within(host, self.trusted)
 
 
 def source_policy(trusted: tuple[str, ...], pbx_addresses: tuple[str, ...],
