@@ -20,7 +20,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-TOPIC = "com.example.app"
+TOPIC = "com.example.lpgw"
 
 
 class RawH2:
@@ -52,9 +52,10 @@ class RawH2:
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
 
-    def headers(self, stream_id: int, body_length: int | None = None) -> None:
+    def headers(self, stream_id: int, body_length: int | None = None, token: str = "ab" * 32,
+                extra: tuple[tuple[str, str], ...] = ()) -> None:
         fields = [(":method", "POST"), (":scheme", "https"), (":authority", "localhost"),
-                  (":path", "/3/device/" + "ab" * 32), ("apns-topic", TOPIC)]
+                  (":path", f"/3/device/{token}"), ("apns-topic", TOPIC), *extra]
         if body_length is not None:
             fields.append(("content-length", str(body_length)))
         self.conn.send_headers(stream_id, fields, end_stream=body_length is None)

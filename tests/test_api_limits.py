@@ -182,3 +182,27 @@ async def test_clients_that_say_nothing_are_closed(gateway):
     assert time.monotonic() - began < 3  # no whole first request in handshake_timeout
     writer.close()
 
+
+
+async def test_a_reset_stream_leaves_the_others_of_its_connection(gateway):
+    """Streams 1 and 5 are pushes, stream 3 is opened and reset between them: 1 and 5 are
+    both answered 200."""
+    proc, keys, token = gateway
+    raw = await RawH2.open(proc.runtime["api_port"])
+    auth = (("authorization", f"bearer {keys.token()}"),)
+    body = b'{"aps":{"alert":"one"}}'
+    raw.headers(1, len(body), token, auth)
+    raw.conn.send_data(1, body, end_stream=True)
+    raw.headers(3, 100, token, auth)
+    raw.conn.reset_stream(3, h2.errors.ErrorCodes.CANCEL)
+    raw.headers(5, len(body), token, auth)
+    raw.conn.send_data(5, body, end_stream=True)
+    await raw.flush()
+    answered: dict[int, int] = {}
+    deadline = time.monotonic() + 5
+    while len(answered) < 2 and time.monotonic() < deadline:
+        await raw.read(0.1)
+        answered = {e.stream_id: int(dict(e.headers)[b":status"]) for e in raw.events
+                    if isinstance(e, h2.events.ResponseReceived)}
+    raw.close()
+    assert answered == {1: 200, 5: 200}, answered
