@@ -383,10 +383,12 @@ class LpgwTarget(Target):
 
     def __init__(self, transport: str, tmp: Path, heartbeat: float = 10.0,
                  synchronous: str = "FULL", udp_rcvbuf: int | None = None,
-                 backlog: int = 0) -> None:
+                 backlog: int = 0, quic_budget: tuple[int, int] | None = None) -> None:
         super().__init__(transport, tmp, heartbeat)
         self.synchronous = synchronous
         self.udp_rcvbuf = udp_rcvbuf  # None: the gateway's default (listen.quic_receive_buffer)
+        # (listen.quic_retry_above, quic_half_open_limit); None: the gateway's defaults
+        self.quic_budget = quic_budget
         self.tuning = {"tcp_backlog": backlog}
         self.control: Path | None = None
         self.config: dict[str, Any] = {}
@@ -398,6 +400,8 @@ class LpgwTarget(Target):
                   "tls": self.transport == "tls", "quic": self.transport == "quic"}
         if self.udp_rcvbuf is not None:
             listen["quic_receive_buffer"] = self.udp_rcvbuf
+        if self.quic_budget is not None:
+            listen["quic_retry_above"], listen["quic_half_open_limit"] = self.quic_budget
         return {
             "state_dir": str(state),
             "listen": listen,

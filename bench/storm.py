@@ -258,6 +258,9 @@ def main() -> None:
     p.add_argument("--udp-rcvbuf", type=int, default=None, metavar="BYTES",
                    help="experiment: the gateway's listen.quic_receive_buffer (0: the "
                         "kernel's default; unset: the gateway's default)")
+    p.add_argument("--quic-budget", default=None, metavar="RETRY_ABOVE,HALF_OPEN",
+                   help="experiment: listen.quic_retry_above and quic_half_open_limit "
+                        "(unset: the gateway's defaults, 64,256; 100000,100000: no Retry)")
     p.add_argument("--backlog", type=int, default=0,
                    help="experiment: run the gateway with this TCP listen backlog")
     p.add_argument("--between", choices=("auto", "close", "restart"), default="auto",
@@ -278,7 +281,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="lpgw-bench-") as tmp:
             target = LpgwTarget(transport, Path(tmp), heartbeat=args.heartbeat,
                                 synchronous=args.synchronous, udp_rcvbuf=args.udp_rcvbuf,
-                                backlog=args.backlog)
+                                backlog=args.backlog, quic_budget=tuple(
+                                    int(v) for v in args.quic_budget.split(","))
+                                if args.quic_budget else None)
             result = storm(target, sizes, pushes=args.pushes, workers=workers,
                            spread=args.spread, timeout=args.timeout, budget=args.budget,
                            quiet_wait=args.quiet_wait,
