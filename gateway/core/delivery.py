@@ -109,6 +109,9 @@ class Delivery:
         self._secret = token_secret
         self._live: dict[str, _Live] = {}
         self._installs = InstallGate(settings.installs)
+        # device records, counted once and then kept up to date by new installs (a count(*)
+        # per new install was ~1 ms at 20,000 rows); recounted after each sweep
+        self._records: int | None = None
         self._waiting: set[str] = set()  # devices with pushes in the open group commit
         self._warned: dict[str, float] = {}
         # the self-test's own devices: out of the operators' counters, deleted once gone
@@ -180,14 +183,17 @@ class Delivery:
         try:
             if self.store.get_device(token) is not None:
                 return
-            devices = self.store.count_devices()
+            if self._records is None:
+                self._records = self.store.count_devices()
         except StorageFailed:
             return  # _upsert says what the store cannot do
+        devices = self._records
         if self._installs.policy is not self.settings.installs:
             self._installs.set_policy(self.settings.installs)
         mono = self._monotonic() if self._monotonic is not None else now
         verdict = self._installs.check(source, mono, devices)
         if verdict is InstallVerdict.ALLOWED:
+            self._records = devices + 1
             return
         self.metrics.installs_refused.labels(verdict.value).inc()
         if verdict is InstallVerdict.RATE:
@@ -594,6 +600,7 @@ class Delivery:
             return 0
         for token, _ in gone:
             self._expired(token)
+        self._records = None  # recounted at the next new install: forgets and prunes
         if pruned:
             self.metrics.devices_pruned.inc(pruned)
             log.info("pruned %d devices unseen for %.0f days, with their queues", pruned,
