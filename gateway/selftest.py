@@ -24,10 +24,14 @@ from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives import serialization
+from sipmessage import AuthChallenge
 
 from gateway import certs, config, store
 from gateway.client import DeviceClient, DeviceOptions
 from gateway.core.tokens import SELFTEST_TOPIC, selftest_install
+from gateway.sip.message import parse as parse_sip
+from gateway.sip.register import Account, digest
+from gateway.sip.trust import read_credentials
 from gateway.transport import control
 
 CLOCK_FLOOR = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)  # older: no RTC, no NTP yet
@@ -323,18 +327,27 @@ async def _sip_call(cfg: config.Config, sip: dict, token: str, events: asyncio.Q
     try:
         sock.bind(("127.0.0.1", 0))
         target = (_loopback(sip["host"]), sip["port"])
+        port = sock.getsockname()[1]
         branch = "z9hG4bK-selftest-" + secrets.token_hex(6)
-        invite = _sip_request("INVITE", user, sock.getsockname()[1], branch, target)
-        sock.sendto(invite, target)
-        call = await _next(events, "push", timeout)
+        call_id = f"{branch}@selftest"
+        sock.sendto(_sip_request("INVITE", user, port, branch, target, call_id), target)
+        cseq = 1
+        if cfg.sip.inbound_auth.enabled:  # answer the gateway's challenge, as the PBX does
+            branch, cseq = await _authenticate(cfg, loop, sock, user, port, branch, target,
+                                               call_id, timeout)
+        try:  # a part of the job's time: the job's own timeout would say less
+            call = await _next(events, "push", timeout / 4)
+        except TimeoutError:
+            return Check("sip call", False, "the INVITE rang no device in time",
+                         "with sip.inbound_auth: its credentials_file's first line must be "
+                         "what the gateway loaded (reload it); else `journalctl -u lpgw`")
         if "call" not in call["payload"]:
             return Check("sip call", False, "the device got no incoming-call push")
         statuses = await _sip_statuses(loop, sock, {180}, timeout)
-        sock.sendto(_sip_request("CANCEL", user, sock.getsockname()[1], branch, target), target)
+        sock.sendto(_sip_request("CANCEL", user, port, branch, target, call_id, cseq), target)
         statuses |= await _sip_statuses(loop, sock, {487}, timeout)
         ended = await _next(events, "push", timeout)
-        ack = _sip_request("ACK", user, sock.getsockname()[1], branch, target)
-        sock.sendto(ack, target)
+        sock.sendto(_sip_request("ACK", user, port, branch, target, call_id, cseq), target)
         ok = {180, 487} <= statuses and "call_ended" in ended["payload"]
         return _check("sip call", ok, "INVITE -> push -> 180 -> CANCEL -> 487 -> call ended",
                       f"got {sorted(statuses)}; see `journalctl -u lpgw`")
@@ -343,14 +356,36 @@ async def _sip_call(cfg: config.Config, sip: dict, token: str, events: asyncio.Q
         await control.request(cfg.control_path, {"op": "bind", "token": token, "user": None})
 
 
-def _sip_request(method: str, user: str, port: int, branch: str,
-                 target: tuple[str, int]) -> bytes:
-    cseq = "1 INVITE" if method == "ACK" else f"1 {method}"
+async def _authenticate(cfg: config.Config, loop, sock: socket.socket, user: str, port: int,
+                        branch: str, target: tuple[str, int], call_id: str,
+                        timeout: float) -> tuple[str, int]:
+    """sip.inbound_auth: the 401 to the first INVITE is ACKed and the INVITE sent again
+    with credentials from the site's file (its first line); returns its branch and CSeq."""
+    challenge = None
+    async with asyncio.timeout(timeout):
+        while challenge is None:
+            answer = parse_sip(await loop.sock_recv(sock, 65535))
+            if answer.status == 401:
+                challenge = answer.get("www-authenticate")
+    sock.sendto(_sip_request("ACK", user, port, branch, target, call_id), target)
+    name, password = next(iter(read_credentials(
+        Path(cfg.sip.inbound_auth.credentials_file).read_text()).items()))
+    uri = f"sip:{user}@{target[0]}:{target[1]}"
+    creds = digest(AuthChallenge.parse(challenge), Account(name, password, ""), "INVITE", uri, 1)
+    branch = "z9hG4bK-selftest-" + secrets.token_hex(6)
+    sock.sendto(_sip_request("INVITE", user, port, branch, target, call_id, 2,
+                             f"Authorization: {creds}\r\n"), target)
+    return branch, 2
+
+
+def _sip_request(method: str, user: str, port: int, branch: str, target: tuple[str, int],
+                 call_id: str, cseq: int = 1, extra: str = "") -> bytes:
     return (f"{method} sip:{user}@{target[0]}:{target[1]} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n"
             f"From: \"lpgw selftest\" <sip:selftest@127.0.0.1>;tag=st\r\n"
-            f"To: <sip:{user}@{target[0]}>\r\nCall-ID: {branch}@selftest\r\n"
-            f"CSeq: {cseq}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+            f"To: <sip:{user}@{target[0]}>\r\nCall-ID: {call_id}\r\n"
+            f"CSeq: {cseq} {'INVITE' if method == 'ACK' else method}\r\n{extra}"
+            f"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
 
 
 async def _sip_statuses(loop, sock: socket.socket, want: set[int],
@@ -371,7 +406,9 @@ async def _sip_options(host: str, port: int, transport: str) -> list[Check]:
                f"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
     name = f"sip {transport}"
     if transport == "tcp":
-        reader, writer = await asyncio.open_connection(host, port)
+        # from loopback, as the UDP check: trusted whatever address sip.host names
+        local = ("127.0.0.1", 0) if ":" not in host else None
+        reader, writer = await asyncio.open_connection(host, port, local_addr=local)
         try:
             writer.write(request)
             answer = await reader.readuntil(b"\r\n")

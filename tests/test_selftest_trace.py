@@ -112,3 +112,27 @@ async def test_selftest_leaves_no_device_no_push_and_no_count(tmp_path, devices)
                 *shown["call_actions"].values()]
     assert all(type(n) is int for n in counters), shown
     assert gp.proc.returncode == 0
+
+
+def test_selftest_answers_the_inbound_digest_challenge(tmp_path):
+    """With sip.inbound_auth on, the gateway challenges the self-test's INVITE like any
+    other (loopback is not exempt); the self-test answers from the site's credentials file,
+    and a wrong file makes its SIP call check fail."""
+    credentials = tmp_path / "inbound.credentials"
+    credentials.write_text("pbx:ward-3-secret\n")
+    gp = GatewayProcess(tmp_path / "state", 0, {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "sip": {"enabled": True, "host": "127.0.0.1", "port": _free_port("127.0.0.1"),
+                "inbound_auth": {"enabled": True, "credentials_file": str(credentials)}}})
+    gp.start()
+    try:
+        report = json.loads(lpgw("selftest", "--json", "-c", str(gp.config_path)).stdout)
+        checks = {c["name"]: c["ok"] for c in report["checks"]}
+        assert checks["sip call"] is True, report
+        # the self-test reads another password than the gateway holds (not reloaded)
+        credentials.write_text("pbx:not-the-one\n")
+        report = json.loads(lpgw("selftest", "--json", "-c", str(gp.config_path)).stdout)
+        checks = {c["name"]: c["ok"] for c in report["checks"]}
+        assert checks.get("sip call") is False, json.dumps(report["checks"])
+    finally:
+        gp.kill(signal.SIGTERM)
