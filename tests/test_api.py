@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.client import DeviceClient, DeviceOptions
 from gateway.service import _free_port
-from tests.conftest import ROOT, GatewayProcess
+from tests.conftest import ROOT, GatewayProcess, send
 
 TEAM, OTHER_TEAM = "ABCDE12345", "ZYXWV98765"
 TOPIC = "com.example.lpgw"
@@ -546,3 +546,29 @@ def test_huffman_decoding_is_memoised_and_still_refuses_garbage():
     assert hpack.hpack.decode_huffman.cache_info().hits == hits + 1
     with pytest.raises(hpack.HPACKDecodingError):
         hpack.hpack.decode_huffman(b"\xff\xff\xff\xff")
+
+
+async def test_the_api_and_lpgw_send_keep_the_same_push_rules(api, h2, keys, devices):
+    """One set of rules (core/push_rules): a background push at priority 10 and a push id
+    that is not 8-4-4-4-12 are refused the same way through the API and the control socket,
+    and a background push without a priority goes at 5 through both."""
+    device = devices(api, "tls", push_types=("alert", "background"))
+    token = await device.welcome()
+    cases = [({"push_type": "background", "priority": 10}, "BadPriority"),
+             ({"push_id": "0123456789abcdef0123456789abcdef"}, "BadMessageId")]
+    for fields, reason in cases:
+        via_control = await send(api, token, {"aps": {"content-available": 1}}, **fields)
+        assert not via_control["ok"] and reason in json.dumps(via_control), via_control
+        headers = {"apns-push-type": fields.get("push_type", "alert"),
+                   **({"apns-priority": "10"} if "priority" in fields else {}),
+                   **({"apns-id": fields["push_id"]} if "push_id" in fields else {})}
+        via_api = await push(h2, keys, token, {"aps": {"content-available": 1}}, **{
+            k.replace("-", "_"): v for k, v in headers.items()})
+        assert (via_api.status_code, via_api.json()["reason"]) == (400, reason)
+    assert (await send(api, token, {"aps": {"content-available": 1}},
+                       push_type="background"))["ok"]
+    assert (await device.next("push"))["priority"] == 5
+    answer = await push(h2, keys, token, {"aps": {"content-available": 1}},
+                        apns_push_type="background")
+    assert answer.status_code == 200
+    assert (await device.next("push"))["priority"] == 5

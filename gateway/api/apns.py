@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from gateway.api.errors import ApiError
 from gateway.api.provider_auth import ProviderKey
+from gateway.core import push_rules
 from gateway.core.model import PushRequest
 from gateway.protocol.messages import PUSH_TYPES
 
@@ -23,17 +23,10 @@ TOPIC_SUFFIX = {
     "location": ".location-query",
     "widgets": ".push-type.widgets",
 }
-UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-MAX_PAYLOAD = {"voip": 5120}
-DEFAULT_MAX_PAYLOAD = 4096
-MAX_BODY = max(MAX_PAYLOAD.values())  # the most any push may carry
+MAX_BODY = push_rules.MAX_PAYLOAD  # the most any push may carry
 # objects and arrays inside one another in a request body; real payloads use a handful.
 # Python's json gives up (RecursionError) near 1,000, and phones parse what we pass on.
 MAX_JSON_DEPTH = 64
-
-
-def payload_limit(push_type: str) -> int:
-    return MAX_PAYLOAD.get(push_type, DEFAULT_MAX_PAYLOAD)
 
 
 def single_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
@@ -54,13 +47,11 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
     topic = _topic(headers.get("apns-topic"), push_type, key)
 
     raw_priority = headers.get("apns-priority")
-    priority = 5 if push_type == "background" else 10
+    priority = push_rules.default_priority(push_type)
     if raw_priority is not None:
         if raw_priority not in ("10", "5", "1"):
             raise ApiError("BadPriority", "apns-priority must be 10, 5 or 1")
         priority = int(raw_priority)
-    if push_type == "background" and priority == 10:
-        raise ApiError("BadPriority", "background pushes must have priority 5 (or 1)")
 
     expiration = None
     if "apns-expiration" in headers:
@@ -70,17 +61,17 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
         expiration = int(raw)
 
     push_id = headers.get("apns-id")
-    if push_id is not None and not UUID_RE.fullmatch(push_id):
-        raise ApiError("BadMessageId", "apns-id must be a UUID (8-4-4-4-12 hex)")
-
     collapse_id = headers.get("apns-collapse-id")
-    if collapse_id is not None and len(collapse_id.encode()) > 64:
-        raise ApiError("BadCollapseId", "apns-collapse-id is at most 64 bytes")
+    try:  # before the body: APNs answers these whatever the body holds
+        push_rules.check(push_type, priority, collapse_id, expiration, push_id)
+    except push_rules.PushRuleBroken as exc:
+        raise ApiError(exc.reason, f"apns-*: {exc}") from None
 
     if not body.strip():
         raise ApiError("PayloadEmpty", "the body is empty")
-    if len(body) > payload_limit(push_type):
-        raise ApiError("PayloadTooLarge", f"payload over {payload_limit(push_type)} bytes")
+    limit = push_rules.payload_limit(push_type)
+    if len(body) > limit:
+        raise ApiError("PayloadTooLarge", f"payload over {limit} bytes")
     payload = json_body(body)
     if not isinstance(payload, dict):
         raise ApiError("BadPayload", "the body must be a JSON object")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.core import push_rules
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verified_binding
 from gateway.core.clock import ClockStep, ClockWatch
 from gateway.core.installs import InstallGate, InstallPolicy, InstallVerdict
@@ -24,8 +25,6 @@ from gateway.store import StorageFailed, Store
 
 log = logging.getLogger("lpgw.delivery")
 
-PRIORITIES = (10, 5, 1)
-MAX_COLLAPSE_ID = 64
 # A lost group commit fails every commit (and grouped push) for this long after: whoever
 # commits first (the SIP shell, a push from `lpgw send`) must not leave the API's group
 # callers to commit nothing and answer 200 for pushes rolled back.
@@ -77,8 +76,8 @@ class Accepted:
 class DeliverySettings:
     queue_limit: int = 256
     default_ttl: int = 30 * 86400
-    max_payload: int = 4096
-    max_payload_voip: int = 5120
+    max_payload: int = push_rules.DEFAULT_PAYLOAD_LIMIT
+    max_payload_voip: int = push_rules.PAYLOAD_LIMITS["voip"]
     forget_after: float = 30 * 86400  # unseen this long: Unregistered (410), then pruned
     installs: InstallPolicy = field(default_factory=InstallPolicy)
 
@@ -521,17 +520,14 @@ class Delivery:
         if req.push_type not in device.push_types:
             raise Rejected("DeviceTokenNotForTopic",
                            f"the device does not take {req.push_type} pushes")
-        if req.priority not in PRIORITIES:
-            raise Rejected("BadPriority", "priority must be 10, 5 or 1")
-        if req.collapse_id is not None and len(req.collapse_id.encode()) > MAX_COLLAPSE_ID:
-            raise Rejected("BadCollapseId", "a collapse id is at most 64 bytes")
-        if req.expiration is not None and req.expiration < 0:
-            raise Rejected("BadExpirationDate", "expiration is epoch seconds, or 0")
-        push_id = req.push_id or str(uuid.uuid4())
+        priority = (push_rules.default_priority(req.push_type) if req.priority is None
+                    else req.priority)
         try:
-            push_id = str(uuid.UUID(push_id))
-        except ValueError:
-            raise Rejected("BadMessageId", "a push id is a UUID") from None
+            push_rules.check(req.push_type, priority, req.collapse_id, req.expiration,
+                             req.push_id)
+        except push_rules.PushRuleBroken as exc:
+            raise Rejected(exc.reason, str(exc)) from None
+        push_id = req.push_id.lower() if req.push_id else str(uuid.uuid4())
         if not req.payload:
             raise Rejected("PayloadEmpty", "the payload is empty")
         payload_json = json.dumps(req.payload, separators=(",", ":"), ensure_ascii=False)
@@ -560,13 +556,13 @@ class Delivery:
                 return Accepted(push_id, None, sent=False, stored=False)
             seq = self.store.next_seq(token)
             live.ephemeral[seq] = (push_id, now)
-            self._send(live, StoredPush(token, seq, push_id, req.push_type, req.priority, 0,
+            self._send(live, StoredPush(token, seq, push_id, req.push_type, priority, 0,
                                         payload_json, req.collapse_id, now), now)
             return Accepted(push_id, seq, sent=True, stored=False)
         if group:
             self.store.begin()
         stored, collapsed, evicted = self.store.add_push(
-            token, push_id, req.push_type, req.priority, expiration, req.collapse_id,
+            token, push_id, req.push_type, priority, expiration, req.collapse_id,
             payload_json, now, self.settings.queue_limit)
         counted = token not in self._test_tokens
         if collapsed and counted:

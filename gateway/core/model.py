@@ -12,7 +12,7 @@ class PushRequest:
 
     push_type: str
     payload: dict[str, Any]
-    priority: int = 10
+    priority: int | None = None  # None: the push type's default (core.push_rules)
     expiration: int | None = None  # epoch seconds; 0 = now or never; None = store default
     collapse_id: str | None = None
     push_id: str | None = None  # apns-id; made when absent

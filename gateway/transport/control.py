@@ -33,14 +33,15 @@ def push_request(d: dict[str, Any]) -> PushRequest:
     if not isinstance(payload, dict):
         raise ValueError("'payload' must be a JSON object")
     expiration = d.get("expiration")
-    priority = d.get("priority", 10)
+    push_type = d.get("push_type") or "alert"
+    priority = d.get("priority")  # None: the push type's default
     for key, value in (("expiration", expiration), ("priority", priority)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"'{key}' must be an integer")
     for key in ("push_type", "collapse_id", "push_id", "topic"):
         if d.get(key) is not None and not isinstance(d[key], str):
             raise ValueError(f"'{key}' must be a string")
-    return PushRequest(push_type=d.get("push_type") or "alert", payload=payload,
+    return PushRequest(push_type=push_type, payload=payload,
                        priority=priority, expiration=expiration,
                        collapse_id=d.get("collapse_id"), push_id=d.get("push_id"),
                        topic=d.get("topic"))
