@@ -40,7 +40,7 @@ async def main(calls: int, rate: int, devices: int, synchronous: str) -> None:
     await gw.start()
     sip = await start_sip(SipConfig(host="127.0.0.1", port=_free_port("127.0.0.1"),
                                     ring_window=30, reach_timeout=10),
-                          gw.delivery, gw.metrics, "lpgw-bench")
+                          gw.delivery, gw.store, gw.metrics, "lpgw-bench", gw.pump)
     welcomed = asyncio.Event()
     count = 0
 

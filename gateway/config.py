@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from gateway.certs import load_public_key
-from gateway.core.tokens import is_token
+from gateway.records import is_token
 
 # what a config file may be: a real one is a few KB, 4 levels deep, a hundred values
 MAX_FILE = 128 * 1024  # PyYAML (pure Python) reads ~50 KB/s here: bounded time

@@ -34,11 +34,13 @@ from gateway.net.discovery import Identity, NetworkService
 from gateway.notify import Notifier
 from gateway.protocol.messages import CALL_ACTIONS
 from gateway.protocol.session import SessionSettings
+from gateway.records import StorageFailed
 from gateway.sip.bridge import Route
 from gateway.store import SECRET_FILE, Store, StoreError, token_secret
 from gateway.transport import quic, tls
 from gateway.transport.control import ControlServer
 from gateway.transport.link import GatewayLink, LinkContext
+from gateway.transport.pump import Pump
 from gateway.transport.sip import SipTransport, pbx_link, routes, start_sip
 from gateway.transport.sip import trust as sip_trust
 from gateway.transport.timers import TimerWheel, tick_for
@@ -138,6 +140,7 @@ class Gateway:
         self.api_port: int | None = None
         self.router: Router | None = None
         self.sip: SipTransport | None = None
+        self.pump: Pump | None = None
         self.network: NetworkService | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -158,9 +161,10 @@ class Gateway:
         self.delivery = Delivery(self.store, secret, self.gateway_id, delivery_settings(c),
                                  assertion_policy(c), self.metrics, monotonic=time.monotonic)
         self.delivery.forget_test_devices(time.time())
+        self.pump = Pump(self.delivery, self.metrics)
         self.link_context = LinkContext(
             delivery=self.delivery, metrics=self.metrics, gateway_id=self.gateway_id,
-            settings=session_settings(c),
+            settings=session_settings(c), pump=self.pump,
             timers=TimerWheel(asyncio.get_running_loop(), tick_for(c.protocol.heartbeat),
                               metrics=self.metrics))
         try:
@@ -168,8 +172,10 @@ class Gateway:
             if c.api.enabled:
                 await self._serve_api()
             if c.sip.enabled:
-                self.sip = await start_sip(c.sip, self.delivery, self.metrics, c.name)
-            self._control = ControlServer(c.control_path, self.delivery, self.status)
+                self.sip = await start_sip(c.sip, self.delivery, self.store, self.metrics,
+                                           c.name, self.pump)
+            self._control = ControlServer(c.control_path, self.delivery, self.store,
+                                          self.pump, self.status)
             await self._control.start()
             if c.discovery.enabled:
                 await self._advertise()
@@ -245,12 +251,12 @@ class Gateway:
 
     async def _serve_api(self) -> None:
         a = self.config.api
-        self.router = Router(self.delivery, provider_auth(self.config), self.metrics,
-                             self.status, RateLimiter(a.rate_limit, a.rate_burst),
+        self.router = Router(self.delivery, self.store, provider_auth(self.config),
+                             self.metrics, self.status, RateLimiter(a.rate_limit, a.rate_burst),
                              a.metrics_need_auth)
         self._api_ctx = tls.server_context(*self._api_cert(self.config), http_server.ALPN)
         factory = self._api_factory = http_server.ApiFactory(
-            self._api_ctx, self.router, self.metrics, api_limits(self.config))
+            self._api_ctx, self.router, self.metrics, api_limits(self.config), self.pump)
         # port 0 on "::" would give IPv4 and IPv6 two different ports: choose one first
         port = a.port or _free_port(a.host)
         self._api = await asyncio.get_running_loop().create_server(
@@ -410,7 +416,7 @@ class Gateway:
         self._tasks = []
         if self.delivery is not None:
             await self._stop_step("commit", self._last_commit)
-            await self._stop_step("byes", self.delivery.shutdown)
+            await self._stop_step("byes", self._byes)
             await self._stop_step("quiet", lambda: self._quiet(drain))
         if self._control is not None:
             control, self._control = self._control, None
@@ -442,12 +448,18 @@ class Gateway:
     def _drain_sip(self) -> None:
         self.sip.bridge.draining = True  # new INVITEs get 503
         self.sip.bridge.calls.shutdown(time.time())
+        self.pump.run()  # the calls' ends to the phones, their final answers to the PBX
+
+    def _byes(self) -> None:
+        self.delivery.shutdown()
+        self.pump.run()
 
     def _last_commit(self) -> None:
         """An open group commit lands; on a full disk it cannot (already logged and
         answered as such): nothing more to do about it here."""
         with contextlib.suppress(Rejected):
             self.delivery.commit(time.time())
+        self.pump.run()
 
     async def _quiet(self, limit: float) -> None:
         """Give the byes (and SIP's final answers) time to leave, up to `limit`."""
@@ -513,7 +525,7 @@ class Gateway:
     def _known_devices(self) -> int | None:
         try:
             return self.store.count_devices() if self.store else 0
-        except StoreError:  # a failing store must not cost the operator the status
+        except (StoreError, StorageFailed):  # a failing store must not cost the status
             return None
 
     def _storage_status(self) -> dict:

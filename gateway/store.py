@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.core.model import DeviceRecord, StoredPush
-from gateway.core.tokens import is_token
+from gateway.records import DeviceRecord, StorageFailed, StoredPush, is_token
 
 log = logging.getLogger("lpgw.store")
 
@@ -97,16 +96,9 @@ class SecretMismatch(StoreError):
     phone's device token (app servers would push into the void)."""
 
 
-class StorageFailed(StoreError):
-    """A read or write the database could not do now (full disk, I/O error, damage).
-
-    `full` marks the case callers can explain and that heals by itself once space is free.
-    """
-
-    def __init__(self, exc: sqlite3.Error) -> None:
-        self.full = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
-        self.detail = str(exc)  # SQLite's words: "database or disk is full"
-        super().__init__(f"{'storage full' if self.full else 'storage failing'}: {exc}")
+def _failed(exc: sqlite3.Error) -> StorageFailed:
+    full = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+    return StorageFailed(str(exc), full)  # SQLite's words: "database or disk is full"
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -126,7 +118,7 @@ def _storage(method: _F) -> _F:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, _OUR_BUGS):
                 raise
-            raise StorageFailed(exc) from None
+            raise _failed(exc) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -339,7 +331,7 @@ class Store:
     # devices
 
     @_storage
-    def upsert_device(self, token: str, topic: str, push_types: tuple[str, ...],
+    def record_device(self, token: str, topic: str, push_types: tuple[str, ...],
                       user: str | None, now: float,
                       user_expires: float | None = None) -> DeviceRecord:
         """Without an fsync of its own: a reconnect storm must not wait on the disk, and a
@@ -365,13 +357,13 @@ class Store:
         return _device(row)
 
     @_storage
-    def get_device(self, token: str) -> DeviceRecord | None:
+    def device(self, token: str) -> DeviceRecord | None:
         row = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE token=?",
                                (token,)).fetchone()
         return None if row is None else _device(row)
 
     @_storage
-    def list_devices(self, topics: tuple[str, ...] | None = None,
+    def devices(self, topics: tuple[str, ...] | None = None,
                      user: str | None = None) -> list[DeviceRecord]:
         """Devices, optionally only those of some topics and/or one user."""
         sql = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE 1=1"
@@ -385,7 +377,7 @@ class Store:
         return [_device(r) for r in self._db.execute(sql + " ORDER BY last_seen DESC", args)]
 
     @_storage
-    def tokens_of(self, user: str, now: float | None = None,
+    def devices_of_user(self, user: str, now: float | None = None,
                   topics: tuple[str, ...] | None = None) -> list[str]:
         """The registered devices bound to a user, most recently seen first (every call),
         only of `topics` when given; a binding from an assertion that has expired by `now`
@@ -400,7 +392,7 @@ class Store:
         return [r[0] for r in self._db.execute(sql + " ORDER BY last_seen DESC", args)]
 
     @_storage
-    def set_user(self, token: str, user: str | None) -> bool:
+    def bind_user(self, token: str, user: str | None) -> bool:
         """Bind a device to a user (None unbinds) for good; False when there is no such
         device."""
         cur = self._db.execute("UPDATE devices SET user=?, user_expires=NULL WHERE token=?",
@@ -412,7 +404,7 @@ class Store:
         return dict(self._db.execute("SELECT token, count(*) FROM pushes GROUP BY token"))
 
     @_storage
-    def touch(self, token: str, now: float) -> None:
+    def seen(self, token: str, now: float) -> None:
         self._relaxed().execute("UPDATE devices SET last_seen=? WHERE token=?", (now, token))
 
     @_storage
@@ -441,7 +433,7 @@ class Store:
     # pushes
 
     @_storage
-    def add_push(self, token: str, push_id: str, push_type: str, priority: int,
+    def accept_push(self, token: str, push_id: str, push_type: str, priority: int,
                  expiration: int, collapse_id: str | None, payload_json: str, now: float,
                  queue_limit: int) -> tuple[StoredPush, list[str], list[str]]:
         """Queue a push durably; returns it, the ids it collapsed and the ids it evicted."""
@@ -483,7 +475,7 @@ class Store:
         return row[0][0]
 
     @_storage
-    def pending(self, token: str, after_seq: int) -> list[StoredPush]:
+    def pending_after(self, token: str, after_seq: int) -> list[StoredPush]:
         rows = self._db.execute(
             """SELECT token, seq, push_id, push_type, priority, expiration, payload,
                       collapse_id, accepted_at
@@ -496,7 +488,7 @@ class Store:
                                 (token,)).fetchone()[0]
 
     @_storage
-    def ack(self, token: str, seq: int, now: float,
+    def ack_through(self, token: str, seq: int, now: float,
             reported_through: int = 0) -> list[tuple[str, float]]:
         """Forget everything up to `seq`; returns (push id, accepted at) of each delivered
         after `reported_through` (those up to it were reported when an ack could not be
@@ -540,7 +532,7 @@ class Store:
                                     (token,)).rowcount == 1
 
     @_storage
-    def delete_pushes(self, token: str, seqs: list[int]) -> None:
+    def drop_pushes(self, token: str, seqs: list[int]) -> None:
         with self._tx():
             self._db.executemany("DELETE FROM pushes WHERE token=? AND seq=?",
                                  [(token, s) for s in seqs])

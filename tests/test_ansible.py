@@ -524,7 +524,7 @@ def test_slow_upgrade_keeps_the_state_directory(target, tmp_path):
     made = t.run("/opt/lpgw/venv/bin/python", "-c",
                  "from gateway.store import Store\n"
                  "s = Store('/var/lib/lpgw/lpgw.sqlite3')\n"
-                 f"s.upsert_device('{token}', 'com.example.nurse', ('voip',), 'crew501', 0.0)\n"
+                 f"s.record_device('{token}', 'com.example.nurse', ('voip',), 'crew501', 0.0)\n"
                  "s.close()")
     assert made.returncode == 0, made.stderr
     state = t.path("/var/lib/lpgw")
@@ -561,7 +561,7 @@ def test_slow_upgrade_keeps_the_state_directory(target, tmp_path):
     kept = t.run("/opt/lpgw/venv/bin/python", "-c",
                  "from gateway.store import Store\n"
                  "s = Store('/var/lib/lpgw/lpgw.sqlite3')\n"
-                 f"print(s.get_device('{token}') is not None)\n"
+                 f"print(s.device('{token}') is not None)\n"
                  "s.close()")
     assert kept.stdout.strip() == "True", kept.stdout + kept.stderr
     # api.port 443: the unit's low-port drop-in, as it is in systemd/

@@ -18,7 +18,7 @@ from gateway.core.delivery import Delivery, DeliverySettings, Refused
 from gateway.core.metrics import Metrics
 from gateway.protocol.messages import Hello
 from gateway.store import Store
-from tests.fakelink import FakeLink
+from tests.fakelink import Driven, FakeLink
 
 NOW = 1_800_000_000.0
 HS_SECRET = b"s" * 32
@@ -222,8 +222,8 @@ def store(tmp_path):
 
 
 def make(store: Store, policy: AssertionPolicy) -> Delivery:
-    return Delivery(store, token_secret=b"k" * 32, gateway_id="gw1",
-                    settings=DeliverySettings(), policy=policy, metrics=Metrics())
+    return Driven(Delivery(store, token_secret=b"k" * 32, gateway_id="gw1",
+                           settings=DeliverySettings(), policy=policy, metrics=Metrics()))
 
 
 def refused(d: Delivery, link: FakeLink, assertion: str | None, now: float = NOW) -> Refused:
@@ -239,7 +239,7 @@ def test_valid_hs256_assertion_binds_the_user(store):
     link = FakeLink()
     token = d.admit(link, hello(hs256()), NOW)
     assert link.events == [("welcome", token, "alice")]
-    assert store.get_device(token).user == "alice"
+    assert store.device(token).user == "alice"
     assert d.metrics.value("lpgw_handshakes_total", transport="quic", result="welcome") == 1
 
 
@@ -248,7 +248,7 @@ def test_valid_es256_assertion_binds_the_user(store):
     link = FakeLink()
     token = d.admit(link, hello(es256(sub="bob")), NOW)
     assert link.events == [("welcome", token, "bob")]
-    assert store.get_device(token).user == "bob"
+    assert store.device(token).user == "bob"
 
 
 @pytest.mark.parametrize(("policy", "assertion"), [
@@ -284,7 +284,7 @@ def test_optional_policy_admits_without_assertion(store):
     link = FakeLink()
     token = d.admit(link, hello(None), NOW)
     assert link.events == [("welcome", token, None)]
-    assert store.get_device(token).user is None
+    assert store.device(token).user is None
 
 
 def test_assertion_is_ignored_when_no_key_is_configured(store):
@@ -292,7 +292,7 @@ def test_assertion_is_ignored_when_no_key_is_configured(store):
     link = FakeLink()
     token = d.admit(link, hello(hs256()), NOW)
     assert link.events == [("welcome", token, None)]
-    assert store.get_device(token).user is None
+    assert store.device(token).user is None
 
 
 def test_refused_hello_does_not_take_over_a_live_connection(store):
@@ -303,4 +303,4 @@ def test_refused_hello_does_not_take_over_a_live_connection(store):
     assert [e[0] for e in first.events] == ["welcome"]  # not closed as replaced
     assert d.is_connected(token)
     assert d.metrics.value("lpgw_devices_connected", transport="quic") == 1
-    assert store.get_device(token).user == "alice"
+    assert store.device(token).user == "alice"

@@ -10,7 +10,7 @@ from gateway.core.calls import Caller, Calls, CallSettings
 from gateway.core.delivery import Delivery, DeliverySettings, Rejected
 from gateway.core.metrics import Metrics
 from gateway.store import Store
-from tests.fakelink import FakeLink
+from tests.fakelink import Driven, FakeLink
 from tests.test_delivery import GATEWAY_ID, NOW, SECRET, alert, hello
 
 DAY = 86400.0
@@ -42,9 +42,9 @@ def clocks():
 @pytest.fixture
 def delivery(tmp_path, clocks):
     store = Store(tmp_path / "state" / "lpgw.db")
-    yield Delivery(store, token_secret=SECRET, gateway_id=GATEWAY_ID,
-                   settings=DeliverySettings(), policy=AssertionPolicy(), metrics=Metrics(),
-                   monotonic=lambda: clocks.mono)
+    yield Driven(Delivery(store, token_secret=SECRET, gateway_id=GATEWAY_ID,
+                          settings=DeliverySettings(), policy=AssertionPolicy(),
+                          metrics=Metrics(), monotonic=lambda: clocks.mono))
     store.close()
 
 
@@ -87,11 +87,11 @@ def test_backward_step_moves_last_seen_and_keeps_expirations(delivery, clocks):
     clocks.step(-3600)
     delivery.observe_clock(clocks.wall)
     assert delivery.clock_steps == 1
-    device = delivery.store.get_device(token)
+    device = delivery.core._storage.device(token)
     assert abs(device.last_seen - clocks.wall) < 1  # seen just now, in the new reckoning
     # the provider's date stands: by the wall clock it still has an hour and a minute
     assert delivery.expire(clocks.run(120)) == 0
-    assert delivery.store.pending(token, 0)[0].expiration == expiration
+    assert delivery.core._storage.pending_after(token, 0)[0].expiration == expiration
 
 
 def test_no_step_without_a_monotonic_clock(tmp_path):
@@ -104,12 +104,13 @@ def test_no_step_without_a_monotonic_clock(tmp_path):
 
 
 def test_calls_keep_their_time_left_across_a_step(delivery, clocks):
-    calls = Calls(delivery, CallSettings(ring_window=45, reach_timeout=10), lambda user: [])
-    call = calls.offer("nurse", Caller("sip:1@x", "", "sip:nurse@x", "c1"), clocks.wall)
+    calls = Calls(delivery.core, CallSettings(ring_window=45, reach_timeout=10), lambda user: [])
+    caller = Caller("sip:1@x", "", "sip:nurse@x", {"sip_call_id": "c1"})
+    call = calls.offer("nurse", caller, clocks.wall)
     assert call is None  # nobody to ring; build one by hand to time it
     from gateway.core.calls import Call
     started = clocks.wall
-    c = Call("id", "nurse", Caller("sip:1@x", "", "sip:nurse@x", "c1"), started,
+    c = Call("id", "nurse", Caller("sip:1@x", "", "sip:nurse@x", {"sip_call_id": "c1"}), started,
              started + 10, started + 45)
     calls.calls[c.id] = c
     calls.clock_stepped(40 * DAY)

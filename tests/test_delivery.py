@@ -16,12 +16,14 @@ from gateway.core.delivery import (
     DeliverySettings,
     Rejected,
 )
+from gateway.core.events import CallActionTaken
 from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
-from gateway.core.tokens import derive_token, is_token, short
+from gateway.core.tokens import derive_token, short
 from gateway.protocol.messages import CallAction, Hello
+from gateway.records import is_token
 from gateway.store import Store
-from tests.fakelink import FakeLink
+from tests.fakelink import Driven, FakeLink
 
 NOW = 1_800_000_000.0
 SECRET = b"k" * 32
@@ -47,9 +49,9 @@ def payload_of(size: int) -> dict[str, str]:
 
 def make_delivery(store: Store, settings: DeliverySettings | None = None,
                   policy: AssertionPolicy | None = None) -> Delivery:
-    return Delivery(store, token_secret=SECRET, gateway_id=GATEWAY_ID,
-                    settings=settings or DeliverySettings(), policy=policy or AssertionPolicy(),
-                    metrics=Metrics())
+    return Driven(Delivery(store, token_secret=SECRET, gateway_id=GATEWAY_ID,
+                           settings=settings or DeliverySettings(),
+                           policy=policy or AssertionPolicy(), metrics=Metrics()))
 
 
 def metric(d: Delivery, name: str, **labels: str) -> float:
@@ -113,7 +115,7 @@ def test_token_is_stable_across_a_gateway_restart(tmp_path):
     second = Store(path)
     try:
         d2 = make_delivery(second)
-        assert second.get_device(t1) is not None  # the device survived the restart
+        assert second.device(t1) is not None  # the device survived the restart
         link2 = FakeLink()
         t2 = d2.admit(link2, hello(), NOW + 3600)
         assert t2 == t1
@@ -133,12 +135,12 @@ def test_token_differs_by_install_and_by_topic():
     assert derive_token(SECRET, INSTALL.upper(), TOPIC) == base
 
 
-def test_admit_gives_different_tokens_to_different_installs_and_topics(delivery):
+def test_admit_gives_different_tokens_to_different_installs_and_topics(delivery, store):
     a = delivery.admit(FakeLink(), hello(INSTALL), NOW)
     b = delivery.admit(FakeLink(), hello(OTHER_INSTALL), NOW)
     c = delivery.admit(FakeLink(), hello(INSTALL, topic="com.example.other"), NOW)
     assert len({a, b, c}) == 3
-    assert delivery.store.count_devices() == 3
+    assert store.count_devices() == 3
 
 
 def test_token_does_not_reveal_the_install_id(delivery, store):
@@ -172,7 +174,7 @@ def test_welcome_comes_before_any_push(delivery):
 
 def test_admit_records_the_device(delivery, store):
     token = delivery.admit(FakeLink(), hello(push_types=("voip",)), NOW)
-    device = store.get_device(token)
+    device = store.device(token)
     assert device is not None
     assert device.topic == TOPIC
     assert device.push_types == ("voip",)
@@ -181,7 +183,7 @@ def test_admit_records_the_device(delivery, store):
     assert device.unregistered_at is None
 
 
-def test_second_admit_replaces_the_first_connection(delivery):
+def test_second_admit_replaces_the_first_connection(delivery, store):
     old, new = FakeLink(), FakeLink()
     token = delivery.admit(old, hello(), NOW)
     assert delivery.admit(new, hello(), NOW + 1) == token
@@ -200,13 +202,13 @@ def test_second_admit_replaces_the_first_connection(delivery):
     assert new.seqs == [1]
     assert old.pushes == []
     delivery.ack(token, old, 1, NOW + 4)
-    assert delivery.store.count_pending(token) == 1  # an ack from a stale link is ignored
+    assert store.count_pending(token) == 1  # an ack from a stale link is ignored
     assert metric(delivery, "lpgw_pushes_delivered_total") == 0
 
     delivery.detach(token, new, NOW + 5, "eof")
     assert not delivery.is_connected(token)
     assert metric(delivery, "lpgw_devices_connected", transport="quic") == 0
-    assert delivery.store.get_device(token).last_seen == NOW + 5
+    assert store.device(token).last_seen == NOW + 5
 
 
 def test_replacement_over_another_transport_moves_the_gauge(delivery):
@@ -240,17 +242,17 @@ def test_submit_while_connected_sends_in_seq_order(delivery, store):
     assert all(p.push_type == "alert" and p.priority == 10 for p in link.pushes)
     assert metric(delivery, "lpgw_pushes_accepted_total", push_type="alert") == 3
     # durable before it was sent
-    assert [p.seq for p in store.pending(token, 0)] == [1, 2, 3]
+    assert [p.seq for p in store.pending_after(token, 0)] == [1, 2, 3]
 
     delivery.ack(token, link, 2, NOW + 10)
-    assert [p.seq for p in store.pending(token, 0)] == [3]
-    assert store.get_device(token).acked_seq == 2
+    assert [p.seq for p in store.pending_after(token, 0)] == [3]
+    assert store.device(token).acked_seq == 2
     assert metric(delivery, "lpgw_pushes_delivered_total") == 2
     assert metric(delivery, "lpgw_delivery_latency_seconds_count") == 2
     assert metric(delivery, "lpgw_delivery_latency_seconds_sum") == pytest.approx(9 + 8)
 
     delivery.ack(token, link, 3, NOW + 11)
-    assert store.pending(token, 0) == []
+    assert store.pending_after(token, 0) == []
     assert metric(delivery, "lpgw_pushes_delivered_total") == 3
     # a repeated ack counts nothing twice
     delivery.ack(token, link, 3, NOW + 12)
@@ -281,7 +283,7 @@ def test_default_ttl_applies_when_no_expiration_is_given(store):
     token = d.admit(link, hello(), NOW)
     d.submit(token, alert(), NOW + 0.5)
     assert link.pushes[0].expiration == int(NOW) + 600
-    assert store.pending(token, 0)[0].expiration == int(NOW) + 600
+    assert store.pending_after(token, 0)[0].expiration == int(NOW) + 600
 
 
 # --- redelivery --------------------------------------------------------------------------
@@ -340,7 +342,7 @@ def test_last_ack_in_hello_acks_stored_pushes(delivery, store):
     link = FakeLink()
     delivery.admit(link, hello(last_ack=2, gateway_id=GATEWAY_ID), NOW + 10)
     assert link.seqs == [3]
-    assert [p.seq for p in store.pending(token, 0)] == [3]
+    assert [p.seq for p in store.pending_after(token, 0)] == [3]
     assert metric(delivery, "lpgw_pushes_delivered_total") == 2
     assert metric(delivery, "lpgw_delivery_latency_seconds_count") == 2
 
@@ -441,7 +443,7 @@ def test_stored_push_that_expires_before_the_device_comes_is_not_sent(delivery, 
     delivery.admit(link, hello(), NOW + 120)
     assert [p.id for p in link.pushes] == [keep.push_id]
     assert metric(delivery, "lpgw_pushes_expired_total") == 1
-    assert [p.seq for p in store.pending(token, 0)] == [keep.seq]
+    assert [p.seq for p in store.pending_after(token, 0)] == [keep.seq]
 
 
 def test_expire_sweeps_stored_pushes(delivery, store):
@@ -455,8 +457,8 @@ def test_expire_sweeps_stored_pushes(delivery, store):
     assert delivery.expire(NOW + 30) == 0
     assert delivery.expire(NOW + 120) == 2
     assert metric(delivery, "lpgw_pushes_expired_total") == 2
-    assert [p.seq for p in store.pending(a, 0)] == [2]
-    assert [p.seq for p in store.pending(b, 0)] == [2]
+    assert [p.seq for p in store.pending_after(a, 0)] == [2]
+    assert [p.seq for p in store.pending_after(b, 0)] == [2]
     assert delivery.expire(NOW + 120) == 0
     assert metric(delivery, "lpgw_pushes_expired_total") == 2
 
@@ -531,14 +533,14 @@ def _rejected(d: Delivery, token: str, req: PushRequest) -> Rejected:
 def test_rejected_requests_leave_nothing_behind(delivery, store, reason, req):
     link = FakeLink()
     token = delivery.admit(link, hello(), NOW)
-    before = store.get_device(token)
+    before = store.device(token)
     exc = _rejected(delivery, token, req)
     assert exc.reason == reason
     assert metric(delivery, "lpgw_pushes_rejected_total", reason=reason) == 1
     assert metric(delivery, "lpgw_pushes_accepted_total", push_type=req.push_type) == 0
     assert link.pushes == []
     assert store.count_pending(token) == 0
-    assert store.get_device(token).next_seq == before.next_seq
+    assert store.device(token).next_seq == before.next_seq
     # a good push right after still takes seq 1
     assert delivery.submit(token, alert(), NOW + 2).seq == 1
 
@@ -569,7 +571,7 @@ def test_unknown_token_is_rejected(delivery, store):
     register(delivery)
     unknown = derive_token(SECRET, OTHER_INSTALL, TOPIC)
     assert _rejected(delivery, unknown, alert()).reason == "BadDeviceToken"
-    assert store.get_device(unknown) is None
+    assert store.device(unknown) is None
     assert metric(delivery, "lpgw_pushes_rejected_total", reason="BadDeviceToken") == 1
 
 
@@ -598,18 +600,16 @@ def test_unregistered_device_is_refused_with_a_timestamp(delivery, store):
 # --- calls, shutdown, metrics ----------------------------------------------------------
 
 
-def test_call_action_reaches_every_listener(delivery):
+def test_call_actions_are_returned_in_order(delivery):
     token = delivery.admit(FakeLink(), hello(), NOW)
-    heard: list[tuple[str, CallAction, float]] = []
-    also: list[str] = []
-    delivery.call_listeners.append(lambda t, a, now: heard.append((t, a, now)))
-    delivery.call_listeners.append(lambda t, a, now: also.append(a.action))
+    core = delivery.core  # undriven: what it returns stays for the test to read
     action = CallAction(action="ringing", call_id="call-1")
-    delivery.call_action(token, action, NOW + 1)
-    delivery.call_action(token, CallAction(action="decline", call_id="call-1"), NOW + 2)
-    assert heard[0] == (token, action, NOW + 1)
-    assert [h[1].action for h in heard] == ["ringing", "decline"]
-    assert also == ["ringing", "decline"]
+    core.call_action(token, action, NOW + 1)
+    core.call_action(token, CallAction(action="decline", call_id="call-1"), NOW + 2)
+    out = core.actions_to_send()
+    assert out[0] == CallActionTaken(token, action, NOW + 1)
+    assert [e.action.action for e in out] == ["ringing", "decline"]
+    assert core.actions_to_send() == []  # taken once
     assert metric(delivery, "lpgw_call_actions_total", action="ringing") == 1
     assert metric(delivery, "lpgw_call_actions_total", action="decline") == 1
 

@@ -34,7 +34,7 @@ from gateway.protocol.messages import Hello
 from gateway.store import Store
 from gateway.transport import control
 from tests.conftest import ROOT, GatewayProcess, new_install, send
-from tests.fakelink import FakeLink
+from tests.fakelink import Driven, FakeLink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -256,8 +256,8 @@ def test_a_group_commit_lost_to_a_full_disk_is_lost_for_every_caller(small_fs):
     the group is rolled back: the API's own commit must then fail too, never answer 200."""
     store = Store(small_fs / "lpgw.sqlite3")
     try:
-        delivery = Delivery(store, b"k" * 32, "gw", DeliverySettings(), AssertionPolicy(),
-                            Metrics())
+        delivery = Driven(Delivery(store, b"k" * 32, "gw", DeliverySettings(),
+                                   AssertionPolicy(), Metrics()))
         now = time.time()
         token = delivery.admit(FakeLink(), Hello(version=1, install_id=new_install(),
                                                  topic=TOPIC, push_types=("alert",)), now)
@@ -271,10 +271,10 @@ def test_a_group_commit_lost_to_a_full_disk_is_lost_for_every_caller(small_fs):
         with pytest.raises(Rejected):  # a grouped push meanwhile: refused at once
             delivery.submit(token, push, now + 0.02, group=True)
         (small_fs / "filler").unlink()
-        assert store.pending(token, 0) == []
+        assert store.pending_after(token, 0) == []
         later = now + 3  # the hold is over: groups land again
         assert delivery.submit(token, push, later, group=True).stored
         delivery.commit(later)
-        assert len(store.pending(token, 0)) == 1
+        assert len(store.pending_after(token, 0)) == 1
     finally:
         store.close()

@@ -66,8 +66,8 @@ def plant_leftovers(gp: GatewayProcess) -> set[str]:
     store = Store(gp.state / "lpgw.sqlite3")
     try:
         for token in leftovers:
-            store.upsert_device(token, SELFTEST_TOPIC, ("alert", "voip"), None, time.time())
-            store.add_push(token, new_install(), "alert", 10, 0, None, "{}", time.time(), 8)
+            store.record_device(token, SELFTEST_TOPIC, ("alert", "voip"), None, time.time())
+            store.accept_push(token, new_install(), "alert", 10, 0, None, "{}", time.time(), 8)
     finally:
         store.close()
     return leftovers

@@ -37,7 +37,7 @@ async def pbx_side(gateway_factory, tmp_path):
     gw = await gateway_factory(assertions={"hs256_secret_file": str(secret)})
     sip = await start_sip(gw.config.sip.__class__(
         host="127.0.0.1", port=_free_port("127.0.0.1"), ring_window=8.0, reach_timeout=3.0),
-        gw.delivery, gw.metrics, "lpgw-test")
+        gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)
     gw.sip = sip
     yield gw
     await sip.stop()
@@ -309,7 +309,7 @@ async def sip_with_pbx(gateway_factory, tmp_path, pbx_port: int, **sip):
     gw = await gateway_factory()
     cfg = gw.config.sip.__class__(host="127.0.0.1", port=_free_port("127.0.0.1"),
                                   pbx_host="127.0.0.1", pbx_port=pbx_port, **sip)
-    gw.sip = await start_sip(cfg, gw.delivery, gw.metrics, "lpgw-test")
+    gw.sip = await start_sip(cfg, gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)
     return gw
 
 
@@ -469,7 +469,7 @@ async def test_routes_map_extensions_and_static_bindings_ring_fixed_devices(gate
         host="127.0.0.1", port=_free_port("127.0.0.1"),
         routes=(SipRouteConfig(match=r"2(\d{3})", user=r"nurse\1"),),
         static_bindings=(SipStaticBinding(user="ward3", tokens=(desk_token,)),)),
-        gw.delivery, gw.metrics, "lpgw-test")
+        gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)
     raw = RawUdp(gw)
     try:
         raw.send(raw.request("INVITE", user="2001", branch="z9hG4bK-route"))

@@ -429,7 +429,7 @@ async def sip_gw(gateway_factory, tmp_path):
     gw = await gateway_factory(assertions={"hs256_secret_file": str(secret)})
     gw.sip = await start_sip(SipConfig(host="127.0.0.1", port=_free_port("127.0.0.1"),
                                        ring_window=8.0, reach_timeout=3.0),
-                             gw.delivery, gw.metrics, "lpgw-test")
+                             gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)
     yield gw
     await gw.sip.stop()
 
@@ -511,24 +511,26 @@ async def test_a_failing_request_costs_its_own_transaction(sip_gw, pbx):
 
 
 async def test_an_unsendable_response_still_ends_its_transaction(sip_gw, pbx):
-    """Every answer to one INVITE fails to go out (injected in the bridge's send): its
-    transaction still ends instead of staying in the table for good, and others are
-    answered. Before: the first failing send (the 100) left it 'proceeding' forever."""
-    bridge = sip_gw.sip.bridge
-    original = bridge.on_send
+    """Every answer to one INVITE fails to go out (injected in the SIP transport's write):
+    its transaction still ends instead of staying in the table for good, and others are
+    answered. Before: the first failing send (the 100) left it 'proceeding' forever; now
+    the bridge only returns what to send, so no failure to send can reach it at all."""
+    transport = sip_gw.sip
+    original = transport._send_one
     call_id = f"unsendable-{next(_ids)}"
 
-    def failing(sends):
-        if any(call_id.encode() in s.data for s in sends):
+    def failing(send):
+        if call_id.encode() in send.data:
             raise OSError("injected: cannot send")
-        original(sends)
+        original(send)
 
-    bridge.on_send = failing
+    transport._send_one = failing
     await pbx.send(request("INVITE", pbx.port, user="nobody", call_id=call_id))
     assert await pbx.options() == []  # nothing for the INVITE, the OPTIONS answered
-    states = [tx.state for tx in bridge.tx.server.values() if tx.request.call_id == call_id]
+    states = [tx.state for tx in sip_gw.sip.bridge.tx.server.values()
+              if tx.request.call_id == call_id]
     assert states in ([], ["completed"], ["terminated"])
-    assert internal(sip_gw, "sip_request") >= 1
+    assert internal(sip_gw, "sip_send") >= 1
 
 
 async def test_a_failing_answer_costs_the_phone_nothing(sip_gw, devices, pbx):
@@ -590,8 +592,8 @@ async def test_one_unsendable_answer_does_not_stop_the_others(sip_gw, pbx):
     """Of two answers, the first to a port that does not exist: it is dropped and counted,
     the second arrives, and the UDP listener stays open. Before (asyncio's loop): the
     socket was closed by the first, and the second never went out."""
-    sip_gw.sip.send([Send(b"first", Peer("udp", "127.0.0.1", 70000)),
-                     Send(b"second", Peer("udp", "127.0.0.1", pbx.port))])
+    sip_gw.sip.carry_out([Send(b"first", Peer("udp", "127.0.0.1", 70000)),
+                          Send(b"second", Peer("udp", "127.0.0.1", pbx.port))])
     async with asyncio.timeout(3):
         assert await asyncio.get_running_loop().sock_recv(pbx.sock, 100) == b"second"
     assert sip_gw.metrics.value("lpgw_sip_errors_total", kind="bad_destination") == 1
@@ -613,7 +615,7 @@ async def linked(gateway_factory, tmp_path):
             host="127.0.0.1", port=_free_port("127.0.0.1"), pbx_host="127.0.0.1",
             pbx_port=pbx.port, keepalive_interval=1,
             register=(SipRegistration(user="2001", password_file=str(secret)),)),
-            gw.delivery, gw.metrics, "lpgw-test")
+            gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)
         yield pbx, gw
     finally:
         pbx.close()

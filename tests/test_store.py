@@ -34,13 +34,13 @@ def store(path):
 
 
 def device(s: Store, token: str = TOKEN, now: float = NOW, **kw) -> None:
-    s.upsert_device(token, kw.get("topic", TOPIC), kw.get("push_types", ("alert", "voip")),
+    s.record_device(token, kw.get("topic", TOPIC), kw.get("push_types", ("alert", "voip")),
                     kw.get("user"), now)
 
 
 def add(s: Store, n: int, token: str = TOKEN, collapse_id: str | None = None,
         expiration: int = int(NOW) + 3600, limit: int = 256, now: float = NOW):
-    return s.add_push(token, f"id-{n}", "alert", 10, expiration, collapse_id,
+    return s.accept_push(token, f"id-{n}", "alert", 10, expiration, collapse_id,
                       f'{{"n":{n}}}', now, limit)
 
 
@@ -100,19 +100,19 @@ def test_data_survives_reopening(path):
     device(s, user="alice")
     add(s, 1)
     add(s, 2)
-    s.ack(TOKEN, 1, NOW + 1)
+    s.ack_through(TOKEN, 1, NOW + 1)
     s.close()
     assert not path.with_name(path.name + "-wal").exists() or \
         path.with_name(path.name + "-wal").stat().st_size == 0  # close checkpoints the WAL
 
     s = Store(path)
     try:
-        d = s.get_device(TOKEN)
+        d = s.device(TOKEN)
         assert d is not None
         assert d.user == "alice"
         assert d.push_types == ("alert", "voip")
         assert d.acked_seq == 1
-        assert [(p.seq, p.push_id) for p in s.pending(TOKEN, 0)] == [(2, "id-2")]
+        assert [(p.seq, p.push_id) for p in s.pending_after(TOKEN, 0)] == [(2, "id-2")]
         # sequence numbers continue; they are never reused after a restart
         stored, _, _ = add(s, 3)
         assert stored.seq == 3
@@ -175,7 +175,7 @@ def test_get_or_create_meta_makes_once_and_persists(path):
 def test_upsert_device_keeps_topic_and_created_at(store):
     device(store, now=NOW, user="alice")
     device(store, now=NOW + 50, push_types=("voip",), user="bob", topic="com.example.other")
-    d = store.get_device(TOKEN)
+    d = store.device(TOKEN)
     assert d.topic == TOPIC
     assert d.created_at == NOW
     assert d.last_seen == NOW + 50
@@ -183,13 +183,13 @@ def test_upsert_device_keeps_topic_and_created_at(store):
     assert d.user == "bob"
     assert d.acked_seq == 0 and d.next_seq == 1
     assert store.count_devices() == 1
-    assert store.get_device(OTHER) is None
+    assert store.device(OTHER) is None
 
 
 def test_touch_updates_last_seen(store):
     device(store)
-    store.touch(TOKEN, NOW + 9)
-    assert store.get_device(TOKEN).last_seen == NOW + 9
+    store.seen(TOKEN, NOW + 9)
+    assert store.device(TOKEN).last_seen == NOW + 9
 
 
 def test_unregister_deletes_pushes_and_upsert_registers_again(store):
@@ -199,12 +199,12 @@ def test_unregister_deletes_pushes_and_upsert_registers_again(store):
     add(store, 2)
     add(store, 3, token=OTHER)
     store.unregister(TOKEN, NOW + 5)
-    d = store.get_device(TOKEN)
+    d = store.device(TOKEN)
     assert d.unregistered_at == NOW + 5
     assert store.count_pending(TOKEN) == 0
     assert store.count_pending(OTHER) == 1  # nobody else's
     device(store, now=NOW + 6)
-    assert store.get_device(TOKEN).unregistered_at is None
+    assert store.device(TOKEN).unregistered_at is None
 
 
 # --- pushes ----------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_add_push_assigns_increasing_seqs_and_is_committed(store, path):
     assert (first.seq, second.seq) == (1, 2)
     assert first.token == TOKEN and first.push_id == "id-1" and first.payload_json == '{"n":1}'
     assert collapsed == [] and evicted == []
-    assert store.get_device(TOKEN).next_seq == 3
+    assert store.device(TOKEN).next_seq == 3
     # committed: another connection sees both at once
     with other_connection(path) as db:
         assert db.execute("SELECT count(*) FROM pushes").fetchone()[0] == 2
@@ -231,7 +231,7 @@ def test_add_push_collapses_same_collapse_id(store):
     assert collapsed == ["id-1"]
     assert evicted == []
     assert stored.seq == 3
-    assert [p.push_id for p in store.pending(TOKEN, 0)] == ["id-2", "id-3"]
+    assert [p.push_id for p in store.pending_after(TOKEN, 0)] == ["id-2", "id-3"]
     # no collapse id collapses nothing
     _, collapsed, _ = add(store, 4)
     assert collapsed == []
@@ -245,7 +245,7 @@ def test_add_push_evicts_the_oldest_over_the_limit(store):
     assert evicted == ["id-1"]
     _, _, evicted = add(store, 5, limit=2)
     assert sorted(evicted) == ["id-2", "id-3"]
-    assert [p.seq for p in store.pending(TOKEN, 0)] == [4, 5]
+    assert [p.seq for p in store.pending_after(TOKEN, 0)] == [4, 5]
 
 
 def test_add_push_to_unknown_device_fails_and_stores_nothing(store):
@@ -273,10 +273,10 @@ def test_pending_is_in_seq_order_after_a_seq(store):
     for n in range(1, 6):
         add(store, n)
     add(store, 99, token=OTHER)
-    assert [p.seq for p in store.pending(TOKEN, 0)] == [1, 2, 3, 4, 5]
-    assert [p.seq for p in store.pending(TOKEN, 3)] == [4, 5]
-    assert store.pending(TOKEN, 5) == []
-    assert [p.push_id for p in store.pending(OTHER, 0)] == ["id-99"]
+    assert [p.seq for p in store.pending_after(TOKEN, 0)] == [1, 2, 3, 4, 5]
+    assert [p.seq for p in store.pending_after(TOKEN, 3)] == [4, 5]
+    assert store.pending_after(TOKEN, 5) == []
+    assert [p.push_id for p in store.pending_after(OTHER, 0)] == ["id-99"]
     assert store.count_pending(TOKEN) == 5
 
 
@@ -284,25 +284,25 @@ def test_ack_returns_accepted_times_and_raises_acked_seq(store):
     device(store)
     for n in (1, 2, 3):
         add(store, n, now=NOW + n)
-    assert sorted(t for _, t in store.ack(TOKEN, 2, NOW + 10)) == [NOW + 1, NOW + 2]
-    d = store.get_device(TOKEN)
+    assert sorted(t for _, t in store.ack_through(TOKEN, 2, NOW + 10)) == [NOW + 1, NOW + 2]
+    d = store.device(TOKEN)
     assert d.acked_seq == 2
     assert d.last_seen == NOW + 10
-    assert [p.seq for p in store.pending(TOKEN, 0)] == [3]
-    assert store.ack(TOKEN, 2, NOW + 11) == []
+    assert [p.seq for p in store.pending_after(TOKEN, 0)] == [3]
+    assert store.ack_through(TOKEN, 2, NOW + 11) == []
     # acked_seq never goes down, and never past what was handed out
-    store.ack(TOKEN, 1, NOW + 12)
-    assert store.get_device(TOKEN).acked_seq == 2
-    assert [t for _, t in store.ack(TOKEN, 1000, NOW + 13)] == [NOW + 3]
-    assert store.get_device(TOKEN).acked_seq == 3
+    store.ack_through(TOKEN, 1, NOW + 12)
+    assert store.device(TOKEN).acked_seq == 2
+    assert [t for _, t in store.ack_through(TOKEN, 1000, NOW + 13)] == [NOW + 3]
+    assert store.device(TOKEN).acked_seq == 3
 
 
 def test_delete_pushes(store):
     device(store)
     for n in (1, 2, 3):
         add(store, n)
-    store.delete_pushes(TOKEN, [1, 3])
-    assert [p.seq for p in store.pending(TOKEN, 0)] == [2]
+    store.drop_pushes(TOKEN, [1, 3])
+    assert [p.seq for p in store.pending_after(TOKEN, 0)] == [2]
 
 
 def test_expire_drops_only_pushes_past_expiration(store):
@@ -315,7 +315,7 @@ def test_expire_drops_only_pushes_past_expiration(store):
     assert store.expire(NOW + 10) == []  # not past yet at the second itself
     gone = store.expire(NOW + 50)
     assert sorted(gone) == [(TOKEN, "id-1"), (OTHER, "id-4")]
-    assert [p.push_id for p in store.pending(TOKEN, 0)] == ["id-2", "id-3"]
+    assert [p.push_id for p in store.pending_after(TOKEN, 0)] == ["id-2", "id-3"]
     assert store.expire(NOW + 50) == []
 
 
@@ -328,11 +328,11 @@ def mark(name):
     sys.stderr.write(f"MARK {name}\\n"); sys.stderr.flush()
 mark("connects")
 for i in range(20):
-    s.upsert_device(f"{i:064x}", "t", ("alert",), None, 1.0 + i)
-    s.touch(f"{i:064x}", 2.0 + i)
+    s.record_device(f"{i:064x}", "t", ("alert",), None, 1.0 + i)
+    s.seen(f"{i:064x}", 2.0 + i)
 mark("pushes")
 for i in range(5):
-    s.add_push(f"{i:064x}", f"p{i}", "alert", 10, 0, None, "{}", 3.0, 100)
+    s.accept_push(f"{i:064x}", f"p{i}", "alert", 10, 0, None, "{}", 3.0, 100)
 mark("end")
 s.close()
 """
@@ -365,7 +365,7 @@ def test_the_checkpointer_moves_the_wal_into_the_database_off_the_caller(path):
     time.sleep(0.2)  # the schema is checkpointed
     before = path.stat().st_size
     for i in range(300):
-        s.upsert_device(f"{i:064x}", TOPIC, ("alert",), None, NOW)
+        s.record_device(f"{i:064x}", TOPIC, ("alert",), None, NOW)
     deadline = time.monotonic() + 5
     while path.stat().st_size == before and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -385,24 +385,24 @@ def test_unsynced_writes_join_an_open_group_commit_instead_of_waiting_on_it(stor
     store.begin()
     add(store, 1)
     device(store, OTHER)
-    store.ack(TOKEN, 1, NOW + 5)
-    store.touch(TOKEN, NOW + 6)
+    store.ack_through(TOKEN, 1, NOW + 5)
+    store.seen(TOKEN, NOW + 6)
     store.rollback()
-    assert store.get_device(OTHER) is None
-    assert store.get_device(TOKEN).last_seen == NOW
+    assert store.device(OTHER) is None
+    assert store.device(TOKEN).last_seen == NOW
     store.begin()
     device(store, OTHER)
     store.commit()
-    assert store.get_device(OTHER) is not None
+    assert store.device(OTHER) is not None
 
 
 KILL_SCRIPT = """
 import os, signal, sys
 from gateway.store import Store
 s = Store(sys.argv[1])
-s.upsert_device("a" * 64, "t", ("alert",), "nurse-1", 1.0)
-s.touch("a" * 64, 7.0)
-s.add_push("a" * 64, "p1", "alert", 10, 0, None, "{}", 3.0, 100)
+s.record_device("a" * 64, "t", ("alert",), "nurse-1", 1.0)
+s.seen("a" * 64, 7.0)
+s.accept_push("a" * 64, "p1", "alert", 10, 0, None, "{}", 3.0, 100)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -414,9 +414,9 @@ def test_a_device_written_without_fsync_is_durable_once_a_push_to_it_is(path):
     assert run.returncode == -9, run.stderr
     s = Store(path)
     try:
-        d = s.get_device("a" * 64)
+        d = s.device("a" * 64)
         assert (d.user, d.last_seen, d.next_seq) == ("nurse-1", 7.0, 2)
-        assert [p.push_id for p in s.pending("a" * 64, 0)] == ["p1"]
+        assert [p.push_id for p in s.pending_after("a" * 64, 0)] == ["p1"]
     finally:
         s.close()
 
@@ -444,13 +444,13 @@ def test_a_schema_1_database_is_brought_up_to_date_in_place(tmp_path):
     store = Store(path)
     try:
         assert store.get_meta("schema_version") == str(SCHEMA_VERSION).encode() == b"2"
-        assert store.get_device("ab" * 32).user_expires is None
-        assert store.tokens_of("nurse") == ["ab" * 32]
+        assert store.device("ab" * 32).user_expires is None
+        assert store.devices_of_user("nurse") == ["ab" * 32]
         # a hello with an assertion binds until it ends; one without ends that binding
-        store.upsert_device("ab" * 32, "com.example.app", ("alert",), "porter", 10.0, 100.0)
-        assert store.tokens_of("porter", now=99.0) == ["ab" * 32]
-        assert store.tokens_of("porter", now=100.0) == []
-        store.upsert_device("ab" * 32, "com.example.app", ("alert",), None, 11.0)
-        assert store.get_device("ab" * 32).user is None
+        store.record_device("ab" * 32, "com.example.app", ("alert",), "porter", 10.0, 100.0)
+        assert store.devices_of_user("porter", now=99.0) == ["ab" * 32]
+        assert store.devices_of_user("porter", now=100.0) == []
+        store.record_device("ab" * 32, "com.example.app", ("alert",), None, 11.0)
+        assert store.device("ab" * 32).user is None
     finally:
         store.close()

@@ -68,8 +68,8 @@ async def pristine(tmp_path_factory, devices) -> Pristine:
         try:
             for i in range(FILLER):
                 filler = f"{i:064x}"
-                store.upsert_device(filler, TOPIC, ("alert",), None, 1.0)
-                store.add_push(filler, f"f-{i}", "alert", 10, 0, None,
+                store.record_device(filler, TOPIC, ("alert",), None, 1.0)
+                store.accept_push(filler, f"f-{i}", "alert", 10, 0, None,
                                json.dumps({"pad": "x" * 300}), 1.0, 256)
         finally:
             store.close()

@@ -17,7 +17,9 @@ from gateway.api.errors import ApiError
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
 from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
-from gateway.core.tokens import is_token, short
+from gateway.core.storage import Storage
+from gateway.core.tokens import short
+from gateway.records import is_token
 
 log = logging.getLogger("lpgw.api")
 
@@ -67,10 +69,11 @@ class RateLimiter:
 
 
 class Router:
-    def __init__(self, delivery: Delivery, auth: ProviderAuth, metrics: Metrics,
-                 status: Callable[[], dict], limiter: RateLimiter,
+    def __init__(self, delivery: Delivery, storage: Storage, auth: ProviderAuth,
+                 metrics: Metrics, status: Callable[[], dict], limiter: RateLimiter,
                  metrics_need_auth: bool = False) -> None:
         self.delivery = delivery
+        self.storage = storage  # device records for /v1 (pushes go through delivery)
         self.auth = auth
         self.metrics = metrics
         self.status = status
@@ -159,7 +162,7 @@ class Router:
         key = self._principal(req, now)
         if not is_token(token):
             raise ApiError("BadDeviceToken", "a device token is 64 hex characters")
-        device = self.delivery.store.get_device(token)
+        device = self.storage.device(token)
         if device is None or not self._may_see(key, device.topic):
             raise ApiError("BadDeviceToken", "no device has this token")
         if sub == "":
@@ -172,11 +175,11 @@ class Router:
             user = body.get("user") if isinstance(body, dict) else None
             if not isinstance(user, str) or not 0 < len(user) <= 128:
                 raise ApiError("BadPayload", 'the body is {"user": "<1 to 128 characters>"}')
-            self.delivery.store.set_user(token, user)
+            self.storage.bind_user(token, user)
             log.info("device %s bound to user %s by %s", short(token), user, key.name)
             return Response.json(200, {"token": token, "user": user})
         if req.method == "DELETE":
-            self.delivery.store.set_user(token, None)
+            self.storage.bind_user(token, None)
             log.info("device %s unbound by %s", short(token), key.name)
             return Response(204)
         raise ApiError("MethodNotAllowed", "use PUT or DELETE")
@@ -187,7 +190,7 @@ class Router:
         full = self.status()
         connected = self.delivery.connected()
         by_transport: dict[str, int] = {"quic": 0, "tls": 0}
-        devices = self.delivery.store.list_devices(key.topics)
+        devices = self.storage.devices(key.topics)
         for device in devices:
             if device.token in connected:
                 by_transport[connected[device.token]] += 1
@@ -197,15 +200,15 @@ class Router:
                 "devices": {"connected": by_transport, "known": len(devices)}}
 
     def _devices(self, key: ProviderKey, user: str | None) -> list[dict]:
-        store = self.delivery.store
-        devices = store.list_devices(None if key.admin else key.topics, user)
+        store = self.storage
+        devices = store.devices(None if key.admin else key.topics, user)
         connected = self.delivery.connected()
         queued = store.pending_counts()
         return [self._describe(d, connected, queued) for d in devices]
 
     def _describe(self, device, connected: dict[str, str], queued: dict | None) -> dict:
         pending = (queued.get(device.token, 0) if queued is not None
-                   else self.delivery.store.count_pending(device.token))
+                   else self.storage.count_pending(device.token))
         return {"token": device.token, "topic": device.topic, "user": device.user,
                 "push_types": list(device.push_types),
                 "connected": connected.get(device.token), "queued": pending,

@@ -31,6 +31,7 @@ from gateway.api.limits import ApiLimits, ConnectionGate, TokenBucket
 from gateway.api.router import Request, Response, Router, internal_error
 from gateway.core.delivery import Rejected
 from gateway.core.metrics import Metrics
+from gateway.transport.pump import Pump
 from gateway.transport.tls import TlsStream
 
 log = logging.getLogger("lpgw.http")
@@ -98,8 +99,9 @@ class GroupCommit:
     pushes over one connection costs one disk flush instead of one each.
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, pump: Pump) -> None:
         self.router = router
+        self.pump = pump
         self._waiting: list[Committed] = []
         self._loop = asyncio.get_running_loop()
         router.group_commit = True
@@ -124,6 +126,8 @@ class GroupCommit:
             del exc
             with faults.contained(metrics, "api_commit", "rollback"):
                 delivery.rollback()
+        with faults.contained(metrics, "api_commit", "sending"):
+            self.pump.run()  # the group's pushes to the devices that are connected
         for callback in waiting:  # every waiting stream is answered, whatever one does
             with faults.contained(metrics, "api_commit", "an answer"):
                 callback(failure)
@@ -131,8 +135,9 @@ class GroupCommit:
 
 class HttpConnection:
     def __init__(self, stream: TlsStream, router: Router, metrics: Metrics,
-                 limits: ApiLimits, committer: GroupCommit | None = None) -> None:
+                 limits: ApiLimits, pump: Pump, committer: GroupCommit | None = None) -> None:
         self.stream = stream
+        self.pump = pump
         self.committer = committer
         self.router = router
         self.metrics = metrics
@@ -283,7 +288,10 @@ class HttpConnection:
         self.metrics.api_requests.labels("2" if http2 else "1.1").inc()
         request = Request(pending.method, pending.path, pending.headers, bytes(pending.body),
                           http2=http2, mono=time.monotonic())
-        return self.router.handle(request, time.time())
+        try:
+            return self.router.handle(request, time.time())
+        finally:
+            self.pump.run()  # what the request decided: a push sent now (not grouped)
 
     # --- HTTP/2 -----------------------------------------------------------------------
 
@@ -595,12 +603,14 @@ class HttpConnection:
 class ApiFactory:
     """Protocol factory for loop.create_server; `limits` may be replaced (a reload)."""
 
-    def __init__(self, ctx, router: Router, metrics: Metrics, limits: ApiLimits) -> None:
+    def __init__(self, ctx, router: Router, metrics: Metrics, limits: ApiLimits,
+                 pump: Pump) -> None:
         self.ctx = ctx
         self.router = router
         self.metrics = metrics
+        self.pump = pump
         self.gate = ConnectionGate(limits)
-        self.committer = GroupCommit(router)
+        self.committer = GroupCommit(router, pump)
 
     @property
     def limits(self) -> ApiLimits:
@@ -617,7 +627,8 @@ class ApiFactory:
         return made
 
     def _open(self, stream: TlsStream) -> None:
-        HttpConnection(stream, self.router, self.metrics, self.limits, self.committer)
+        HttpConnection(stream, self.router, self.metrics, self.limits, self.pump,
+                       self.committer)
 
     def _tls_failed(self, why: str) -> None:
         self.metrics.api_errors.labels("tls_handshake").inc()

@@ -7,19 +7,40 @@ report it to CallKit and end it. Both pushes are stored until the window closes.
 
 from __future__ import annotations
 
+import enum
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from gateway.core.delivery import Delivery, Rejected
+from gateway.core.events import CallActionTaken, PushDelivered
 from gateway.core.model import PushRequest
 from gateway.core.tokens import short
-from gateway.protocol.messages import CallAction
 
 log = logging.getLogger("lpgw.calls")
 
-RINGING, DECLINE, BUSY, UNAVAILABLE, TERMINATED = 180, 603, 486, 480, 487
+
+class CallOutcome(enum.Enum):
+    """What became of a call, in the domain's words; the SIP bridge says it in SIP's."""
+
+    RINGING = "ringing"  # a device has it (not final)
+    DECLINED = "declined"
+    BUSY = "busy"
+    UNREACHABLE = "unreachable"  # no device took it in time, or the gateway stops
+    CANCELLED = "cancelled"  # the caller hung up, or it was answered elsewhere
+
+
+@dataclass(frozen=True, slots=True)
+class CallAnswered:
+    """What the origin of `call` (the PBX) is to be told: ringing, or how it ended."""
+
+    call: Call
+    outcome: CallOutcome
+    reason: str
+    at: float
+
+
 END_GRACE = 30.0  # the end of a call is kept this much longer than the call itself
 
 
@@ -34,7 +55,8 @@ class Caller:
     uri: str
     display_name: str
     callee: str
-    sip_call_id: str
+    # what the origin adds to the call push for the app (the SIP bridge: its Call-ID)
+    details: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -48,23 +70,29 @@ class Call:
     pushes: dict[str, str] = field(default_factory=dict)  # push id -> device token
     reached: set[str] = field(default_factory=set)  # tokens that acknowledged the call
     ringing: bool = False
-    final: int | None = None
+    final: CallOutcome | None = None
 
 
 class Calls:
     """The ring window of every call in progress."""
 
     def __init__(self, delivery: Delivery, settings: CallSettings,
-                 devices_of: Callable[[str], list[str]]) -> None:
+                 devices_of: Callable[[str], list[str]],
+                 end_status: Mapping[CallOutcome, int] | None = None) -> None:
+        """`end_status`: the number the origin answered for each outcome, given to the
+        app in `call_ended.status` (docs/protocol.md: the SIP bridge's final status)."""
         self.delivery = delivery
         self.settings = settings
         self.devices_of = devices_of
+        self.end_status = dict(end_status or {})
         self.calls: dict[str, Call] = {}
         self._by_push: dict[str, Call] = {}
-        # (call, status, reason text, now): the SIP side answers the INVITE with it
-        self.on_answer: Callable[[Call, int, str, float], None] = lambda *args: None
-        delivery.delivered_listeners.append(self._delivered)
-        delivery.call_listeners.append(self._action)
+        self._out: list[CallAnswered] = []
+
+    def answers_to_send(self) -> list[CallAnswered]:
+        """What each call's origin is to be told since the last call, in order."""
+        out, self._out = self._out, []
+        return out
 
     def offer(self, user: str, caller: Caller, now: float,
               devices: list[str] | None = None) -> Call | None:
@@ -79,7 +107,7 @@ class Calls:
                     reach_deadline=now + s.reach_timeout, ring_deadline=now + s.ring_window)
         payload = {"call": {"id": call.id, "from": caller.uri,
                             "display_name": caller.display_name, "to": caller.callee,
-                            "user": user, "sip_call_id": caller.sip_call_id}}
+                            "user": user, **caller.details}}
         for token in self.devices_of(user) if devices is None else devices:
             push = PushRequest(push_type="voip", payload=payload, priority=10,
                                expiration=int(call.ring_deadline) + 1)
@@ -99,12 +127,12 @@ class Calls:
 
     def cancel(self, call: Call, reason: str, now: float) -> None:
         """The caller hung up, or the call was answered elsewhere (RFC 3326 Reason)."""
-        self._finish(call, TERMINATED, reason or "caller cancelled", now)
+        self._finish(call, CallOutcome.CANCELLED, reason or "caller cancelled", now)
 
     def shutdown(self, now: float) -> None:
         """The gateway stops: every ringing call ends, so the PBX and the phones know."""
         for call in list(self.calls.values()):
-            self._finish(call, UNAVAILABLE, "gateway stopping", now)
+            self._finish(call, CallOutcome.UNREACHABLE, "gateway stopping", now)
 
     def clock_stepped(self, delta: float) -> None:
         """The wall clock jumped `delta` seconds: every call keeps the time it has left.
@@ -125,11 +153,18 @@ class Calls:
     def handle_timer(self, now: float) -> None:
         for call in list(self.calls.values()):
             if now >= call.ring_deadline:
-                self._finish(call, UNAVAILABLE, "ring window over", now)
+                self._finish(call, CallOutcome.UNREACHABLE, "ring window over", now)
             elif not call.reached and now >= call.reach_deadline:
-                self._finish(call, UNAVAILABLE, "no device reachable", now)
+                self._finish(call, CallOutcome.UNREACHABLE, "no device reachable", now)
 
     # --- from devices -----------------------------------------------------------------
+
+    def device_event(self, event: PushDelivered | CallActionTaken) -> None:
+        """What Delivery returned about a device: an ack of a call's push, a call action."""
+        if isinstance(event, PushDelivered):
+            self._delivered(event.token, event.push_id, event.at)
+        else:
+            self._action(event, event.at)
 
     def _delivered(self, token: str, push_id: str, now: float) -> None:
         call = self._by_push.get(push_id)
@@ -138,29 +173,31 @@ class Calls:
         call.reached.add(token)
         if not call.ringing:
             call.ringing = True
-            self.on_answer(call, RINGING, "", now)
+            self._out.append(CallAnswered(call, CallOutcome.RINGING, "", now))
 
-    def _action(self, token: str, action: CallAction, now: float) -> None:
+    def _action(self, event: CallActionTaken, now: float) -> None:
+        token, action = event.token, event.action
         call = self.calls.get(action.call_id)
         if call is None or token not in call.pushes.values():
             return
         if action.action == "ringing":
             self._delivered(token, next(p for p, t in call.pushes.items() if t == token), now)
         elif action.action == "decline":
-            self._finish(call, DECLINE, "declined on a device", now)
+            self._finish(call, CallOutcome.DECLINED, "declined on a device", now)
         elif action.action == "busy":
-            self._finish(call, BUSY, "busy on a device", now)
+            self._finish(call, CallOutcome.BUSY, "busy on a device", now)
 
     # --- ending -----------------------------------------------------------------------
 
-    def _finish(self, call: Call, status: int, reason: str, now: float) -> None:
+    def _finish(self, call: Call, outcome: CallOutcome, reason: str, now: float) -> None:
         if call.final is not None:
             return
-        call.final = status
+        call.final = outcome
         self.calls.pop(call.id, None)
         for push_id in call.pushes:
             self._by_push.pop(push_id, None)
-        ended = {"call_ended": {"id": call.id, "reason": reason, "status": status}}
+        ended = {"call_ended": {"id": call.id, "reason": reason,
+                                "status": self.end_status.get(outcome)}}
         for token in dict.fromkeys(call.pushes.values()):
             push = PushRequest(push_type="voip", payload=ended, priority=10,
                                expiration=int(call.ring_deadline + END_GRACE))
@@ -168,21 +205,10 @@ class Calls:
                 self.delivery.submit(token, push, now)
             except Rejected as exc:
                 log.info("call %s: end not pushed to %s: %s", call.id, short(token), exc.reason)
-        log.info("call %s ended: %d (%s)", call.id, status, reason)
-        self.on_answer(call, status, reason, now)
+        log.info("call %s ended: %s (%s)", call.id, outcome.value, reason)
+        self._out.append(CallAnswered(call, outcome, reason, now))
 
     def describe(self) -> list[dict]:
         return [{"id": c.id, "user": c.user, "from": c.caller.uri, "ringing": c.ringing,
                  "devices": len(c.pushes), "reached": len(c.reached)}
                 for c in self.calls.values()]
-
-
-def message_payload(sender: str, display_name: str, text: str, user: str) -> dict:
-    """An alert push for a SIP MESSAGE (RFC 3428)."""
-    title = display_name or sender
-    return {"aps": {"alert": {"title": title, "body": text[:1000]}, "sound": "default"},
-            "message": {"from": sender, "display_name": display_name, "to": user,
-                        "text": text}}
-
-
-

@@ -1,7 +1,8 @@
 """Store-and-forward delivery with APNs semantics, and the registry of connected devices.
 
-The shells hand in `DeviceLink`s (anything that can carry a push to one connection) and the
-current time; this module decides what is stored, sent, re-sent, collapsed and dropped.
+The shells hand in `DeviceLink`s (a handle for one connection) and the current time; this
+module decides what is stored, sent, re-sent, collapsed and dropped, and returns it as
+`core.events` from `actions_to_send()`: it never calls a link or a listener.
 """
 
 from __future__ import annotations
@@ -11,17 +12,26 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from gateway.core import push_rules
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verified_binding
 from gateway.core.clock import ClockStep, ClockWatch
+from gateway.core.events import (
+    CallActionTaken,
+    CloseLink,
+    DeliveryOutput,
+    DeviceLink,
+    PushDelivered,
+    SendPush,
+    WelcomeDevice,
+)
 from gateway.core.installs import InstallGate, InstallPolicy, InstallVerdict
 from gateway.core.metrics import Metrics
-from gateway.core.model import DeviceRecord, PushRequest, StoredPush
-from gateway.core.tokens import derive_token, is_token, selftest_tokens, short
+from gateway.core.model import PushRequest
+from gateway.core.storage import Storage
+from gateway.core.tokens import derive_token, selftest_tokens, short
 from gateway.protocol.messages import PUSH_TYPES, ByeReason, CallAction, Hello, Push
-from gateway.store import StorageFailed, Store
+from gateway.records import DeviceRecord, StorageFailed, StoredPush, is_token
 
 log = logging.getLogger("lpgw.delivery")
 
@@ -30,16 +40,6 @@ log = logging.getLogger("lpgw.delivery")
 # callers to commit nothing and answer 200 for pushes rolled back.
 GROUP_FAILURE_HOLD = 2.0
 STORAGE_LOG_EVERY = 60.0  # seconds between "the store cannot write" lines
-
-
-class DeviceLink(Protocol):
-    """One live connection to a device, as the core sees it."""
-
-    transport: str
-
-    def welcome(self, token: str, user: str | None) -> None: ...
-    def send_push(self, push: Push) -> None: ...
-    def close(self, reason: str, code: str | None = None, message: str | None = None) -> None: ...
 
 
 class Refused(Exception):
@@ -91,13 +91,13 @@ class _Live:
 
 
 class Delivery:
-    def __init__(self, store: Store, token_secret: bytes, gateway_id: str,
+    def __init__(self, storage: Storage, token_secret: bytes, gateway_id: str,
                  settings: DeliverySettings, policy: AssertionPolicy, metrics: Metrics,
                  monotonic: Callable[[], float] | None = None) -> None:
         """`monotonic`, when given, is read beside every `now` (wall-clock seconds) the
         shells pass in, to see the wall clock step (see core.clock); without it (tests of
         the core that move `now` by hand) `now` is taken as it comes."""
-        self.store = store
+        self._storage = storage
         self._monotonic = monotonic
         self._clock: ClockWatch | None = None
         self.last_step: ClockStep | None = None
@@ -124,9 +124,15 @@ class Delivery:
         self._deferred_seen: dict[str, float] = {}
         self._deferred_acks: dict[str, int] = {}  # acks reported delivered, not yet written
         self._deferred_forget: set[str] = set()
-        self.call_listeners: list[Callable[[str, CallAction, float], None]] = []
-        # (token, push id, now) for each push a device acknowledged
-        self.delivered_listeners: list[Callable[[str, str, float], None]] = []
+        # what the shell is to carry out once the input being handled is done
+        self._out: list[DeliveryOutput] = []
+
+    def actions_to_send(self) -> list[DeliveryOutput]:
+        """What the last inputs decided, in order: the shell carries it out (frames to
+        devices, links to close) and hands the events on (acks and call actions to the
+        calls). Call after every input, as aioquic's datagrams_to_send()."""
+        out, self._out = self._out, []
+        return out
 
     # --- devices ---------------------------------------------------------------------
 
@@ -156,8 +162,8 @@ class Delivery:
         if old is not None:
             self._count_connected(old.link, -1)
             self._lose_ephemeral(token, old)
-            old.link.close(ByeReason.REPLACED, "replaced",
-                           "another connection of this install took over")
+            self._out.append(CloseLink(old.link, ByeReason.REPLACED, "replaced",
+                                       "another connection of this install took over"))
             log.info("device %s replaced its %s connection", short(token), old.link.transport)
         if hello.last_ack and hello.gateway_id == self.gateway_id:
             self._ack_stored(token, hello.last_ack, now)
@@ -165,11 +171,11 @@ class Delivery:
         self._live[token] = live
         self._count_connected(link, +1)
         self._handshake(token, link, "welcome")
-        link.welcome(token, user)
+        self._out.append(WelcomeDevice(link, token, user))
         if log.isEnabledFor(logging.INFO):  # counting the queue is a query: only when said
             log.info("device %s connected over %s (topic %s%s), %d queued", short(token),
                      link.transport, hello.topic, f", user {user}" if user else "",
-                     self.store.count_pending(token))
+                     self._storage.count_pending(token))
         if device.next_seq - 1 > device.acked_seq:  # else nothing can be stored: no query
             self._flush(token, live, now)
         return token
@@ -180,10 +186,10 @@ class Delivery:
         if token in self._live:
             return
         try:
-            if self.store.get_device(token) is not None:
+            if self._storage.device(token) is not None:
                 return
             if self._records is None:
-                self._records = self.store.count_devices()
+                self._records = self._storage.count_devices()
         except StorageFailed:
             return  # _upsert says what the store cannot do
         devices = self._records
@@ -213,7 +219,7 @@ class Delivery:
         admitted all the same (its last-seen time is written later), any other refused
         with `bye unavailable` (it comes back with backoff, nothing of its is lost)."""
         try:
-            device = self.store.upsert_device(token, hello.topic, hello.push_types, user, now,
+            device = self._storage.record_device(token, hello.topic, hello.push_types, user, now,
                                               user_expires)
         except StorageFailed as exc:
             known = self._known_as_is(token, hello, user)
@@ -230,7 +236,7 @@ class Delivery:
     def _known_as_is(self, token: str, hello: Hello, user: str | None) -> DeviceRecord | None:
         """The stored record when the hello would change nothing that matters in it."""
         try:
-            device = self.store.get_device(token)
+            device = self._storage.device(token)
         except StorageFailed:
             return None
         if (device is None or device.unregistered_at is not None
@@ -252,22 +258,24 @@ class Delivery:
             self._forget(token, now)
             return
         try:
-            self.store.touch(token, now)
+            self._storage.seen(token, now)
         except StorageFailed as exc:  # worth no fsync: written when the disk takes it
             self._storage_failed("last_seen", exc, now)
             self._deferred_seen[token] = now
 
     def unregister(self, token: str, link: DeviceLink, now: float) -> None:
         try:
-            self.store.unregister(token, now)
+            self._storage.unregister(token, now)
         except StorageFailed as exc:  # not recorded: the app must ask again, so say so
             self._storage_failed("unregister", exc, now)
-            link.close(ByeReason.UNAVAILABLE, "storage_unavailable",
-                       f"the unregistration was not recorded: {self._why(exc)}; "
-                       "unregister again later")
+            self._out.append(CloseLink(
+                link, ByeReason.UNAVAILABLE, "storage_unavailable",
+                f"the unregistration was not recorded: {self._why(exc)}; "
+                "unregister again later"))
             return
         log.info("device %s unregistered", short(token))
-        link.close(ByeReason.UNREGISTERED, None, "pushes to this token are now refused")
+        self._out.append(CloseLink(link, ByeReason.UNREGISTERED, None,
+                                   "pushes to this token are now refused"))
 
     def ack(self, token: str, link: DeviceLink, seq: int, now: float) -> None:
         self.observe_clock(now)
@@ -281,7 +289,7 @@ class Delivery:
     def _ack_stored(self, token: str, seq: int, now: float) -> None:
         reported = self._deferred_acks.get(token, 0)
         try:
-            done = self.store.ack(token, seq, now, reported_through=reported)
+            done = self._storage.ack_through(token, seq, now, reported_through=reported)
         except StorageFailed as exc:
             # worth no fsync: the device has the pushes all the same. Report them now (a
             # ringing phone must stop the others), write the ack when the disk takes it
@@ -289,7 +297,7 @@ class Delivery:
             if seq <= reported:
                 return
             try:
-                done = self.store.delivered_through(token, reported, seq)
+                done = self._storage.delivered_through(token, reported, seq)
             except StorageFailed:
                 return
             self._deferred_acks[token] = seq
@@ -304,14 +312,12 @@ class Delivery:
             if counted:
                 self.metrics.delivered.inc()
                 self.metrics.latency.observe(max(0.0, now - accepted_at))
-            for listener in self.delivered_listeners:
-                listener(token, push_id, now)
+            self._out.append(PushDelivered(token, push_id, now))
 
     def call_action(self, token: str, action: CallAction, now: float) -> None:
         self.metrics.call_actions.labels(action.action).inc()
         log.info("device %s: call %s %s", short(token), action.call_id, action.action)
-        for listener in self.call_listeners:
-            listener(token, action, now)
+        self._out.append(CallActionTaken(token, action, now))
 
     def is_connected(self, token: str) -> bool:
         return token in self._live
@@ -322,7 +328,8 @@ class Delivery:
 
     def shutdown(self) -> None:
         for token, live in list(self._live.items()):
-            live.link.close(ByeReason.SHUTDOWN, None, "the gateway is stopping")
+            self._out.append(CloseLink(live.link, ByeReason.SHUTDOWN, None,
+                                       "the gateway is stopping"))
             self._live.pop(token, None)
             self._count_connected(live.link, -1)
             self._lose_ephemeral(token, live)
@@ -341,7 +348,7 @@ class Delivery:
 
     def _forget(self, token: str, now: float) -> None:
         try:
-            self.store.forget_device(token)
+            self._storage.forget_device(token)
             self._deferred_forget.discard(token)
         except StorageFailed as exc:
             self._storage_failed("forget", exc, now)
@@ -354,16 +361,16 @@ class Delivery:
         when nothing is left. Called now and then, and after every write that worked."""
         try:
             for token, seq in list(self._deferred_acks.items()):
-                self.store.ack(token, seq, now, reported_through=seq)
+                self._storage.ack_through(token, seq, now, reported_through=seq)
                 if self._deferred_acks.get(token) == seq:
                     del self._deferred_acks[token]
             for token, seen in list(self._deferred_seen.items()):
                 if token not in self._live:  # a connected one is seen now: on detach
-                    self.store.touch(token, seen)
+                    self._storage.seen(token, seen)
                 del self._deferred_seen[token]
             for token in list(self._deferred_forget):
                 if token not in self._live:
-                    self.store.forget_device(token)
+                    self._storage.forget_device(token)
                 self._deferred_forget.discard(token)
         except StorageFailed as exc:
             self._storage_failed("retry", exc, now, count=False)
@@ -377,7 +384,7 @@ class Delivery:
                 self._deferred_acks or self._deferred_seen or self._deferred_forget):
             return
         try:
-            self.store.probe(now)
+            self._storage.probe(now)
         except StorageFailed:
             return
         self._storage_ok(now)
@@ -429,7 +436,7 @@ class Delivery:
         """
         self.observe_clock(now)
         counted = token not in self._test_tokens
-        in_group = group or self.store.in_group
+        in_group = group or self._storage.in_group
         try:
             lost = self._lost_group(now) if group else None
             if lost is not None:
@@ -450,7 +457,7 @@ class Delivery:
             raise
         if counted:
             self.metrics.accepted.labels(req.push_type).inc()
-        if not group and self.store.in_group:
+        if not group and self._storage.in_group:
             self.commit(now)  # a group is open: this push joined it, and lands with it
         elif result.stored and not group:
             self._storage_ok(now)
@@ -465,7 +472,7 @@ class Delivery:
         failed = self._lost_group(now)
         if failed is None:
             try:
-                self.store.commit()
+                self._storage.commit()
             except StorageFailed as exc:
                 self._storage_failed("push", exc, now)
                 self._lose_group(exc, now)
@@ -483,7 +490,7 @@ class Delivery:
                 self._flush(token, live, now)
 
     def rollback(self) -> None:
-        self.store.rollback()
+        self._storage.rollback()
         self._waiting.clear()
 
     def _lose_group(self, exc: StorageFailed, now: float) -> None:
@@ -504,7 +511,7 @@ class Delivery:
                 send_first: bool = False) -> Accepted:
         if not is_token(token):
             raise Rejected("BadDeviceToken", "a device token is 64 lowercase hex characters")
-        device = self.store.get_device(token)
+        device = self._storage.device(token)
         if device is None:
             raise Rejected("BadDeviceToken", "no device has this token")
         if device.unregistered_at is not None:
@@ -554,14 +561,14 @@ class Delivery:
                 log.info("push %s to %s expired on arrival (its device is away)", push_id,
                          short(token))
                 return Accepted(push_id, None, sent=False, stored=False)
-            seq = self.store.next_seq(token)
+            seq = self._storage.next_seq(token)
             live.ephemeral[seq] = (push_id, now)
             self._send(live, StoredPush(token, seq, push_id, req.push_type, priority, 0,
                                         payload_json, req.collapse_id, now), now)
             return Accepted(push_id, seq, sent=True, stored=False)
         if group:
-            self.store.begin()
-        stored, collapsed, evicted = self.store.add_push(
+            self._storage.begin()
+        stored, collapsed, evicted = self._storage.accept_push(
             token, push_id, req.push_type, priority, expiration, req.collapse_id,
             payload_json, now, self.settings.queue_limit)
         counted = token not in self._test_tokens
@@ -588,8 +595,8 @@ class Delivery:
         a device is never sent an expired one)."""
         self.observe_clock(now)
         try:
-            gone = self.store.expire(now)
-            pruned = self.store.prune_devices(now - self.settings.forget_after,
+            gone = self._storage.expire(now)
+            pruned = self._storage.prune_devices(now - self.settings.forget_after,
                                               keep=set(self._live), limit=PRUNE_BATCH)
         except StorageFailed as exc:
             self._storage_failed("expire", exc, now)
@@ -635,7 +642,7 @@ class Delivery:
         for token in self._deferred_seen:
             self._deferred_seen[token] += step.delta
         try:
-            self.store.shift_times(step.delta, expirations=step.delta > 0)
+            self._storage.shift_times(step.delta, expirations=step.delta > 0)
         except StorageFailed as exc:
             self._storage_failed("clock_step", exc, step.wall)
 
@@ -650,7 +657,7 @@ class Delivery:
     def _flush(self, token: str, live: _Live, now: float) -> None:
         """Send every stored push this connection has not had yet, in order."""
         expired: list[int] = []
-        for stored in self.store.pending(token, live.sent_through):
+        for stored in self._storage.pending_after(token, live.sent_through):
             if stored.expiration and stored.expiration < now:
                 expired.append(stored.seq)
                 continue
@@ -658,17 +665,17 @@ class Delivery:
         if expired:
             self._expired(token, len(expired))
             try:
-                self.store.delete_pushes(token, expired)
+                self._storage.drop_pushes(token, expired)
             except StorageFailed as exc:  # never sent all the same; the sweep deletes them
                 self._storage_failed("expire", exc, now)
 
     def _send(self, live: _Live, stored: StoredPush, now: float,
               payload: dict | None = None) -> None:
-        live.link.send_push(Push(
+        self._out.append(SendPush(live.link, Push(
             seq=stored.seq, id=stored.push_id, push_type=stored.push_type,
             priority=stored.priority, expiration=stored.expiration,
             payload=json.loads(stored.payload_json) if payload is None else payload,
-            collapse_id=stored.collapse_id, sent_at=now, payload_json=stored.payload_json))
+            collapse_id=stored.collapse_id, sent_at=now, payload_json=stored.payload_json)))
         live.sent_through = max(live.sent_through, stored.seq)
 
     def _lose_ephemeral(self, token: str, live: _Live) -> None:

@@ -1,8 +1,8 @@
-"""What a push is, before and after it is accepted."""
+"""What a provider asks for; what storage keeps is in `gateway.records`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -17,31 +17,3 @@ class PushRequest:
     collapse_id: str | None = None
     push_id: str | None = None  # apns-id; made when absent
     topic: str | None = None
-
-
-@dataclass(frozen=True)
-class StoredPush:
-    token: str
-    seq: int
-    push_id: str
-    push_type: str
-    priority: int
-    expiration: int
-    payload_json: str
-    collapse_id: str | None
-    accepted_at: float
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    token: str
-    topic: str
-    push_types: tuple[str, ...]
-    user: str | None
-    created_at: float
-    last_seen: float
-    acked_seq: int
-    next_seq: int
-    unregistered_at: float | None = None
-    user_expires: float | None = None  # a binding from an assertion ends then
-    extra: dict[str, Any] = field(default_factory=dict)

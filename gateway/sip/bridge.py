@@ -1,7 +1,8 @@
 """The SIP bridge: requests from the PBX become pushes, device actions become responses.
 
-A transaction user on top of `transaction.py`, still sans-IO: datagrams and `now` in, and
-`Send`s out through `on_send`, because answers also arrive later from devices.
+A transaction user on top of `transaction.py`, still sans-IO: datagrams, `now` and the
+calls' answers in; `Send`s (and the two moments the shell times) out, from `outputs()`,
+which the shell takes after every input.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import codecs
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway import faults
-from gateway.core.calls import Call, Caller, Calls, message_payload
+from gateway.core.calls import Call, CallAnswered, Caller, CallOutcome, Calls
 from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
+from gateway.core.storage import Storage
 from gateway.sip.message import SipError, SipMessage, number, parse
 from gateway.sip.register import PbxLink
 from gateway.sip.transaction import (
@@ -41,6 +42,26 @@ REQUIRED = ("via", "to", "from", "call-id", "cseq")
 REASON_TEXT = re.compile(r'text\s*=\s*"((?:[^"\\]|\\.)*)"', re.I)
 REASON_CAUSE = re.compile(r"cause\s*=\s*(\d+)", re.I)
 
+# how each outcome of a call is said to the PBX (and to the app, in call_ended.status)
+SIP_STATUS = {CallOutcome.RINGING: 180, CallOutcome.DECLINED: 603, CallOutcome.BUSY: 486,
+              CallOutcome.UNREACHABLE: 480, CallOutcome.CANCELLED: 487}
+
+
+@dataclass(frozen=True, slots=True)
+class CallPushed:
+    """An INVITE's incoming-call pushes are queued for the phones: once the shell has
+    written them, the time since the INVITE was read is what a phone waits."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ringing:
+    """180 Ringing answered, `seconds` after the INVITE was read."""
+
+    seconds: float
+
+
+SipOutput = Send | CallPushed | Ringing
+
 
 @dataclass(frozen=True)
 class Route:
@@ -57,10 +78,10 @@ class UserRouter:
     app's calls by binding its own device to one of that app's users."""
 
     def __init__(self, routes: list[Route], static: dict[str, list[str]],
-                 delivery: Delivery, topics: tuple[str, ...] = ()) -> None:
+                 storage: Storage, topics: tuple[str, ...] = ()) -> None:
         self.routes = routes
         self.static = static
-        self.delivery = delivery
+        self.storage = storage
         self.topics = topics  # sip.topics: the apps SIP rings when a route names none
 
     def user_for(self, uri_user: str) -> str:
@@ -75,12 +96,20 @@ class UserRouter:
 
     def devices_of(self, user: str, topics: tuple[str, ...] = ()) -> list[str]:
         """Bound devices of those topics (all when empty), then the site's static ones."""
-        bound = self.delivery.store.tokens_of(user, topics=topics or None)
+        bound = self.storage.devices_of_user(user, topics=topics or None)
         return list(dict.fromkeys([*bound, *self.static.get(user, [])]))
 
     def devices_for(self, uri_user: str) -> tuple[str, list[str]]:
         user, topics = self.resolve(uri_user)
         return user, self.devices_of(user, topics)
+
+
+def message_payload(sender: str, display_name: str, text: str, user: str) -> dict:
+    """An alert push for a SIP MESSAGE (RFC 3428)."""
+    title = display_name or sender
+    return {"aps": {"alert": {"title": title, "body": text[:1000]}, "sound": "default"},
+            "message": {"from": sender, "display_name": display_name, "to": user,
+                        "text": text}}
 
 
 def message_text(body: bytes, content_type: str | None) -> str:
@@ -118,18 +147,19 @@ class SipBridge:
         self.server_name = server_name
         self.tx = TransactionLayer()
         self.draining = False
-        self.on_send: Callable[[list[Send]], None] = lambda sends: None
+        self._out: list[SipOutput] = []
         self.pbx: PbxLink | None = None
         self.sources: SourcePolicy | None = None  # None: requests from anywhere (tests)
         self.digest: DigestPolicy | None = None  # inbound digest authentication, when on
         self._invite_of: dict[str, ServerTransaction] = {}  # call id -> INVITE transaction
         self._call_of: dict[int, Call] = {}  # id(INVITE transaction) -> call
-        # INVITE read -> 180 sent, seconds (the shell records it, as it does INVITE -> push)
-        self.on_ringing: Callable[[float], None] = lambda seconds: None
-        # an INVITE's pushes are written (the shell times it)
-        self.on_call_pushed: Callable[[], None] = lambda: None
         self._trying: ServerTransaction | None = None  # an INVITE still owed its 100
-        calls.on_answer = self._answer
+
+    def outputs(self) -> list[SipOutput]:
+        """What to send and time since the last call, in order: the shell carries it out
+        after every input (a datagram, a timer, a call's answer)."""
+        out, self._out = self._out, []
+        return out
 
     # --- input ------------------------------------------------------------------------
 
@@ -181,7 +211,7 @@ class SipBridge:
 
     def _dispatch(self, action: object, now: float) -> str | None:
         if isinstance(action, Send):
-            self.on_send([action])
+            self._out.append(action)
         elif isinstance(action, RequestReceived) and action.tx.is_invite:
             # The phone first: the 100 Trying (ours to send, RFC 3261 17.2.1: we answer at
             # once) is made and sent once the call's push is written, or just before any
@@ -315,10 +345,10 @@ class SipBridge:
         callee = req.request_uri
         user, devices = self.router.devices_for(callee.user or "")
         caller = Caller(uri=str(caller_address.uri), display_name=caller_address.name,
-                        callee=str(callee), sip_call_id=req.call_id)
+                        callee=str(callee), details={"sip_call_id": req.call_id})
         call = self.calls.offer(user, caller, now, devices)
         if call is not None:
-            self.on_call_pushed()
+            self._out.append(CallPushed())
         if call is None:
             self._reply(tx, 480, now, reason="No Device Bound")
             return "unreachable"
@@ -367,9 +397,12 @@ class SipBridge:
 
     # --- output -----------------------------------------------------------------------
 
-    def _answer(self, call: Call, status: int, reason: str, now: float) -> None:
-        """A device's answer (or the call's end) for the PBX. Called from a device's
-        connection or a timer: a failure here is contained to this call's transaction."""
+    def answer(self, answered: CallAnswered) -> None:
+        """A device's answer (or the call's end) for the PBX, as the calls returned it
+        (after a device's ack or action, or a timer): a failure here is contained to this
+        call's transaction."""
+        call, now = answered.call, answered.at
+        status = SIP_STATUS[answered.outcome]
         tx = self._invite_of.get(call.id)
         if tx is None:
             return
@@ -379,7 +412,7 @@ class SipBridge:
         with faults.contained(self.metrics, "sip_answer", f"call {call.id}"):
             self._reply(tx, status, now)
             if status == 180:
-                self.on_ringing(now - call.started)
+                self._out.append(Ringing(now - call.started))
         if status >= 200 and tx.state in ("trying", "proceeding"):
             self.tx.forget(tx)  # its final answer failed: nothing else would end it
 
@@ -388,14 +421,14 @@ class SipBridge:
         if self._trying is tx:
             self._send_trying(now)  # the 100 Trying goes before the answer
         extra = [("server", self.server_name), *(headers or [])]
-        self.on_send(self.tx.respond(tx, status, now, reason, extra))
+        self._out.extend(self.tx.respond(tx, status, now, reason, extra))
 
     def _reply_without_transaction(self, msg: SipMessage, peer: Peer, status: int,
                                    reason: str) -> None:
         """A stateless answer (RFC 3261 8.2.6), to the request's source (never raises for
         what the request says: response_to and response_destination do not)."""
         response = response_to(msg, status, peer, reason[:60])
-        self.on_send([Send(response.encode(), response_destination(response, peer))])
+        self._out.append(Send(response.encode(), response_destination(response, peer)))
 
     def _refuse_raw(self, data: bytes, peer: Peer, exc: SipError, now: float) -> None:
         """A request too broken to parse whole still gets a 400 when its Via can be found."""
@@ -453,7 +486,7 @@ class SipBridge:
         if self.pbx is not None:
             for request, context in self.pbx.due_requests(now):
                 _, sends = self.tx.request(request, self.pbx.pbx, now, context)
-                self.on_send(sends)
+                self._out.extend(sends)
 
     def status(self, now: float) -> dict:
         return {"calls": self.calls.describe(), "transactions": len(self.tx.server),

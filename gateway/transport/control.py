@@ -19,8 +19,10 @@ from gateway import faults
 from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
+from gateway.core.storage import Storage
 from gateway.protocol.frames import HEADER, FrameDecoder, FrameError, MessageError, decode_body
 from gateway.protocol.frames import encode_frame as encode
+from gateway.transport.pump import Pump
 
 log = logging.getLogger("lpgw.control")
 
@@ -48,10 +50,12 @@ def push_request(d: dict[str, Any]) -> PushRequest:
 
 
 class ControlServer:
-    def __init__(self, path: Path, delivery: Delivery, status: Callable[[], dict],
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, path: Path, delivery: Delivery, storage: Storage, pump: Pump,
+                 status: Callable[[], dict], metrics: Metrics | None = None) -> None:
         self.path = path
         self.delivery = delivery
+        self.storage = storage
+        self.pump = pump
         self.status = status
         self.metrics = metrics if metrics is not None else delivery.metrics
         self._server: asyncio.AbstractServer | None = None
@@ -125,10 +129,12 @@ class ControlServer:
         try:
             result = self.delivery.submit(token, req, time.time())
         except Rejected as exc:
+            self.pump.run()
             reply = {"ok": False, "reason": exc.reason, "message": str(exc)}
             if exc.timestamp is not None:
                 reply["timestamp"] = int(exc.timestamp * 1000)
             return reply
+        self.pump.run()  # to the device, when it is connected
         return {"ok": True, "push_id": result.push_id, "seq": result.seq, "sent": result.sent,
                 "stored": result.stored}
 
@@ -138,7 +144,7 @@ class ControlServer:
         token, user = request.get("token"), request.get("user")
         if not isinstance(token, str) or not (user is None or isinstance(user, str)):
             return {"ok": False, "reason": "BadRequest", "message": "token and user"}
-        if not self.delivery.store.set_user(token, user):
+        if not self.storage.bind_user(token, user):
             return {"ok": False, "reason": "BadDeviceToken", "message": "no such device"}
         return {"ok": True}
 

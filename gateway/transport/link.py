@@ -28,6 +28,7 @@ from gateway.protocol.session import (
     SessionSettings,
     UnregisterReceived,
 )
+from gateway.transport.pump import Pump
 from gateway.transport.timers import TimerWheel
 
 log = logging.getLogger("lpgw.link")
@@ -45,6 +46,7 @@ class LinkContext:
     settings: SessionSettings
     gateway_id: str
     timers: TimerWheel
+    pump: Pump  # carries out what the core returns, after each input
 
 
 def ignore(*args: object) -> None:
@@ -52,7 +54,9 @@ def ignore(*args: object) -> None:
 
 
 class GatewayLink:
-    """Implements the core's DeviceLink; the transport supplies write and close.
+    """The core's DeviceLink handle, and the shell that carries out what the core returns
+    for it (the pump calls welcome, send_push, close); the transport supplies write and
+    close.
 
     Every way in (the transport's bytes, acks and loss, the core's pushes, the timer) is
     contained: an exception ends this one connection (`bye` unavailable, counted in
@@ -119,7 +123,7 @@ class GatewayLink:
             except Exception as exc:
                 self._fail("device_input", exc)
 
-    # from the core (DeviceLink)
+    # what the core returned for this connection (through the pump)
 
     def welcome(self, token: str, user: str | None) -> None:
         self.token = token
@@ -153,7 +157,7 @@ class GatewayLink:
 
     def _handle(self, events: list) -> None:
         wall = time.time()
-        delivery = self.ctx.delivery
+        delivery, pump = self.ctx.delivery, self.ctx.pump
         for event in events:
             if isinstance(event, HelloReceived):
                 try:
@@ -163,14 +167,20 @@ class GatewayLink:
                                    self.peer, exc)
                     self._end(self.session.close(exc.reason, exc.code, str(exc)))
                     return
+                pump.run()  # welcome, what waits for it, the older connection's bye
+                if self._ended:  # writing the welcome failed: this connection is over
+                    return
             elif isinstance(event, PingDue) and self._ping is not None:
                 self._ping(event.nonce)
             elif isinstance(event, AckReceived) and self.token:
                 delivery.ack(self.token, self, event.seq, wall)
+                pump.run()  # a call's push acknowledged: its PBX hears 180
             elif isinstance(event, CallActionReceived) and self.token:
                 delivery.call_action(self.token, event.action, wall)
+                pump.run()
             elif isinstance(event, UnregisterReceived) and self.token:
                 delivery.unregister(self.token, self, wall)
+                pump.run()  # this connection's bye
                 return
             elif isinstance(event, FrameRejected):
                 self.ctx.metrics.protocol_errors.labels(event.code).inc()

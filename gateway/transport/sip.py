@@ -24,7 +24,16 @@ from gateway.core.calls import Calls, CallSettings
 from gateway.core.clock import ClockWatch
 from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
-from gateway.sip.bridge import Route, SipBridge, UserRouter
+from gateway.core.storage import Storage
+from gateway.sip.bridge import (
+    SIP_STATUS,
+    CallPushed,
+    Ringing,
+    Route,
+    SipBridge,
+    SipOutput,
+    UserRouter,
+)
 from gateway.sip.message import SipError, StreamFramer
 from gateway.sip.register import Account, PbxLink
 from gateway.sip.transaction import Peer, Send
@@ -34,6 +43,7 @@ from gateway.sip.trust import (
     read_credentials,
     source_policy,
 )
+from gateway.transport.pump import Pump
 
 log = logging.getLogger("lpgw.sip")
 
@@ -45,27 +55,26 @@ TIMER_RETRY = 1.0  # seconds before the timer runs again after a tick that faile
 class SipTransport:
     """Owns the UDP socket, the TCP listener and connections, and the bridge's timer."""
 
-    def __init__(self, bridge: SipBridge, metrics: Metrics) -> None:
+    def __init__(self, bridge: SipBridge, metrics: Metrics, pump: Pump) -> None:
         self.bridge = bridge
         self.metrics = metrics
+        self.pump = pump
+        pump.bridge, pump.calls, pump.sip = bridge, bridge.calls, self
         self._loop = asyncio.get_running_loop()
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
         self._conns: dict[int, _SipStream] = {}
         self._ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._clock: ClockWatch | None = None
         self._out: dict[tuple[str, int], _SipStream] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._tasks: set[asyncio.Task] = set()
         self.invite_latencies: collections.deque[float] = collections.deque(maxlen=10000)
         self.ringing_latencies: collections.deque[float] = collections.deque(maxlen=10000)
-        bridge.on_ringing = self._ringing
-        bridge.on_call_pushed = self._call_pushed
         self._started = 0.0
-        self._receiving = False  # the timers are armed once, when the message is done
         self.port = 0
-        bridge.on_send = self.send
 
     async def start(self, host: str, port: int, udp: bool = True, tcp: bool = True) -> None:
         bind = None if host in ("::", "") else host
@@ -99,35 +108,35 @@ class SipTransport:
     def received(self, data: bytes, peer: Peer, stream: bool) -> None:
         """One datagram or TCP message; whatever fails in it stays with it."""
         self._started = time.perf_counter()
-        self._receiving = True
         with faults.contained(self.metrics, "sip_message", f"{peer.transport}:{peer.host}"):
             self.bridge.receive(data, peer, self._now(), stream=stream)
-        self._receiving = False
+        # the phones' frames first, then the 100 Trying and whatever else the bridge said
+        self.pump.run()
         # and on disk before anything else; a full disk is counted and logged by the store
         with faults.contained(self.metrics, "sip_commit"), contextlib.suppress(Rejected):
             self.bridge.delivery.commit(time.time())
+        self.pump.run()  # what the commit released (pushes grouped with the call's)
         self._arm()
-
-    def _ringing(self, seconds: float) -> None:
-        self.metrics.sip_invite_to_ringing.observe(seconds)
-        self.ringing_latencies.append(seconds)
-
-    def _call_pushed(self) -> None:
-        """An INVITE's incoming-call frames are written: the latency a phone sees."""
-        elapsed = time.perf_counter() - self._started
-        self.metrics.sip_invite_to_push.observe(elapsed)
-        self.invite_latencies.append(elapsed)
 
     # --- out --------------------------------------------------------------------------
 
-    def send(self, sends: list[Send]) -> None:
-        """Each send on its own: one that fails does not keep the others from going."""
-        for s in sends:
-            with faults.contained(self.metrics, "sip_send",
-                                  f"{s.peer.transport}:{s.peer.host}:{s.peer.port}"):
-                self._send_one(s)
-        if not self._receiving:
-            self._arm()
+    def carry_out(self, outputs: list[SipOutput]) -> None:
+        """What the bridge returned, in order (the pump hands it over after each input):
+        messages to send, each on its own so one that fails does not keep the others
+        from going, and the two moments a call is timed by."""
+        for out in outputs:
+            if isinstance(out, Send):
+                with faults.contained(self.metrics, "sip_send",
+                                      f"{out.peer.transport}:{out.peer.host}:{out.peer.port}"):
+                    self._send_one(out)
+            elif isinstance(out, CallPushed):  # its frames are written: what a phone waits
+                elapsed = time.perf_counter() - self._started
+                self.metrics.sip_invite_to_push.observe(elapsed)
+                self.invite_latencies.append(elapsed)
+            elif isinstance(out, Ringing):
+                self.metrics.sip_invite_to_ringing.observe(out.seconds)
+                self.ringing_latencies.append(out.seconds)
+        self._arm()  # a new transaction, or one ended: its timers
 
     def _send_one(self, s: Send) -> None:
         if s.peer.transport == "udp":
@@ -205,29 +214,33 @@ class SipTransport:
         """(Re)schedule the bridge's next timer; always leaves one armed when one is due."""
         if self._udp is None and self._tcp_server is None:
             return  # stopped
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         at = None
         with faults.contained(self.metrics, "sip_timer", "next") as outcome:
             self._now()  # a step is applied before the next deadline is read
             at = self.bridge.next_timer()
         if outcome.failed:
             at = time.time() + TIMER_RETRY
+        if at is not None and not_before is not None:
+            at = max(at, not_before)
+        if at == self._timer_at and self._timer is not None:
+            return  # armed for that already (after each message, and after its sends)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
         if at is not None:
-            if not_before is not None:
-                at = max(at, not_before)
             self._timer = self._loop.call_at(self._loop.time() + max(0.0, at - time.time()),
                                              self._fire)
 
     def _fire(self) -> None:
         """One timer tick. After a failure the timer is armed again, but not sooner than
         TIMER_RETRY: what failed may still be due, and must not spin the loop."""
-        self._timer = None
+        self._timer = self._timer_at = None
         now = self._now()
         ok = False
         with faults.contained(self.metrics, "sip_timer", "tick"):
             ok = self.bridge.handle_timer(now) is not False
+        self.pump.run()  # retransmissions, ended calls' pushes and their answers
         self._arm(None if ok else now + TIMER_RETRY)
 
 
@@ -339,16 +352,16 @@ def pbx_link(cfg: SipConfig, port: int, now: float) -> PbxLink | None:
                    cfg.keepalive_interval, now)
 
 
-async def start_sip(cfg: SipConfig, delivery: Delivery, metrics: Metrics,
-                    name: str) -> SipTransport:
+async def start_sip(cfg: SipConfig, delivery: Delivery, storage: Storage, metrics: Metrics,
+                    name: str, pump: Pump) -> SipTransport:
     """The SIP bridge as configured, listening."""
     router = UserRouter([Route(*r) for r in routes(cfg)],
-                        {b.user: list(b.tokens) for b in cfg.static_bindings}, delivery,
+                        {b.user: list(b.tokens) for b in cfg.static_bindings}, storage,
                         tuple(cfg.topics))
     calls = Calls(delivery, CallSettings(cfg.ring_window, cfg.reach_timeout),
-                  router.devices_of)
+                  router.devices_of, end_status=SIP_STATUS)
     bridge = SipBridge(calls, delivery, router, metrics, server_name=name)
-    transport = SipTransport(bridge, metrics)
+    transport = SipTransport(bridge, metrics, pump)
     # before the first request can come
     bridge.sources, bridge.digest = trust(cfg, _route(cfg)[0] if cfg.pbx_host else None, name)
     await transport.start(cfg.host, cfg.port, cfg.udp, cfg.tcp)
