@@ -59,6 +59,7 @@ from aioquic.quic.configuration import QuicConfiguration  # noqa: E402
 from aioquic.quic.connection import QuicConnection  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 
+from gateway import internals  # noqa: E402
 from gateway.certs import pin_of_der  # noqa: E402
 from gateway.core.metrics import Metrics  # noqa: E402
 from gateway.protocol import ALPN, VERSIONS  # noqa: E402
@@ -606,25 +607,6 @@ class BenchSession(DeviceSession):
         super()._send(message)
 
 
-def one_key_share() -> None:
-    """Make this process's aioquic clients offer a single X25519 key share, as a phone (and
-    an OpenSSL client) does; aioquic's client would generate four (P-256, P-384, X25519,
-    X448) for every handshake, which costs the load generator, not the gateway."""
-    from aioquic import tls as qtls
-
-    if getattr(qtls.Context, "_bench_one_share", False):
-        return
-    init = qtls.Context.__init__
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        if self._is_client and qtls.Group.X25519 in self._supported_groups:
-            self._supported_groups = [qtls.Group.X25519]
-
-    qtls.Context.__init__ = __init__
-    qtls.Context._bench_one_share = True
-
-
 class QuicClientProtocol(asyncio.DatagramProtocol):
     """One device's UDP socket: datagrams into its QuicConnection, timers, out again."""
 
@@ -868,7 +850,7 @@ class Device:
         if self.state != CONNECTING or proto is not self.stream:
             proto.close()
             return
-        peer = proto.quic.tls._peer_certificate
+        peer = internals.peer_certificate(proto.quic.tls)
         if not self.check_pin(peer.public_bytes(Encoding.DER) if peer is not None else b""):
             return
         proto.stream_id = proto.quic.get_next_available_stream_id()
@@ -1145,7 +1127,7 @@ class Worker:
         self.qconfig = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
                                          verify_mode=ssl.CERT_NONE, idle_timeout=60.0)
         if transport == "quic":
-            one_key_share()
+            internals.offer_one_key_share()
         self.devices = [Device(self, i, ident) for i, ident in enumerate(idents)]
         for d, assertion in zip(self.devices, assertions or (), strict=False):
             d.assertion = assertion

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from aioquic.quic.configuration import QuicConfiguration  # noqa: E402
 from aioquic.quic.connection import QuicConnection  # noqa: E402
 
-from bench.loadgen import git_state, machine, now_iso, one_key_share  # noqa: E402
+from bench.loadgen import git_state, machine, now_iso  # noqa: E402
+from gateway import internals  # noqa: E402
 from gateway.protocol import ALPN  # noqa: E402
 from gateway.transport import quic  # noqa: E402
 
@@ -65,7 +66,7 @@ def connected_pair(server_config: QuicConfiguration, clock: list[float]
         while gw.next_event() or phone.next_event():
             pass
         clock[0] += 0.001
-    if stream is None or not quic.release_handshake_state(gw):
+    if stream is None or not internals.release_handshake_state(gw):
         raise RuntimeError("the in-memory handshake did not complete")
     return phone, gw
 
@@ -107,7 +108,7 @@ def main() -> None:
                    help="seconds between heartbeats, for the CPU figure at 10,000 devices")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
-    one_key_share()
+    internals.offer_one_key_share()
     clock = [1000.0]
     with tempfile.TemporaryDirectory() as tmp:
         config = gateway_configuration(Path(tmp))

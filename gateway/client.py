@@ -25,6 +25,7 @@ from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.certs import pin_of_der
+from gateway.internals import connection_of, datagram_transport_of, peer_certificate
 from gateway.protocol import ALPN, VERSIONS
 from gateway.protocol.messages import ByeReason, Hello
 from gateway.protocol.session import (
@@ -91,6 +92,12 @@ class _QuicClient(QuicConnectionProtocol):
                 self.on_lost("gateway ended the stream")
         elif isinstance(event, events.ConnectionTerminated):
             self.on_lost(f"QUIC closed: {event.reason_phrase or event.error_code}")
+
+
+def _close_socket(protocol: QuicConnectionProtocol) -> None:
+    transport = datagram_transport_of(protocol)
+    if transport is not None:
+        transport.close()
 
 
 class DeviceClient:
@@ -240,13 +247,13 @@ class DeviceClient:
         try:
             await protocol.wait_connected()
         except ConnectionError:
-            protocol._transport.close()
+            _close_socket(protocol)
             raise ConnectionError("QUIC handshake failed") from None
         except BaseException:  # the connect timeout: nothing may keep retransmitting
             conn.close()
-            protocol._transport.close()
+            _close_socket(protocol)
             raise
-        peer = conn.tls._peer_certificate  # aioquic keeps the leaf here after the handshake
+        peer = peer_certificate(conn.tls)
         self._quic = protocol
         stream_id = conn.get_next_available_stream_id()
 
@@ -256,7 +263,7 @@ class DeviceClient:
             protocol.on_heard = lambda: None
             conn.close(error_code=0, reason_phrase="bye")
             protocol.transmit()
-            protocol._transport.close()
+            _close_socket(protocol)
 
         self._check_pin(peer.public_bytes(Encoding.DER) if peer else b"", close)
 
@@ -277,15 +284,17 @@ class DeviceClient:
         if self._quic is None:
             raise RuntimeError("migrate needs a QUIC connection")
         protocol = self._quic
-        old = protocol._transport
+        old = datagram_transport_of(protocol)
         await asyncio.get_running_loop().create_datagram_endpoint(lambda: protocol,
                                                                   sock=_udp_socket())
-        old.close()
+        if old is not None:
+            old.close()
         protocol.change_connection_id()
-        protocol._quic.send_ping(0)
+        connection_of(protocol).send_ping(0)
         protocol.transmit()
+        moved = datagram_transport_of(protocol)
         self.emit({"event": "migrated",
-                   "local": protocol._transport.get_extra_info("sockname")[1]})
+                   "local": moved.get_extra_info("sockname")[1] if moved else None})
 
     def _check_pin(self, der: bytes, close: Callable[[], None]) -> None:
         got = pin_of_der(der) if der else ""

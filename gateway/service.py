@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway import __version__, certs, config, faults, logs
+from gateway import __version__, certs, config, faults, internals, logs
 from gateway.api import server as http_server
 from gateway.api.limits import ApiLimits, descriptor_split
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
@@ -148,6 +148,7 @@ class Gateway:
 
     async def start(self) -> None:
         c = self.config
+        internals.install()  # the touches of aioquic's and hpack's internals, checked
         c.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
         if certs.ensure_self_signed(c.cert_path, c.key_path, c.name):
             log.info("made a self-signed P-256 certificate at %s", c.cert_path)
@@ -612,7 +613,7 @@ def tune_garbage_collector() -> int:
     the storm took 22.5 s instead of 38.4 s. Rarer passes must not mean garbage kept:
     a connection that ends is freed by reference counting, not by the collector (our
     objects let go of each other in GatewayLink.connection_lost, and aioquic's knot of
-    cycles is untied by quic.release_closed_connection). What the start made (modules,
+    cycles is untied by internals.release_closed_connection). What the start made (modules,
     configuration, keys) lives as long as the process: frozen, no pass visits it again.
     """
     gc.collect()

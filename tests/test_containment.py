@@ -13,9 +13,8 @@ import contextlib
 
 import pytest
 
-from gateway import faults
+from gateway import faults, internals
 from gateway.protocol.messages import ByeReason
-from gateway.transport import quic as quic_mod
 from gateway.transport.timers import TimerWheel
 from tests.conftest import eventually, new_install, send
 
@@ -183,12 +182,12 @@ async def test_one_timer_owner_failing_leaves_the_others_and_counts(gateway):
 
 
 def test_stream_backlog_reads_aioquic_as_expected():
-    """The one aioquic internal the slow-reader limit reads (quic.stream_backlog)."""
+    """The one aioquic internal the slow-reader limit reads (internals.stream_backlog)."""
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
 
     conn = QuicConnection(configuration=QuicConfiguration(is_client=True))
     sid = conn.get_next_available_stream_id()
     conn.send_stream_data(sid, b"x" * 1000)
-    assert quic_mod.stream_backlog(conn, sid) == 1000
-    assert quic_mod.stream_backlog(conn, sid + 4) is None
+    assert internals.stream_backlog(conn, sid) == 1000
+    assert internals.stream_backlog(conn, sid + 4) is None

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from gateway import internals
 from tests.conftest import eventually, new_install, send
 
 TRANSPORTS = ["quic", "tls"]
@@ -205,7 +206,7 @@ async def test_quic_device_keeps_its_session_when_its_address_changes(gateway, d
                                  result="welcome") == 1
     # the gateway now talks to the new port
     (conn,) = set(gateway._quic._protocols.values())  # one connection, several ids
-    assert conn._quic._network_paths[0].addr[1] == moved["local"]
+    assert internals.peer_address(internals.connection_of(conn))[1] == moved["local"]
 
 
 async def test_quic_connections_that_end_leave_no_ids_behind(gateway, devices):

@@ -28,7 +28,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import pull_quic_header
 
-from gateway import certs
+from gateway import certs, internals
 from gateway.protocol import ALPN
 from gateway.transport import quic as gw_quic
 from tests.conftest import ROOT, send
@@ -88,7 +88,7 @@ class Pair:
         while (event := self.server.next_event()) is not None:
             self.server_events.append(event)
             if isinstance(event, events.HandshakeCompleted):
-                self.released.append(gw_quic.release_handshake_state(self.server))
+                self.released.append(internals.release_handshake_state(self.server))
                 self.released_at = self.now
 
     def _client_events(self) -> None:
@@ -176,7 +176,7 @@ def test_handshake_state_is_released(server_config):
         assert not server._cryptos[epoch].send.is_valid()
         assert not server._cryptos[epoch].recv.is_valid()
     assert pair.client.tls.key_schedule is not None  # a client is left alone
-    assert gw_quic.release_handshake_state(pair.client) is False
+    assert internals.release_handshake_state(pair.client) is False
 
 
 def test_released_server_tls_refuses_further_messages_without_writing(server_config):
@@ -192,7 +192,7 @@ def test_released_server_tls_refuses_further_messages_without_writing(server_con
 
 
 def test_frame_handler_epoch_sets_are_shared(server_config):
-    assert gw_quic.share_frame_handler_epochs()
+    assert internals.share_frame_handler_epochs()
     a, b = Pair(server_config), Pair(server_config)
     a.step()
     b.step()
@@ -293,7 +293,7 @@ def test_an_ended_connection_is_freed_by_reference_counting(server_config):
         assert knot() is not None  # as aioquic leaves it: garbage only a full pass finds
 
         server = released.server
-        assert gw_quic.release_closed_connection(server)
+        assert internals.release_closed_connection(server)
         # what aioquic's public methods do with an ended connection still works: nothing
         assert server.datagrams_to_send(now=released.now) == []
         assert server.get_timer() is None and server.next_event() is None
@@ -314,10 +314,10 @@ def test_a_live_connection_is_not_released(server_config):
     pair.server.close(error_code=0)
     pair.step()  # closing: its timer and packets still count
     assert pair.server._state is QuicConnectionState.CLOSING
-    assert not gw_quic.release_closed_connection(pair.server)
+    assert not internals.release_closed_connection(pair.server)
     working = Pair(server_config)
     working.handshake()
-    assert not gw_quic.release_closed_connection(working.server)
+    assert not internals.release_closed_connection(working.server)
     working.server.send_ping(3)
     working.run(lambda: any(isinstance(e, events.PingAcknowledged) and e.uid == 3
                             for e in working.server_events))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ import h2.exceptions
 import h2.settings
 import h11
 import hpack
-import hpack.hpack
 
 from gateway import faults
 from gateway.api.apns import MAX_BODY
@@ -35,12 +33,6 @@ from gateway.transport.pump import Pump
 from gateway.transport.tls import TlsStream
 
 log = logging.getLogger("lpgw.http")
-
-# hpack decodes Huffman strings bit by bit in Python: a ninth of the API's CPU at 2,000
-# pushes/s, decoding again and again the same :path (device tokens repeat) and the same
-# header values. The function is pure and its input is bytes: memoised, bounded.
-if not hasattr(hpack.hpack.decode_huffman, "cache_info"):
-    hpack.hpack.decode_huffman = functools.lru_cache(maxsize=4096)(hpack.hpack.decode_huffman)
 
 # a fresh value each response: entering it in the HPACK table would only evict useful ones
 UNIQUE_PER_RESPONSE = frozenset({"apns-id"})

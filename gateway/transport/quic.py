@@ -6,15 +6,10 @@ migration (a phone whose address changes) is aioquic's, unchanged.
 The same listener answers ALPN "h3" with a liveness check only (see h3health): such a
 connection is handed to H3Health and never reaches the device code.
 
-Memory: phones keep one idle connection each, so what an idle connection holds is the
-gateway's size. aioquic keeps some handshake-only state for a connection's whole life;
-`release_handshake_state` and `share_frame_handler_epochs` below take it back, and
-`release_closed_connection` lets reference counting free a connection that has ended (the
-only three places that touch aioquic internals; tests/test_quic_memory.py and
-tests/test_memory.py fail if aioquic changes underneath them).
-
-Scale: `serve` below makes a connection's end cost O(its ids) instead of aioquic's scan of
-every connection (see `forget_ids_only`).
+Memory and scale: what aioquic keeps for a connection's whole life, and its teardown that
+scans every connection, are fixed by touches of its internals, all in gateway/internals.py
+(release_handshake_state, release_closed_connection, forget_ids_only, set_retry, ...);
+this module uses only what that one exports.
 """
 
 from __future__ import annotations
@@ -29,26 +24,29 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import aioquic.quic.connection as aioquic_connection
-from aioquic import tls
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
-from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import (
-    QuicConnection,
-    stream_is_client_initiated,
-    stream_is_unidirectional,
-)
+from aioquic.quic.connection import stream_is_client_initiated, stream_is_unidirectional
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from gateway import faults
 from gateway.core.metrics import Metrics
+from gateway.internals import (
+    ContainedProtocol,
+    datagram_transport_of,
+    forget_ids_only,
+    known_connection,
+    peer_address,
+    release_closed_connection,
+    release_handshake_state,
+    set_retry,
+    stream_backlog,
+)
 from gateway.protocol import ALPN
 from gateway.transport import h3health
 from gateway.transport.initials import InitialQueue, initial_token, new_connection_id
-from gateway.transport.link import ignore
 
 log = logging.getLogger("lpgw.quic")
 
@@ -80,7 +78,7 @@ def server_configuration(cert: str, key: str, idle_timeout: float,
     return config
 
 
-class QuicDeviceProtocol(QuicConnectionProtocol):
+class QuicDeviceProtocol(ContainedProtocol):
     """A device over QUIC, bridged to a GatewayLink once the handshake is done."""
 
     def __init__(self, *args, make_link: Callable, metrics: Metrics, **kwargs) -> None:
@@ -104,13 +102,9 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         finally:
             self._in_event = False
 
-    def _handle_timer(self) -> None:
-        """aioquic's timer, contained: if it raised, the loop would drop the timer and the
-        connection would never time out, held for ever."""
-        try:
-            super()._handle_timer()
-        except Exception as exc:
-            self._abandon("quic_timer", exc)
+    def timer_failed(self, exc: Exception) -> None:
+        """aioquic's timer raised: this connection alone ends (see ContainedProtocol)."""
+        self._abandon("quic_timer", exc)
 
     def _abandon(self, where: str, exc: Exception) -> None:
         """End this one connection after a failure, however broken its state: say
@@ -125,10 +119,7 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         except Exception as again:
             faults.record(self._metrics, where, again, f"quic peer {self._peer_safe()}")
         with contextlib.suppress(Exception):
-            self._connection_terminated_handler()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self.forget_now()
         self._closing = True
         self._release_now()
 
@@ -141,13 +132,13 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
     def _event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.ConnectionTerminated):
             # once aioquic's protocol has finished with this event (its transmit() below)
-            self._loop.call_soon(self._release)
+            asyncio.get_running_loop().call_soon(self._release)
         if self._h3 is not None:
             self._h3.quic_event_received(event)
         elif isinstance(event, events.HandshakeCompleted):
-            release_handshake_state(self._quic)
+            release_handshake_state(self.connection)
             if event.alpn_protocol == h3health.ALPN:
-                self._h3 = h3health.H3Health(self._quic, self.transmit, self._peer())
+                self._h3 = h3health.H3Health(self.connection, self.transmit, self._peer())
                 return
             self._link = self._make_link("quic", self._peer(), self._write, self._close,
                                          ping=self._ping)
@@ -170,9 +161,9 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
             self._stream_id = sid
         if sid != self._stream_id:
             self._metrics.protocol_errors.labels("extra_stream").inc()
-            self._quic.stop_stream(sid, ERROR_STREAM_REFUSED)
+            self.connection.stop_stream(sid, ERROR_STREAM_REFUSED)
             if not stream_is_unidirectional(sid):
-                self._quic.reset_stream(sid, ERROR_STREAM_REFUSED)
+                self.connection.reset_stream(sid, ERROR_STREAM_REFUSED)
             return
         if self._link is None:
             return
@@ -186,17 +177,17 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         """Queue `data` on the device's stream; returns the bytes it holds unacknowledged."""
         if self._stream_id is None or self._closing:
             return None
-        self._quic.send_stream_data(self._stream_id, data)
+        self.connection.send_stream_data(self._stream_id, data)
         if not self._in_event:  # a push from the API or SIP, a bye: send it now
             self.transmit()
-        return stream_backlog(self._quic, self._stream_id)
+        return stream_backlog(self.connection, self._stream_id)
 
     def _ping(self, nonce: int) -> None:
         """The heartbeat as a QUIC PING frame: the phone's QUIC stack acknowledges it, so
         a heartbeat is one packet each way (a `ping` frame on the stream was a packet, its
         `pong` and our acknowledgement of that: measured, half the gateway's CPU)."""
         if not self._closing:
-            self._quic.send_ping(nonce)
+            self.connection.send_ping(nonce)
             self.transmit()
 
     def _close(self, reason: str = "bye") -> None:
@@ -206,9 +197,9 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         self._closing = True
         if self._stream_id is not None:
             with contextlib.suppress(ValueError, AssertionError):
-                self._quic.send_stream_data(self._stream_id, b"", end_stream=True)
+                self.connection.send_stream_data(self._stream_id, b"", end_stream=True)
         self.transmit()  # the bye leaves before CONNECTION_CLOSE
-        self._quic.close(error_code=0, reason_phrase=reason)
+        self.connection.close(error_code=0, reason_phrase=reason)
         self.transmit()
 
     def _release(self) -> None:
@@ -218,7 +209,7 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         cycles of their own."""
         self._closing = True
         self._release_now()
-        release_closed_connection(self._quic)
+        release_closed_connection(self.connection)
 
     @property
     def handshake_done(self) -> bool:
@@ -230,144 +221,16 @@ class QuicDeviceProtocol(QuicConnectionProtocol):
         with contextlib.suppress(Exception):
             self._close(reason)
         with contextlib.suppress(Exception):
-            self._connection_terminated_handler()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self.forget_now()
         self._release_now()
 
     def _release_now(self) -> None:
         self._link = self._h3 = None
-        self._connection_id_issued_handler = self._connection_id_retired_handler = ignore
-        self._connection_terminated_handler = ignore
+        self.unbind_server()
 
     def _peer(self) -> str:
-        addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
+        addr = peer_address(self.connection)
         return f"{addr[0]}:{addr[1]}" if addr else "?"
-
-
-def stream_backlog(quic: QuicConnection, stream_id: int) -> int | None:
-    """Bytes written to a stream and not yet acknowledged by the peer (None: unknown).
-
-    aioquic has no public measure of it: its QuicStreamSender keeps exactly that in
-    `_buffer` (read against 1.7.2; the offsets from the first unacknowledged byte to the
-    last written one). A phone that stops reading stops extending its flow-control window,
-    and what we write waits there; the link closes it past a limit.
-    """
-    stream = getattr(quic, "_streams", {}).get(stream_id)
-    buffer = getattr(getattr(stream, "sender", None), "_buffer", None)
-    return len(buffer) if isinstance(buffer, bytearray) else None
-
-
-# --- what an idle connection keeps -------------------------------------------------------
-
-_NO_CRYPTO_OUTPUT = Buffer(capacity=0)  # shared: nothing can be written into it, ever
-
-
-def release_handshake_state(quic: QuicConnection) -> bool:
-    """Free what a server connection keeps only for its handshake; True if it did.
-
-    Call it at HandshakeCompleted. aioquic (read against 1.7.2) keeps, for the life of
-    every connection:
-
-    - `_crypto_buffers`: three 16 KiB output buffers (Initial, Handshake, 1-RTT) that its
-      TLS engine writes handshake messages into; ~48 KiB a connection, most of what an idle
-      connection costs. A server's TLS in SERVER_POST_HANDSHAKE refuses every message
-      (AlertUnexpectedMessage) without writing any: its last output, the NewSessionTicket
-      when tickets are on, is written with the client's Finished and at once moved into the
-      1-RTT crypto *stream*, which keeps it for retransmission until acked. So once the
-      buffers are drained (all at position 0) they are dead weight: each is replaced by one
-      shared zero-capacity Buffer (reads give b"", a write would raise BufferWriteError
-      rather than go anywhere).
-    - the TLS key schedule (transcript hash, master secret; ~0.8 KiB with its OpenSSL hash
-      context) and the ephemeral (EC)DHE private key: used up to the client's Finished and
-      the ticket only. Dropping them is also forward-secrecy hygiene: an ephemeral key that
-      outlives its handshake only adds risk.
-
-    What stays is what the connection uses from now on: the 1-RTT CryptoPair with its own
-    secrets (key updates are derived from it, RFC 9001 §6, not from TLS), the packet spaces,
-    connection ids and network paths (migration), the crypto streams, the idle timer.
-    aioquic itself already tears down the Initial and Handshake keys (RFC 9001 §4.9).
-
-    Defensive on purpose: if aioquic's internals are not what this expects it changes
-    nothing and returns False, so an aioquic upgrade costs memory, not connections; the
-    tests assert it returns True.
-    """
-    ctx = getattr(quic, "tls", None)
-    buffers = getattr(quic, "_crypto_buffers", None)
-    if (quic.configuration.is_client or ctx is None
-            or getattr(ctx, "state", None) is not tls.State.SERVER_POST_HANDSHAKE
-            or not isinstance(buffers, dict)
-            or not all(isinstance(b, Buffer) and b.tell() == 0 for b in buffers.values())):
-        return False
-    quic._crypto_buffers = dict.fromkeys(buffers, _NO_CRYPTO_OUTPUT)
-    for name, empty in (("key_schedule", None), ("_ec_private_keys", []),
-                        ("_x25519_private_key", None), ("_x448_private_key", None)):
-        if hasattr(ctx, name):
-            setattr(ctx, name, empty)
-    return True
-
-
-# what aioquic's public methods read of a connection that has ended (datagrams_to_send,
-# get_timer, next_event, receive_datagram and close all stop at the state check)
-KEPT_AFTER_END = ("_state", "_close_at", "_close_event", "_events", "_network_paths")
-
-
-
-def release_closed_connection(quic: QuicConnection) -> bool:
-    """Drop an ended connection's internals; True if done.
-
-    A QuicConnection is a knot of reference cycles (bound methods of itself in its loss
-    recovery, TLS engine, streams and sent packets: ~300 objects): once it ends, only a
-    full pass of the cyclic GC would free it, and with 10,000 QUIC phones a full pass
-    stops the gateway for ~0.5-1 s. Clearing its attributes unties every knot through it,
-    so reference counting frees the lot when the protocol goes. What stays is only what
-    its public methods read before refusing to work on an ended connection.
-
-    Defensive like release_handshake_state: a connection not in an end state is left
-    alone (False), and so is one still in its closing or draining period (its timer and
-    packets still count); the tests fail if aioquic stops freeing this way.
-    """
-    if getattr(quic, "_state", None) is not aioquic_connection.QuicConnectionState.TERMINATED:
-        return False
-    kept = {name: getattr(quic, name) for name in KEPT_AFTER_END if hasattr(quic, name)}
-    quic.__dict__.clear()
-    quic.__dict__.update(kept)
-    return True
-
-
-def share_frame_handler_epochs() -> bool:
-    """Let every QuicConnection share its frame table's epoch sets; True if in place.
-
-    QuicConnection.__init__ builds a table of ~33 frame handlers, each with
-    `EPOCHS("IH01")`-style sets: a pure function of a short string that returns a new
-    frozenset each call, ~7 KiB a connection of identical immutable sets. Memoising it
-    changes no behaviour (frozensets can't be mutated; anything that is not str -> frozenset
-    passes through uncached).
-    """
-    original = getattr(aioquic_connection, "EPOCHS", None)
-    if original is None:
-        return False
-    if getattr(original, "lpgw_shared", False):
-        return True
-    cache: dict[str, frozenset] = {}
-
-    def epochs(shortcut):
-        if isinstance(shortcut, str):
-            found = cache.get(shortcut)
-            if found is not None:
-                return found
-        value = original(shortcut)
-        if isinstance(shortcut, str) and isinstance(value, frozenset):
-            cache[shortcut] = value
-        return value
-
-    epochs.lpgw_shared = True
-    aioquic_connection.EPOCHS = epochs
-    return True
-
-
-share_frame_handler_epochs()
 
 
 # --- the listener ------------------------------------------------------------------------
@@ -390,6 +253,7 @@ class DeviceQuicServer(QuicServer):
                  half_open_limit: int = 256, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._metrics = metrics
+        self._runs_on = asyncio.get_running_loop()
         self._initials = InitialQueue()
         self._backlog: deque[tuple[bytes, Any]] = deque()
         self._working = False
@@ -403,7 +267,7 @@ class DeviceQuicServer(QuicServer):
 
     def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[override]
         cid = new_connection_id(data)
-        if cid is None or cid in self._protocols:
+        if cid is None or known_connection(self, cid) is not None:
             if len(self._backlog) < BACKLOG_LIMIT:
                 self._backlog.append((data, addr))
             elif self._metrics is not None:
@@ -414,10 +278,11 @@ class DeviceQuicServer(QuicServer):
                 self._metrics.quic_initials_dropped.inc(dropped)
         if not self._working:
             self._working = True
-            self._loop.call_soon(self._work)
+            self._runs_on.call_soon(self._work)
 
     def _work(self) -> None:
-        if self._transport is None or self._transport.is_closing():
+        transport = datagram_transport_of(self)
+        if transport is None or transport.is_closing():
             self._working = False  # the listener is gone: what waits is never handled
             return
         backlog = self._backlog
@@ -432,7 +297,7 @@ class DeviceQuicServer(QuicServer):
                     self._start(data, addr)
         finally:  # whatever happened, the next slice comes: one failure must not stop QUIC
             if backlog or len(self._initials):
-                self._loop.call_soon(self._work)
+                self._runs_on.call_soon(self._work)
             else:
                 self._working = False
 
@@ -442,11 +307,10 @@ class DeviceQuicServer(QuicServer):
         address costs nothing more); past `half_open_limit` it is dropped (the phone
         retries). An Initial that answers a Retry is always checked against its token.
 
-        aioquic 1.7.2's QuicServer reads `self._retry` for each Initial: setting it per
-        datagram is the one touch of its internals here (retry=True would ask every
-        phone for an extra round trip, even when nothing is wrong)."""
+        Retry is set per Initial (internals.set_retry): retry=True would ask every phone
+        for an extra round trip, even when nothing is wrong."""
         cid = new_connection_id(data)
-        if cid is None or cid in self._protocols:
+        if cid is None or known_connection(self, cid) is not None:
             self._handle(data, addr)
             return
         now = time.monotonic()
@@ -457,12 +321,12 @@ class DeviceQuicServer(QuicServer):
             self._count("quic_half_open_refused")
             return
         retry = bool(token) or half_open >= min(self.retry_above, self.half_open_limit)
-        self._retry = self._tokens if retry else None
+        set_retry(self, self._tokens if retry else None)
         try:
             self._handle(data, addr)
         finally:
-            self._retry = None
-        protocol = self._protocols.get(cid)
+            set_retry(self, None)
+        protocol = known_connection(self, cid)
         if protocol is None:
             if retry and not token:
                 self._count("quic_retries")
@@ -473,14 +337,14 @@ class DeviceQuicServer(QuicServer):
         if self._metrics is not None:
             self._metrics.quic_half_open.set(len(self._half_open))
         if self._sweep is None:
-            self._sweep = self._loop.call_later(HALF_OPEN_TIMEOUT / 2, self._swept)
+            self._sweep = self._runs_on.call_later(HALF_OPEN_TIMEOUT / 2, self._swept)
 
     def _swept(self) -> None:
         self._sweep = None
         with faults.contained(self._metrics, "quic_half_open"):
             self._expire_half_open(time.monotonic())
         if self._half_open:
-            self._sweep = self._loop.call_later(HALF_OPEN_TIMEOUT / 2, self._swept)
+            self._sweep = self._runs_on.call_later(HALF_OPEN_TIMEOUT / 2, self._swept)
 
     def _expire_half_open(self, now: float) -> None:
         """Forget handshakes that finished; drop those older than HALF_OPEN_TIMEOUT."""
@@ -529,7 +393,9 @@ async def serve(host: str, port: int, *, configuration: QuicConfiguration,
         local_addr=(host, port))
     forget_ids_only(server)
     if receive_buffer:
-        set_receive_buffer(server._transport.get_extra_info("socket"), receive_buffer)
+        transport = datagram_transport_of(server)
+        if transport is not None:
+            set_receive_buffer(transport.get_extra_info("socket"), receive_buffer)
     return server
 
 
@@ -555,32 +421,3 @@ def set_receive_buffer(sock, wanted: int) -> int:
     else:
         log.info("QUIC receive buffer: %d bytes", granted)
     return granted
-
-
-def forget_ids_only(server: QuicServer) -> bool:
-    """Make a connection's end delete only its own connection ids; True if in place.
-
-    aioquic 1.7.2's `QuicServer._connection_terminated` scans the ids of every connection
-    for each one that ends: when thousands of phones drop at once (an access point
-    rebooting) that is O(N^2), and 3,000 ending together kept the gateway busy for ~80 s.
-    A connection's ids are the client's original destination id, or after a Retry the
-    id the Retry gave it, and its live host ids (retired ones were removed as they
-    retired). The server binds this
-    handler when it creates each connection, so it must be set before the first one.
-    """
-    if not callable(getattr(server, "_connection_terminated", None)) \
-            or not isinstance(getattr(server, "_protocols", None), dict):
-        return False
-    protocols = server._protocols
-
-    def terminated(protocol: QuicConnectionProtocol) -> None:
-        quic = protocol._quic
-        ids = {quic._original_destination_connection_id,
-               getattr(quic, "_retry_source_connection_id", None),
-               *(c.cid for c in quic._host_cids)}
-        for cid in ids:
-            if protocols.get(cid) is protocol:
-                del protocols[cid]
-
-    server._connection_terminated = terminated
-    return True
