@@ -35,9 +35,9 @@ SECRET = "b" * 40
 async def main(calls: int, rate: int, devices: int, synchronous: str) -> None:
     tmp = Path(tempfile.mkdtemp())
     (tmp / "jwt").write_text(SECRET)
-    gw = Gateway(make_config(tmp / "state", assertions={"hs256_secret_file": str(tmp / "jwt")},
-                             log={"level": "warning"}, store={"synchronous": synchronous}))
-    await gw.start()
+    gw = await Gateway.start(make_config(
+        tmp / "state", assertions={"hs256_secret_file": str(tmp / "jwt")},
+        log={"level": "warning"}, store={"synchronous": synchronous}))
     sip = await start_sip(SipConfig(host="127.0.0.1", port=_free_port("127.0.0.1"),
                                     ring_window=30, reach_timeout=10),
                           gw.delivery, gw.store, gw.metrics, "lpgw-bench", gw.pump)

@@ -80,7 +80,7 @@ class _QuicClient(QuicConnectionProtocol):
         self.on_lost: Callable[[str], None] = lambda why: None
         self.on_heard: Callable[[], None] = lambda: None
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def datagram_received(self, data: bytes | str, addr) -> None:
         self.on_heard()  # the gateway's heartbeat is a QUIC PING: no frame will show it
         super().datagram_received(data, addr)
 
@@ -172,6 +172,8 @@ class DeviceClient:
 
     async def _locate(self, avoid: str | None) -> None:
         """Ask discovery where the gateway is now; refuse one advertising another key."""
+        if self.o.locate is None:
+            raise LookupError("no discovery to ask")
         host, port, pin = await self.o.locate(avoid)
         if normalize_pin(pin) != normalize_pin(self.o.pin):
             raise PinMismatch(f"the gateway advertises pin sha256/{normalize_pin(pin)}, not "
@@ -239,7 +241,7 @@ class DeviceClient:
         config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
                                    verify_mode=ssl.CERT_NONE, idle_timeout=60.0)
         info = (await loop.getaddrinfo(self.o.host, self.o.port, type=socket.SOCK_DGRAM))[0][4]
-        addr = ("::ffff:" + info[0], info[1], 0, 0) if len(info) == 2 else info
+        addr = ("::ffff:" + str(info[0]), info[1], 0, 0) if len(info) == 2 else info
         conn = QuicConnection(configuration=config)
         _, protocol = await loop.create_datagram_endpoint(
             lambda: _QuicClient(conn), sock=_udp_socket())
@@ -336,7 +338,8 @@ class DeviceClient:
                        "collapse_id": p.collapse_id, "payload": p.payload,
                        "duplicate": event.duplicate})
             call = p.payload.get("call") if isinstance(p.payload, dict) else None
-            if self.o.auto_call and isinstance(call, dict) and isinstance(call.get("id"), str):
+            if (self.o.auto_call and self.session is not None and isinstance(call, dict)
+                    and isinstance(call.get("id"), str)):
                 self.session.call(self.o.auto_call, call["id"])
             if self.o.ack:
                 self._ack_to = max(self._ack_to, p.seq)

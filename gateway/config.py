@@ -460,7 +460,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             continue
         f = fields[key]
         kind = hints[key]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             values[key] = _build(kind, value if value is not None else {}, f"{path}.", problems)
             continue
         if typing.get_origin(kind) is tuple:

@@ -13,11 +13,15 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.configuration import QuicConfiguration
 
 from gateway import __version__, certs, config, faults, internals, logs
 from gateway.api import server as http_server
@@ -36,6 +40,7 @@ from gateway.protocol.messages import CALL_ACTIONS
 from gateway.protocol.session import SessionSettings
 from gateway.records import StorageFailed
 from gateway.sip.bridge import Route
+from gateway.sip.transaction import TxState
 from gateway.store import SECRET_FILE, Store, StoreError, token_secret
 from gateway.transport import quic, tls
 from gateway.transport.control import ControlServer
@@ -114,60 +119,79 @@ def provider_auth(c: Config) -> ProviderAuth:
     return ProviderAuth(keys, admin)
 
 
-class Gateway:
-    """One running gateway. `start()` binds everything or raises; `stop()` drains it."""
+@dataclass(frozen=True)
+class Opened:
+    """What a gateway holds before it binds anything: its state, opened and checked."""
 
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+    store: Store
+    secret: bytes
+    gateway_id: str
+    pin: str
+
+
+class Gateway:
+    """One running gateway, made complete by `await Gateway.start(config)` (it binds
+    everything or raises); `stop()` drains it. Optional parts (the API, SIP, discovery,
+    each listener) are None only when the configuration turns them off."""
+
+    def __init__(self, config: Config, notifier: Notifier, metrics: Metrics,
+                 opened: Opened) -> None:
+        """Use `Gateway.start`: this only wires what `opened` holds."""
+        c = config
         self.config = config
-        self.notifier = notifier or Notifier({})
-        self.metrics = Metrics()
-        self.store: Store | None = None
-        self.delivery: Delivery | None = None
-        self.link_context: LinkContext | None = None
-        self.listening: Listening | None = None
-        self.pin = ""
-        self.gateway_id = ""
+        self.notifier = notifier
+        self.metrics = metrics
+        self.store = opened.store
+        self.gateway_id = opened.gateway_id
+        self.pin = opened.pin
+        self.delivery = Delivery(self.store, opened.secret, self.gateway_id,
+                                 delivery_settings(c), assertion_policy(c), metrics,
+                                 monotonic=time.monotonic)
+        self.pump = Pump(self.delivery, metrics)
+        self.link_context = LinkContext(
+            delivery=self.delivery, metrics=metrics, gateway_id=self.gateway_id,
+            settings=session_settings(c), pump=self.pump,
+            timers=TimerWheel(asyncio.get_running_loop(), tick_for(c.protocol.heartbeat),
+                              metrics=metrics))
+        self.listening = Listening(c.listen.host or "::", 0, [])
         self.started_at = 0.0
         self.last_reload: dict | None = None
         self._tcp: asyncio.AbstractServer | None = None
-        self._tls_ctx = None
-        self._quic = None
-        self._quic_config = None
+        self._tls_ctx: ssl.SSLContext | None = None
+        self._quic: QuicServer | None = None
+        self._quic_config: QuicConfiguration | None = None
         self._control: ControlServer | None = None
         self._api: asyncio.AbstractServer | None = None
-        self._api_ctx = None
+        self._api_ctx: ssl.SSLContext | None = None
         self._api_factory: http_server.ApiFactory | None = None
         self.api_port: int | None = None
         self.router: Router | None = None
         self.sip: SipTransport | None = None
-        self.pump: Pump | None = None
         self.network: NetworkService | None = None
         self._tasks: list[asyncio.Task] = []
+        self._store_closed = False
 
     # --- start ------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        c = self.config
+    @classmethod
+    async def start(cls, config: Config, notifier: Notifier | None = None) -> Gateway:
+        """The one way to make a Gateway: state opened, every listener bound, or raises
+        (with whatever was bound closed again)."""
+        notifier = notifier or Notifier({})
         internals.install()  # the touches of aioquic's and hpack's internals, checked
-        c.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
-        if certs.ensure_self_signed(c.cert_path, c.key_path, c.name):
-            log.info("made a self-signed P-256 certificate at %s", c.cert_path)
-        self.pin = certs.spki_pin(certs.load_cert(c.cert_path))
         try:
-            secret = self._open_store()
+            opened = open_state(config)
         except StoreError as exc:  # damaged, or its secret disagrees: nothing is bound yet
-            self.notifier.status(f"cannot start: {exc}")
+            notifier.status(f"cannot start: {exc}")
             raise
+        gateway = cls(config, notifier, Metrics(), opened)
+        await gateway._serve()
+        return gateway
+
+    async def _serve(self) -> None:
+        c = self.config
         self.store.start_checkpointer()
-        self.delivery = Delivery(self.store, secret, self.gateway_id, delivery_settings(c),
-                                 assertion_policy(c), self.metrics, monotonic=time.monotonic)
         self.delivery.forget_test_devices(time.time())
-        self.pump = Pump(self.delivery, self.metrics)
-        self.link_context = LinkContext(
-            delivery=self.delivery, metrics=self.metrics, gateway_id=self.gateway_id,
-            settings=session_settings(c), pump=self.pump,
-            timers=TimerWheel(asyncio.get_running_loop(), tick_for(c.protocol.heartbeat),
-                              metrics=self.metrics))
         try:
             await self._listen()
             if c.api.enabled:
@@ -190,29 +214,6 @@ class Gateway:
         self.started_at = time.time()
         self._write_runtime()
         self.notifier.ready(self.summary())
-
-    def _open_store(self) -> bytes:
-        """Open (and check) the database; returns the token secret. Raises StoreError,
-        with what to do, for a damaged database or a secret that does not match it."""
-        c = self.config
-        secret_path = c.state_path / SECRET_FILE
-        had_secret = secret_path.exists()
-        store = Store(c.store_path, c.store.synchronous)
-        try:
-            secret = token_secret(store, secret_path)
-            self.gateway_id = store.get_or_create_meta(
-                "gateway_id", lambda: uuid.uuid4().hex[:16].encode()).decode()
-        except BaseException:
-            store.close()
-            raise
-        if store.created and had_secret:
-            log.warning("there was no database at %s: made a new, empty one. Devices keep "
-                        "their tokens (the secret is in %s), but the pushes it queued and its "
-                        "user bindings are gone; if it was lost by mistake, stop lpgw and "
-                        "restore it from the backup of %s", c.store_path, secret_path,
-                        c.state_path)
-        self.store = store
-        return secret
 
     def make_link(self, transport: str, peer: str, write, close, ping=None) -> GatewayLink:
         return GatewayLink(self.link_context, transport, peer, write, close, ping)
@@ -364,7 +365,7 @@ class Gateway:
         self.link_context.timers.retune(tick_for(new.protocol.heartbeat))
         if self.router is not None:
             a = new.api
-            self.router.auth = auth
+            self.router.auth = auth or self.router.auth
             self.router.limiter = RateLimiter(a.rate_limit, a.rate_burst)
             self.router.metrics_need_auth = a.metrics_need_auth
             if self._api_factory is not None:
@@ -415,10 +416,9 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
-        if self.delivery is not None:
-            await self._stop_step("commit", self._last_commit)
-            await self._stop_step("byes", self._byes)
-            await self._stop_step("quiet", lambda: self._quiet(drain))
+        await self._stop_step("commit", self._last_commit)
+        await self._stop_step("byes", self._byes)
+        await self._stop_step("quiet", lambda: self._quiet(drain))
         if self._control is not None:
             control, self._control = self._control, None
             await self._stop_step("control", control.stop)
@@ -430,12 +430,11 @@ class Gateway:
         if self.sip is not None:
             sip, self.sip = self.sip, None
             await self._stop_step("sip", sip.stop)
-        if self.link_context is not None:
-            # no heartbeat into a closed store
-            await self._stop_step("timers", self.link_context.timers.close)
-        if self.store is not None:
-            store, self.store = self.store, None
-            await self._stop_step("store", store.close)
+        # no heartbeat into a closed store
+        await self._stop_step("timers", self.link_context.timers.close)
+        if not self._store_closed:
+            self._store_closed = True
+            await self._stop_step("store", self.store.close)
         log.info("stopped")
 
     async def _stop_step(self, name: str, step: Callable[[], object]) -> None:
@@ -447,6 +446,8 @@ class Gateway:
             faults.record(self.metrics, "stop", exc, name)
 
     def _drain_sip(self) -> None:
+        if self.sip is None:
+            return
         self.sip.bridge.draining = True  # new INVITEs get 503
         self.sip.bridge.calls.shutdown(time.time())
         self.pump.run()  # the calls' ends to the phones, their final answers to the PBX
@@ -467,7 +468,7 @@ class Gateway:
         deadline = time.monotonic() + limit
         await asyncio.sleep(0.05)
         while time.monotonic() < deadline and self.sip is not None and any(
-                tx.is_invite and tx.state == "completed"
+                tx.is_invite and tx.state is TxState.COMPLETED
                 for tx in self.sip.bridge.tx.server.values()):
             await asyncio.sleep(0.05)  # the PBX's ACKs for the last final responses
 
@@ -518,20 +519,20 @@ class Gateway:
 
     def _clock_status(self) -> dict:
         """Steps of the wall clock this run has seen (a Pi has no RTC)."""
-        step = self.delivery.last_step if self.delivery else None
-        return {"steps": self.delivery.clock_steps if self.delivery else 0,
+        step = self.delivery.last_step
+        return {"steps": self.delivery.clock_steps,
                 "last_step": None if step is None else {"seconds": round(step.delta, 1),
                                                         "at": round(step.wall, 1)}}
 
     def _known_devices(self) -> int | None:
         try:
-            return self.store.count_devices() if self.store else 0
+            return 0 if self._store_closed else self.store.count_devices()
         except (StoreError, StorageFailed):  # a failing store must not cost the status
             return None
 
     def _storage_status(self) -> dict:
         """Whether the store takes writes; the self-test and `lpgw status` show it."""
-        error = self.delivery.storage_error if self.delivery else None
+        error = self.delivery.storage_error
         out: dict = {"ok": error is None, "state_dir": str(self.config.state_path)}
         try:
             usage = shutil.disk_usage(self.config.store_path.parent)
@@ -550,6 +551,32 @@ class Gateway:
                                     "sip_port": self.sip.port if self.sip else None,
                                     "pin": f"sha256/{self.pin}",
                                     "control": str(self.config.control_path)}))
+
+
+def open_state(c: Config) -> Opened:
+    """The state directory, certificate and database, opened and checked. Raises
+    StoreError, with what to do, for a damaged database or a secret that does not match."""
+    c.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if certs.ensure_self_signed(c.cert_path, c.key_path, c.name):
+        log.info("made a self-signed P-256 certificate at %s", c.cert_path)
+    pin = certs.spki_pin(certs.load_cert(c.cert_path))
+    secret_path = c.state_path / SECRET_FILE
+    had_secret = secret_path.exists()
+    store = Store(c.store_path, c.store.synchronous)
+    try:
+        secret = token_secret(store, secret_path)
+        gateway_id = store.get_or_create_meta(
+            "gateway_id", lambda: uuid.uuid4().hex[:16].encode()).decode()
+    except BaseException:
+        store.close()
+        raise
+    if store.created and had_secret:
+        log.warning("there was no database at %s: made a new, empty one. Devices keep "
+                    "their tokens (the secret is in %s), but the pushes it queued and its "
+                    "user bindings are gone; if it was lost by mistake, stop lpgw and "
+                    "restore it from the backup of %s", c.store_path, secret_path,
+                    c.state_path)
+    return Opened(store, secret, gateway_id, pin)
 
 
 def _free_port(host: str) -> int:
@@ -651,7 +678,7 @@ async def run(cfg: Config, path: str | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     open_files = raise_open_files()
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    gateway = Gateway(cfg, Notifier())
+    gateway = await Gateway.start(cfg, Notifier())
     reloads: set[asyncio.Task] = set()
 
     def on_hup() -> None:
@@ -659,7 +686,6 @@ async def run(cfg: Config, path: str | None = None) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    await gateway.start()
     frozen = tune_garbage_collector()
     unwatch = watch_garbage_collector(gateway.metrics)
     loop.add_signal_handler(signal.SIGHUP, on_hup)

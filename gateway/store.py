@@ -778,7 +778,7 @@ def salvage(source: Path, target: Path) -> Salvaged:
             for _, key, value in meta:
                 if key != "schema_version":
                     out.set_meta(key, value)
-            next_seq = {}
+            next_seq: dict[str, int] = {}
             for p in pushes:  # a push kept whose device row said less: seqs must go on rising
                 next_seq[p[0]] = max(next_seq.get(p[0], 0), p[1] + 1)
             out._db.executemany(

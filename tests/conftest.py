@@ -65,8 +65,7 @@ async def gateway_factory(tmp_path):
     started: list[Gateway] = []
 
     async def start(state: Path | None = None, **overrides: Any) -> Gateway:
-        gw = Gateway(make_config(state or tmp_path / "state", **overrides))
-        await gw.start()
+        gw = await Gateway.start(make_config(state or tmp_path / "state", **overrides))
         started.append(gw)
         return gw
 

@@ -127,9 +127,9 @@ def test_bad_config_never_says_ready(tmp_path, notify_socket):
 async def test_a_blocked_event_loop_stops_the_watchdog(tmp_path, notify_socket):
     env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "200000"}
     os.environ["NOTIFY_SOCKET"] = str(notify_socket.path)  # sdnotify reads it from there
-    gw = Gateway(make_config(tmp_path / "state"), Notifier(env))
+    gw = None
     try:
-        await gw.start()
+        gw = await Gateway.start(make_config(tmp_path / "state"), Notifier(env))
         await asyncio.sleep(0.5)
         before = len(notify_socket.times("WATCHDOG=1"))
         blocked_at = time.monotonic()
@@ -141,7 +141,8 @@ async def test_a_blocked_event_loop_stops_the_watchdog(tmp_path, notify_socket):
         assert any(t > blocked_at + 1.0 for t in pings)  # and it resumes after
     finally:
         os.environ.pop("NOTIFY_SOCKET", None)
-        await gw.stop(drain=0.2)
+        if gw is not None:
+            await gw.stop(drain=0.2)
 
 
 def test_notifier_errors_are_logged_not_swallowed(tmp_path, caplog):
@@ -310,8 +311,7 @@ def test_selftest_names_a_stopped_gateway(tmp_path):
 async def test_selftest_names_a_stopped_listener(tmp_path):
     cfg = make_config(tmp_path / "state", sip={"enabled": True, "host": "127.0.0.1",
                                                "port": _free_port("127.0.0.1")})
-    gw = Gateway(cfg)
-    await gw.start()
+    gw = await Gateway.start(cfg)
     try:
         gw._tcp.close()  # the TLS listener dies; everything else runs
         await gw._tcp.wait_closed()

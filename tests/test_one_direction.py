@@ -240,3 +240,35 @@ def test_the_store_implements_the_storage_interface():
             continue
         assert (list(inspect.signature(want).parameters)
                 == list(inspect.signature(inspect.unwrap(have)).parameters)), name
+
+
+# --- types that catch mistakes --------------------------------------------------------
+
+def test_session_events_share_a_base_and_states_are_enums():
+    from gateway.protocol import session
+    from gateway.sip.register import RegState
+    from gateway.sip.transaction import TxState
+
+    gateway_side = [session.HelloReceived, session.AckReceived, session.CallActionReceived,
+                    session.UnregisterReceived, session.FrameRejected, session.PingDue]
+    device_side = [session.Welcomed, session.PushReceived, session.ErrorReceived]
+    assert all(issubclass(e, session.GatewayEvent) for e in [*gateway_side, session.Closed])
+    assert all(issubclass(e, session.DeviceEvent) for e in [*device_side, session.Closed])
+    assert not any(issubclass(e, session.DeviceEvent) for e in gateway_side)
+    assert [s.value for s in TxState] == ["trying", "proceeding", "completed", "confirmed",
+                                          "terminated"]
+    assert {s.value for s in RegState} == {"unregistered", "registering", "registered",
+                                           "failed"}
+
+
+async def test_a_started_gateway_is_complete(gateway):
+    """Gateway.start is the one way to make one: nothing the core needs is None after."""
+    from gateway.service import Gateway
+
+    for name in ("store", "delivery", "pump", "link_context", "listening"):
+        assert getattr(gateway, name) is not None, name
+    assert gateway.listening.port > 0 and gateway.listening.transports
+    assert gateway.pump.delivery is gateway.delivery
+    assert gateway.link_context.pump is gateway.pump
+    params = list(inspect.signature(Gateway.__init__).parameters)
+    assert params == ["self", "config", "notifier", "metrics", "opened"]

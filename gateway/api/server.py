@@ -155,7 +155,7 @@ class HttpConnection:
         self._closed = False
         stream.on_data = self.data_received
         stream.on_lost = self.lost
-        alpn = stream.ssl.selected_alpn_protocol()
+        alpn = stream.ssl.selected_alpn_protocol() if stream.ssl is not None else None
         if alpn == "h2":
             self._start_h2()
         elif alpn == "http/1.1":
@@ -309,8 +309,22 @@ class HttpConnection:
             if self._closed:
                 return
 
+    @property
+    def _http2(self) -> h2.connection.H2Connection:
+        """The HTTP/2 connection, in the methods that run only once it is started."""
+        if self._h2 is None:
+            raise RuntimeError("HTTP/2 is not started on this connection")
+        return self._h2
+
+    @property
+    def _http1(self) -> h11.Connection:
+        """The HTTP/1.1 connection, in the methods that run only once it is started."""
+        if self._h1 is None:
+            raise RuntimeError("HTTP/1.1 is not started on this connection")
+        return self._h1
+
     def _h2_slice(self, data: bytes) -> None:
-        conn = self._h2
+        conn = self._http2
         try:
             events = conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -368,9 +382,10 @@ class HttpConnection:
                 self._arm_late()
         elif isinstance(event, h2.events.DataReceived):
             conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            pending = self._streams.get(event.stream_id)
-            if pending is None or pending.refused:
+            data_for = self._streams.get(event.stream_id)
+            if data_for is None or data_for.refused:
                 return
+            pending = data_for
             pending.body += event.data
             pending.size += len(event.data)
             self._buffered += len(event.data)
@@ -410,7 +425,7 @@ class HttpConnection:
         self.metrics.api_errors.labels(reason).inc()
         self._h2_send(stream_id, Response.json(status, {"reason": reason, "message": message}))
         with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            self._http2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
 
     def _calm_down(self) -> None:
         """Rapid reset (CVE-2023-44487): more stream resets than reset_rate/reset_burst
@@ -420,7 +435,7 @@ class HttpConnection:
                        "stream resets than api.reset_rate allows (GOAWAY ENHANCE_YOUR_CALM)",
                        self.stream.peer)
         with contextlib.suppress(Exception):
-            self._h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._http2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             self._flush()
         # what it sends now is not read; the socket closes a moment later, so that the
         # GOAWAY is not lost to the reset a close with unread data would cause
@@ -448,7 +463,7 @@ class HttpConnection:
         except Exception:
             self._ids.pop(stream_id, None)
             try:
-                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                self._http2.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
             except h2.exceptions.StreamClosedError:
                 pass
             except Exception:  # the state machine is unusable: this connection goes
@@ -486,7 +501,7 @@ class HttpConnection:
                      for n, v in fields),
                    ("content-length", str(len(response.body)))]
         try:
-            self._h2.send_headers(stream_id, headers, end_stream=not response.body)
+            self._http2.send_headers(stream_id, headers, end_stream=not response.body)
         except h2.exceptions.StreamClosedError:
             return
         if response.body:
@@ -495,7 +510,7 @@ class HttpConnection:
 
     def _pump(self) -> None:
         """Send what flow control allows now; the rest on WINDOW_UPDATE."""
-        conn = self._h2
+        conn = self._http2
         for stream_id in list(self._unsent):
             data = self._unsent[stream_id]
             try:
@@ -526,7 +541,7 @@ class HttpConnection:
         self._h1 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
 
     def _h1_data(self, data: bytes) -> None:
-        conn = self._h1
+        conn = self._http1
         if self._h1_since is None and data:
             self._h1_since = time.monotonic()  # a request has begun: request_timeout runs
             self._arm_late()
@@ -577,7 +592,7 @@ class HttpConnection:
                 return
 
     def _h1_send(self, response: Response, close: bool = False) -> None:
-        conn = self._h1
+        conn = self._http1
         request = self._h1_request
         fields = with_apns_id(response.headers, request.apns_id if request else None)
         # bytes: a header is echoed as it came (decoded as latin-1), not re-encoded as ASCII

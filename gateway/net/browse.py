@@ -128,7 +128,9 @@ class Browser:
 
     def current(self) -> list[Found]:
         """What the cache says right now (expired and goodbye'd records are gone)."""
-        found = []
+        found: list[Found] = []
+        if self._azc is None:
+            return found
         for type_, name in sorted(self._names):
             info = AsyncServiceInfo(type_, name)
             parsed = parse(info) if info.load_from_cache(self._azc.zeroconf) else None
@@ -138,6 +140,8 @@ class Browser:
 
     def _ask_missing(self, found: list[Found]) -> None:
         """Query (at most every ASK_EVERY s) for services the cache cannot describe yet."""
+        if self._azc is None:
+            return
         have = {(f.service_type, f"{f.instance}.{f.service_type}") for f in found}
         now = time.monotonic()
         for key in self._names - have:

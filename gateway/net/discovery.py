@@ -202,16 +202,21 @@ class NetworkService:
         self._task = asyncio.create_task(self._run(failures))
 
     async def _run(self, failures: int) -> None:
+        watcher = self.watcher
+        if watcher is None:
+            raise RuntimeError("started without an interface watcher")
         while True:
             if failures and failures <= self.RETRIES:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.watcher.changed(), self.RETRY)
+                    await asyncio.wait_for(watcher.changed(), self.RETRY)
             else:
-                await self.watcher.changed()
+                await watcher.changed()
                 await asyncio.sleep(self.DEBOUNCE)
             failures = 0 if await self._reconcile() else failures + 1
 
     async def _reconcile(self) -> bool:
+        if self.watcher is None:
+            return False
         adv = decide(self.watcher.state, self.config, self.listen_host)
         try:
             await self.advertiser.apply(adv)

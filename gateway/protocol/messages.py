@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from gateway.protocol.frames import DEFAULT_MAX_FRAME, MessageError
 
@@ -74,6 +74,12 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+@overload
+def _number(d: dict[str, Any], key: str) -> float: ...
+@overload
+def _number(d: dict[str, Any], key: str, required: bool) -> float | None: ...
+
+
 def _number(d: dict[str, Any], key: str, required: bool = True) -> float | None:
     value = _field(d, key, (int, float), required)
     if value is None:
@@ -82,6 +88,12 @@ def _number(d: dict[str, Any], key: str, required: bool = True) -> float | None:
         return float(value)
     except OverflowError:
         raise MessageError("bad_field", f"'{key}' is too large") from None
+
+
+@overload
+def _seq(d: dict[str, Any], key: str) -> int: ...
+@overload
+def _seq(d: dict[str, Any], key: str, required: bool) -> int | None: ...
 
 
 def _seq(d: dict[str, Any], key: str, required: bool = True) -> int | None:
@@ -366,7 +378,7 @@ GATEWAY_MESSAGES: dict[str, type] = {
 }
 
 
-def parse_message(d: dict[str, Any], table: dict[str, type]) -> Any:
+def parse_message(d: dict[str, Any], table: dict[str, Any]) -> Any:
     kind = d.get("type")
     if not isinstance(kind, str):
         raise MessageError("missing_field", "'type' is required and must be a string")

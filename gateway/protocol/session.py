@@ -41,28 +41,46 @@ MAX_OWED = 100_000
 # --- events --------------------------------------------------------------------------
 
 
+class SessionEvent:
+    """What a session returns from an input: every event of either side is one."""
+
+    __slots__ = ()
+
+
+class GatewayEvent(SessionEvent):
+    """An event of the gateway's side of a session (GatewaySession returns these)."""
+
+    __slots__ = ()
+
+
+class DeviceEvent(SessionEvent):
+    """An event of the device's side of a session (DeviceSession returns these)."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
-class HelloReceived:
+class HelloReceived(GatewayEvent):
     hello: Hello
 
 
 @dataclass(frozen=True)
-class AckReceived:
+class AckReceived(GatewayEvent):
     seq: int
 
 
 @dataclass(frozen=True)
-class CallActionReceived:
+class CallActionReceived(GatewayEvent):
     action: CallAction
 
 
 @dataclass(frozen=True)
-class UnregisterReceived:
+class UnregisterReceived(GatewayEvent):
     pass
 
 
 @dataclass(frozen=True)
-class FrameRejected:
+class FrameRejected(GatewayEvent):
     """A frame was refused with an `error`; counted by the shell."""
 
     code: str
@@ -70,7 +88,7 @@ class FrameRejected:
 
 
 @dataclass(frozen=True)
-class PingDue:
+class PingDue(GatewayEvent):
     """A heartbeat for a transport with pings of its own (QUIC's PING frame, which the
     device's stack acknowledges without waking the app): the shell sends it and reports
     the acknowledgement with `GatewaySession.pinged_back`."""
@@ -79,7 +97,7 @@ class PingDue:
 
 
 @dataclass(frozen=True)
-class Closed:
+class Closed(GatewayEvent, DeviceEvent):
     """The session is over; the shell closes the transport after flushing."""
 
     reason: str
@@ -89,18 +107,18 @@ class Closed:
 
 
 @dataclass(frozen=True)
-class Welcomed:
+class Welcomed(DeviceEvent):
     welcome: Welcome
 
 
 @dataclass(frozen=True)
-class PushReceived:
+class PushReceived(DeviceEvent):
     push: Push
     duplicate: bool
 
 
 @dataclass(frozen=True)
-class ErrorReceived:
+class ErrorReceived(DeviceEvent):
     error: Error
 
 
@@ -165,7 +183,7 @@ class GatewaySession(_Session):
         self.transport_pings = transport_pings
         self.hello: Hello | None = None
         self.welcomed = False
-        self._deadline = now + settings.hello_timeout
+        self._deadline: float | None = now + settings.hello_timeout
         self._next_ping: float | None = None
         self._nonce = 0
         self._awaiting_pong = False
@@ -177,14 +195,14 @@ class GatewaySession(_Session):
 
     # input
 
-    def receive_data(self, data: bytes, now: float) -> list[Any]:
+    def receive_data(self, data: bytes, now: float) -> list[GatewayEvent]:
         if self.closed is not None:
             return []
         try:
             bodies = self._decoder.feed(data)
         except FrameError as exc:
             return [self.close(ByeReason.PROTOCOL_ERROR, exc.code, str(exc))]
-        events: list[Any] = []
+        events: list[GatewayEvent] = []
         for body in bodies:
             events.extend(self._receive_frame(body, now))
             if self.closed is not None:
@@ -199,7 +217,7 @@ class GatewaySession(_Session):
             return True
         return self._take_token(now)
 
-    def _flood(self) -> list[Any]:
+    def _flood(self) -> list[GatewayEvent]:
         return [self.close(ByeReason.FLOOD, "flood",
                            "more frames than the gateway accepts per second")]
 
@@ -212,7 +230,7 @@ class GatewaySession(_Session):
         self._tokens -= 1
         return True
 
-    def _receive_frame(self, body: bytes, now: float) -> list[Any]:
+    def _receive_frame(self, body: bytes, now: float) -> list[GatewayEvent]:
         try:
             raw = decode_body(body)
             if self.hello is None and raw.get("type") == "hello" \
@@ -256,7 +274,7 @@ class GatewaySession(_Session):
             return [UnregisterReceived()]
         return self._reject("unknown_type", "message not valid here")  # pragma: no cover
 
-    def _reject(self, code: str, message: str) -> list[Any]:
+    def _reject(self, code: str, message: str) -> list[GatewayEvent]:
         self._errors += 1
         if self._errors > self.settings.error_budget:
             return [FrameRejected(code, message),
@@ -288,7 +306,7 @@ class GatewaySession(_Session):
             return None
         return self._deadline if self._deadline is not None else self._next_ping
 
-    def handle_timer(self, now: float) -> list[Any]:
+    def handle_timer(self, now: float) -> list[GatewayEvent]:
         if self.closed is not None:
             return []
         if self._deadline is not None:
@@ -352,14 +370,14 @@ class DeviceSession(_Session):
             self._seen.popitem(last=False)
         return True
 
-    def receive_data(self, data: bytes, now: float) -> list[Any]:
+    def receive_data(self, data: bytes, now: float) -> list[DeviceEvent]:
         if self.closed is not None:
             return []
         try:
             bodies = self._decoder.feed(data)
         except FrameError as exc:
             return [self.close(ByeReason.PROTOCOL_ERROR, exc.code, str(exc))]
-        events: list[Any] = []
+        events: list[DeviceEvent] = []
         for body in bodies:
             self._last_heard = now
             try:
@@ -406,7 +424,7 @@ class DeviceSession(_Session):
         is a PING frame, acknowledged by the QUIC stack and never shown as a `ping`."""
         self._last_heard = max(self._last_heard, now)
 
-    def handle_timer(self, now: float) -> list[Any]:
+    def handle_timer(self, now: float) -> list[DeviceEvent]:
         """A gateway that does not welcome or stops pinging is gone: end, to reconnect."""
         deadline = self.next_timer()
         if deadline is None or now < deadline:

@@ -29,6 +29,7 @@ from gateway.sip.transaction import (
     ServerTransaction,
     TimedOut,
     TransactionLayer,
+    TxState,
     response_destination,
     response_to,
 )
@@ -273,7 +274,7 @@ class SipBridge:
             self._invite_of.pop(call.id, None)
         with faults.contained(self.metrics, "sip_request", "answering 500"):
             self._reply(tx, 500, now)
-        if tx.state in ("trying", "proceeding"):
+        if tx.state in (TxState.TRYING, TxState.PROCEEDING):
             self.tx.forget(tx)
         if call is not None and call.final is None:
             with faults.contained(self.metrics, "sip_request", f"ending call {call.id}"):
@@ -413,7 +414,7 @@ class SipBridge:
             self._reply(tx, status, now)
             if status == 180:
                 self._out.append(Ringing(now - call.started))
-        if status >= 200 and tx.state in ("trying", "proceeding"):
+        if status >= 200 and tx.state in (TxState.TRYING, TxState.PROCEEDING):
             self.tx.forget(tx)  # its final answer failed: nothing else would end it
 
     def _reply(self, tx: ServerTransaction, status: int, now: float, reason: str = "",

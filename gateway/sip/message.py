@@ -199,8 +199,9 @@ class SipMessage:
         """Every Via, the top one checked (check_top_via)."""
         def make() -> list[Via] | _Bad:
             values = self.get_all("via")
-            vias = [grammar(Via.parse, v) for v in values]
-            if any(v is None for v in vias):
+            parsed = [grammar(Via.parse, v) for v in values]
+            vias = [v for v in parsed if v is not None]
+            if len(vias) != len(parsed):
                 return _Bad("bad Via header")
             problem = check_top_via(values[0]) if values else None
             return _Bad(problem) if problem else vias
@@ -268,7 +269,9 @@ def split_outside_quotes(value: str, sep: str) -> list[str]:
     """Split on `sep` outside quotes and angle brackets; parts stripped, empty ones dropped."""
     if '"' not in value and "<" not in value:
         return [p.strip() for p in value.split(sep) if p.strip()]  # the common case
-    parts, depth, quoted, current = [], 0, False, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quoted = 0, False
     escaped = False
     for ch in value:
         if escaped:

@@ -4,6 +4,7 @@ their calls to it like to a desk phone; and pings the PBX with OPTIONS. Sans-IO.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import secrets
@@ -20,6 +21,15 @@ log = logging.getLogger("lpgw.sip.register")
 BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
 REFRESH_AT = 0.8  # of the granted lifetime
 HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
+
+
+class RegState(enum.StrEnum):
+    """One account's registration with the PBX (a str, so `lpgw status` reads as before)."""
+
+    UNREGISTERED = "unregistered"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class Registration:
     """One account: REGISTER, answer the challenge, refresh before expiry, back off."""
 
     account: Account
-    state: str = "unregistered"  # registering, registered, failed
+    state: RegState = RegState.UNREGISTERED
     due: float = 0.0
     expires_at: float = 0.0
     last_error: str = ""
@@ -83,7 +93,7 @@ class Registration:
 
     def status(self, now: float) -> dict:
         return {"user": self.account.user, "state": self.state,
-                "expires_in": round(self.expires_at - now) if self.state == "registered"
+                "expires_in": round(self.expires_at - now) if self.state == RegState.REGISTERED
                 else None, "error": self.last_error or None}
 
 
@@ -114,7 +124,7 @@ class PbxLink:
             reg.expires_at += delta
 
     def next_timer(self) -> float | None:
-        times = [r.due for r in self.registrations if r.state != "registering"]
+        times = [r.due for r in self.registrations if r.state != RegState.REGISTERING]
         times.append(self.next_ping)
         return min(times)
 
@@ -122,7 +132,7 @@ class PbxLink:
         """Requests to send now, each with the context its response must come back with."""
         out: list[tuple[SipMessage, object]] = []
         for reg in self.registrations:
-            if reg.state != "registering" and now >= reg.due:
+            if reg.state != RegState.REGISTERING and now >= reg.due:
                 try:
                     out.append((self._register(reg), reg))
                 except SipError as exc:  # a challenge we cannot answer (algorithm, qop)
@@ -140,7 +150,7 @@ class PbxLink:
         return out
 
     def _register(self, reg: Registration) -> SipMessage:
-        reg.state = "registering"
+        reg.state = RegState.REGISTERING
         reg.cseq += 1
         a = reg.account
         uri = f"sip:{a.domain}"
@@ -212,10 +222,10 @@ class PbxLink:
             reg.challenge, reg.nc = challenge, 0  # a first or a fresh challenge: answer it
             reg.challenge_header = ("authorization" if response.status == 401
                                     else "proxy-authorization")
-            reg.state, reg.due = "unregistered", now
+            reg.state, reg.due = RegState.UNREGISTERED, now
         elif 200 <= response.status < 300:
             granted = _granted(response, reg.account)
-            reg.state = "registered"
+            reg.state = RegState.REGISTERED
             reg.expires_at = now + granted
             reg.due = now + granted * REFRESH_AT
             reg.backoff = BACKOFF_MIN
@@ -225,7 +235,7 @@ class PbxLink:
             self._failed(reg, f"{response.status} {response.reason}".strip(), now)
 
     def _failed(self, reg: Registration, why: str, now: float) -> None:
-        reg.state = "failed"
+        reg.state = RegState.FAILED
         reg.last_error = why
         reg.due = now + reg.backoff
         log.warning("registering %s failed (%s); again in %.0f s", reg.account.user, why,

@@ -7,6 +7,7 @@ the gateway sends itself (REGISTER, OPTIONS; timers E, F, K).
 
 from __future__ import annotations
 
+import enum
 import heapq
 import itertools
 import secrets
@@ -23,6 +24,16 @@ from gateway.sip.message import (
 
 T1, T2, T4 = 0.5, 4.0, 5.0
 MAGIC = "z9hG4bK"
+
+
+class TxState(enum.StrEnum):
+    """RFC 3261 17: a transaction's state (a str, so status output stays as it was)."""
+
+    TRYING = "trying"
+    PROCEEDING = "proceeding"
+    COMPLETED = "completed"
+    CONFIRMED = "confirmed"  # an INVITE server transaction that got its ACK
+    TERMINATED = "terminated"
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class ServerTransaction:
     request: SipMessage
     peer: Peer
     to_tag: str = field(default_factory=lambda: secrets.token_hex(6))
-    state: str = "trying"  # trying/proceeding -> completed -> confirmed -> terminated
+    state: TxState = TxState.TRYING  # trying/proceeding -> completed -> confirmed -> terminated
     last: bytes | None = None
     dest: Peer | None = None  # where responses go (response_destination)
     final: int = 0
@@ -91,11 +102,14 @@ class ClientTransaction:
     key: tuple
     request: SipMessage
     peer: Peer
-    state: str = "trying"
+    state: TxState = TxState.TRYING
     interval: float = T1
     retransmit_at: float | None = None
     give_up_at: float | None = None
     context: object = None  # the caller's, returned with events
+
+
+Transaction = ServerTransaction | ClientTransaction
 
 
 class TransactionLayer:
@@ -103,7 +117,7 @@ class TransactionLayer:
         self.server: dict[tuple, ServerTransaction] = {}
         self.client: dict[tuple, ClientTransaction] = {}
         self.max_transactions = max_transactions
-        self._timers: list[tuple[float, int, object]] = []
+        self._timers: list[tuple[float, int, Transaction]] = []
         self._seq = itertools.count()
 
     # --- input ------------------------------------------------------------------------
@@ -114,14 +128,14 @@ class TransactionLayer:
         key = server_key(msg)
         if msg.method == "ACK":
             tx = self.server.get((*key[:-1], "INVITE"))
-            if tx is not None and tx.state == "completed":
-                tx.state = "confirmed"
+            if tx is not None and tx.state == TxState.COMPLETED:
+                tx.state = TxState.CONFIRMED
                 tx.retransmit_at = None
                 self._schedule(tx, give_up_at=now + (0 if peer.reliable else T4))
             return []  # an ACK is never answered; for an unknown transaction it is dropped
         tx = self.server.get(key)
         if tx is not None:  # a retransmission: absorb it, re-send the last response
-            return [Send(tx.last, tx.dest)] if tx.last else []
+            return [Send(tx.last, tx.dest or tx.peer)] if tx.last else []
         if len(self.server) >= self.max_transactions:
             raise SipError("too many transactions in progress", 503)
         tx = ServerTransaction(key, msg, peer)
@@ -139,20 +153,20 @@ class TransactionLayer:
         except SipError:
             return []
         tx = self.client.get(key)
-        if tx is None or tx.state in ("completed", "terminated"):
+        if tx is None or tx.state in (TxState.COMPLETED, TxState.TERMINATED):
             return []  # late or stray: dropped
         if msg.status < 200:
-            tx.state = "proceeding"
+            tx.state = TxState.PROCEEDING
             return []
         self._forget(tx)  # timer K would only absorb retransmitted responses: none matter
-        tx.state = "completed"
+        tx.state = TxState.COMPLETED
         return [ResponseReceived(tx, msg)]
 
     # --- output -----------------------------------------------------------------------
 
     def respond(self, tx: ServerTransaction, status: int, now: float, reason: str = "",
                 headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> list:
-        if tx.state in ("completed", "confirmed", "terminated"):
+        if tx.state in (TxState.COMPLETED, TxState.CONFIRMED, TxState.TERMINATED):
             return []  # one final response per transaction
         response = response_to(tx.request, status, tx.peer, reason,
                                tx.to_tag if status > 100 else None)
@@ -163,19 +177,19 @@ class TransactionLayer:
         tx.dest = response_destination(response, tx.peer)
         actions = [Send(tx.last, tx.dest)]
         if status < 200:
-            tx.state = "proceeding"
+            tx.state = TxState.PROCEEDING
             return actions
         tx.final = status
         if tx.is_invite and status >= 300:
-            tx.state = "completed"
+            tx.state = TxState.COMPLETED
             tx.interval = T1
             self._schedule(tx, retransmit_at=None if tx.peer.reliable else now + T1,
                            give_up_at=now + 64 * T1)  # timers G and H
         elif tx.is_invite:
-            tx.state = "terminated"
+            tx.state = TxState.TERMINATED
             self._forget(tx)
         else:
-            tx.state = "completed"
+            tx.state = TxState.COMPLETED
             self._schedule(tx, give_up_at=now + (0 if tx.peer.reliable else 64 * T1))  # J
         return actions
 
@@ -194,7 +208,8 @@ class TransactionLayer:
     def clock_stepped(self, delta: float) -> None:
         """The wall clock jumped `delta` s: every timer keeps the time it had left."""
         self._timers = []
-        for tx in (*self.server.values(), *self.client.values()):
+        every: list[Transaction] = [*self.server.values(), *self.client.values()]
+        for tx in every:
             if tx.retransmit_at is not None:
                 tx.retransmit_at += delta
             if tx.give_up_at is not None:
@@ -226,17 +241,18 @@ class TransactionLayer:
                     self._forget(tx)
         return actions
 
-    def _expire(self, tx: ServerTransaction | ClientTransaction, now: float,
+    def _expire(self, tx: Transaction, now: float,
                 actions: list) -> None:
         if tx.give_up_at is not None and now >= tx.give_up_at:
             state = tx.state
             self._forget(tx)
-            if isinstance(tx, ClientTransaction) or (tx.is_invite and state == "completed"):
+            if isinstance(tx, ClientTransaction) or (tx.is_invite and state == TxState.COMPLETED):
                 actions.append(TimedOut(tx))  # timer F, or H: no ACK came
             return
         if tx.retransmit_at is not None and now >= tx.retransmit_at:
             if isinstance(tx, ServerTransaction):
-                actions.append(Send(tx.last, tx.dest))
+                if tx.last is not None:
+                    actions.append(Send(tx.last, tx.dest or tx.peer))
             else:
                 actions.append(Send(tx.request.encode(), tx.peer))
             tx.interval = min(tx.interval * 2, T2)
@@ -247,19 +263,19 @@ class TransactionLayer:
         one that nothing will finish."""
         self._forget(tx)
 
-    def _due(self, tx) -> float | None:
+    def _due(self, tx: Transaction) -> float | None:
         times = [t for t in (tx.retransmit_at, tx.give_up_at) if t is not None]
         return min(times) if times else None
 
-    def _schedule(self, tx, **times: float | None) -> None:
+    def _schedule(self, tx: Transaction, **times: float | None) -> None:
         for name, value in times.items():
             setattr(tx, name, value)
         due = self._due(tx)
         if due is not None:
             heapq.heappush(self._timers, (due, next(self._seq), tx))
 
-    def _forget(self, tx) -> None:
-        tx.state = "terminated"
+    def _forget(self, tx: Transaction) -> None:
+        tx.state = TxState.TERMINATED
         tx.retransmit_at = tx.give_up_at = None
         table = self.server if isinstance(tx, ServerTransaction) else self.client
         if table.get(tx.key) is tx:

@@ -74,6 +74,8 @@ class DigestPolicy:
         except Exception:  # the peer's text: any failure to parse it is just "bad"
             return Verdict.BAD
         p = creds.parameters
+        if p is None:
+            return Verdict.BAD
         user, nonce = p.get("username") or "", p.get("nonce") or ""
         password = self.credentials.get(user)
         if (creds.scheme.lower() != "digest" or password is None

@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
@@ -262,7 +261,7 @@ class DeviceQuicServer(QuicServer):
         # aioquic's Retry (tokens: AES-GCM under a key made here, bound to the address and
         # the ids, good 30 s); handed to QuicServer per Initial, see _start
         self._tokens = QuicRetryTokenHandler()
-        self._half_open: dict[QuicConnectionProtocol, float] = {}  # -> when it started
+        self._half_open: dict[QuicDeviceProtocol, float] = {}  # -> when it started
         self._sweep: asyncio.TimerHandle | None = None
 
     def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[override]
@@ -327,7 +326,7 @@ class DeviceQuicServer(QuicServer):
         finally:
             set_retry(self, None)
         protocol = known_connection(self, cid)
-        if protocol is None:
+        if not isinstance(protocol, QuicDeviceProtocol):  # None: refused, or a Retry sent
             if retry and not token:
                 self._count("quic_retries")
             elif token:

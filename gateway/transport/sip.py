@@ -95,8 +95,7 @@ class SipTransport:
         server, self._tcp_server = self._tcp_server, None
         steps = [timer.cancel if timer else None, udp.close if udp else None,
                  server.close if server else None,
-                 *(conn.transport.close for conn in list(self._conns.values())
-                   if conn.transport is not None),
+                 *(conn.transport.close for conn in list(self._conns.values())),
                  *(task.cancel for task in list(self._tasks))]
         for step in steps:
             if step is not None:
@@ -159,7 +158,7 @@ class SipTransport:
         """A request of ours over TCP (to the PBX): one kept connection per destination."""
         key = (peer.host, peer.port)
         conn = self._out.get(key)
-        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+        if conn is not None and not conn.transport.is_closing():
             conn.transport.write(data)
             return
         pending = self._pending.setdefault(key, [])
@@ -191,8 +190,8 @@ class SipTransport:
 
     def _udp_host(self, host: str) -> str:
         """An IPv4 host on a dual-stack socket is written as ::ffff:a.b.c.d."""
-        sock = self._udp.get_extra_info("socket")
-        if sock.family == socket.AF_INET6 and ":" not in host:
+        sock = self._udp.get_extra_info("socket") if self._udp is not None else None
+        if sock is not None and sock.family == socket.AF_INET6 and ":" not in host:
             return f"::ffff:{host}"
         return host
 
@@ -253,12 +252,14 @@ class _SipDatagrams(asyncio.DatagramProtocol):
 
 
 class _SipStream(asyncio.Protocol):
+    # set by connection_made, which asyncio calls before anything else
+    transport: asyncio.Transport
+    peer: Peer
+
     def __init__(self, owner: SipTransport) -> None:
         self.owner = owner
         self.framer = StreamFramer()
         self.id = next(owner._ids)
-        self.transport: asyncio.Transport | None = None
-        self.peer: Peer | None = None
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
@@ -337,7 +338,7 @@ def _route(cfg: SipConfig) -> tuple[str, str]:
                                                socket.SOCK_DGRAM)[0]
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect(addr)  # no packet is sent: this only asks the routing table
-        return addr[0], probe.getsockname()[0]
+        return str(addr[0]), probe.getsockname()[0]
 
 
 def pbx_link(cfg: SipConfig, port: int, now: float) -> PbxLink | None:
