@@ -45,24 +45,27 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-import loadgen
 import report
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from loadgen import (
-    TOPIC,
+from lib import host
+from lib.host import (
     Background,
+    plan_cpus,
+    stop_process,
+)
+from lib.payloads import TOPIC
+from loadgen import (
     LoadGen,
     LpgwTarget,
     common_arguments,
     control_call,
-    free_port,
-    plan_cpus,
     result_head,
     running,
-    stop_process,
     summary,
 )
+
+from gateway.service import free_port
 
 TEAM, KEY_ID = "BENCH12345", "BENCHKEY01"
 BODY = '{"aps":{"alert":"Bed 12 calls"},"ward":3}'
@@ -88,7 +91,7 @@ class ApiTarget(LpgwTarget):
 
     def make_config(self, state: Path) -> dict[str, Any]:
         config = super().make_config(state)
-        self.api_port = self.api_port or free_port()
+        self.api_port = self.api_port or free_port("127.0.0.1")
         config["api"] = {"enabled": True, "host": "127.0.0.1", "port": self.api_port,
                          "rate_limit": 1e6, "rate_burst": 10**6, "metrics_need_auth": False,
                          "providers": [{"team_id": TEAM, "key_id": KEY_ID,
@@ -251,7 +254,7 @@ def api(target: ApiTarget, *, rates: list[float], step_seconds: float, devices: 
                      "h2load_streams_per_client": streams, "in_flight_cap": clients * streams,
                      "warmup_s": warmup, "pause_s": pause, "p99_target_ms": p99_ms,
                      "sustained_share": SUSTAINED, "saturated_share": SATURATED,
-                     "budget_s": budget, "body_bytes": len(BODY), "cpus": loadgen.CPU_PLAN},
+                     "budget_s": budget, "body_bytes": len(BODY), "cpus": host.CPU_PLAN},
         "steps": [], "complete": False}
     work = target.tmp / "h2load"
     work.mkdir()

@@ -53,26 +53,29 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-import loadgen
 import report
-from loadgen import (
+from lib import host
+from lib.host import (
     ROOT,
     Background,
+    cap_devices,
+    plan_cpus,
+    stop_process,
+)
+from loadgen import (
     LoadGen,
     LpgwTarget,
-    cap_devices,
     common_arguments,
     default_workers,
-    free_port,
     parse_steps,
     pct,
-    plan_cpus,
     result_head,
     running,
-    stop_process,
     summary,
 )
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.service import free_port
 
 PUSH = "lpgw_sip_invite_to_push_seconds"
 RINGING = "lpgw_sip_invite_to_ringing_seconds"
@@ -104,8 +107,8 @@ class CallTarget(LpgwTarget):
 
     def make_config(self, state: Path) -> dict[str, Any]:
         config = super().make_config(state)
-        self.sip_port = self.sip_port or free_port()
-        self.api_port = self.api_port or free_port()
+        self.sip_port = self.sip_port or free_port("127.0.0.1")
+        self.api_port = self.api_port or free_port("127.0.0.1")
         config["api"] = {"enabled": True, "host": "127.0.0.1", "port": self.api_port,
                          "metrics_need_auth": False}
         config["sip"] = {"enabled": True, "host": "127.0.0.1", "port": self.sip_port}
@@ -246,7 +249,7 @@ def run_sipp(target: CallTarget, users: list[str], calls: int, rate: float, work
     limit = math.ceil(calls / rate) + 30
     command = [
         "sipp", f"127.0.0.1:{target.sip_port}", "-sf", "call.xml", "-inf", "users.csv",
-        "-m", str(calls), "-r", f"{rate:g}", "-i", "127.0.0.1", "-p", str(free_port()),
+        "-m", str(calls), "-r", f"{rate:g}", "-i", "127.0.0.1", "-p", str(free_port("127.0.0.1")),
         "-recv_timeout", str(int(recv_timeout_s * 1000)),  # > the gateway's reach timeout
         "-timeout", f"{limit}s", "-timeout_error", "-nostdin", "-nd",
         "-trace_stat", "-stf", "stat.csv", "-fd", "1",
@@ -370,7 +373,7 @@ def call(target: CallTarget, *, devices: int, callees: int, calls: int, rate: fl
         "settings": {"idle_devices": devices, "callees": callees, "calls": calls,
                      "rate_per_s": rate, "workers": workers, "callee_workers": 1,
                      "baseline_s": baseline, "settle_s": settle, "connect_spread_s": spread,
-                     "concurrency_per_worker": concurrency, "cpus": loadgen.CPU_PLAN},
+                     "concurrency_per_worker": concurrency, "cpus": host.CPU_PLAN},
         "fd_limit_note": note, "complete": False}
     with running(target, result, quiet_wait):
         meter = target.meter

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -28,8 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from lib.host import raise_nofile
+
 from gateway.client import DeviceClient, DeviceOptions
-from gateway.service import _free_port
+from gateway.service import free_port
 
 WARMUP = 20
 ATTEMPTS = 5  # a handshake lost on a busy loopback is retried with a fresh device
@@ -157,7 +158,7 @@ async def connect(n: int, transport: str, port: int, pin: str, clients: list,
 async def measure(transport: str, devices: int, window: int, idle: float, heap: bool,
                   log: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port("127.0.0.1")
+        port = free_port("127.0.0.1")
         probe, pin = start_gateway(Path(tmp) / "state", port, heap, log)
         clients: list = []
         try:
@@ -192,22 +193,6 @@ async def measure(transport: str, devices: int, window: int, idle: float, heap: 
         return result
 
 
-def raise_open_files(devices: int) -> None:
-    need = devices + WARMUP + 512  # either process: one socket a device, and some slack
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= need:
-        return
-    if hard != resource.RLIM_INFINITY and hard < need:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
-            return
-        except (ValueError, OSError):
-            print(f"note: open-file hard limit {hard} < {need} needed; running with it",
-                  file=sys.stderr)
-            need = hard
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-
-
 def describe(r: dict) -> str:
     extra = []
     if "pss_bytes_per_device" in r:
@@ -234,7 +219,7 @@ def main() -> None:
     p.add_argument("--gateway-log", action="store_true", help="show the gateway's stderr")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    raise_open_files(args.devices)
+    raise_nofile(args.devices + WARMUP + 512)  # either process: a socket a device, slack
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     transports = ("tls", "quic") if args.transport == "both" else (args.transport,)
     for transport in transports:

@@ -49,21 +49,22 @@ from typing import Any, Protocol
 import h2.config
 import h2.connection
 import h2.events
-import loadgen
 import report
 from api_throughput import ApiTarget
-from loadgen import (
-    STAMPED,
-    TOPIC,
+from lib import host
+from lib.host import (
     Background,
+    cap_devices,
+    plan_cpus,
+)
+from lib.mqtt import client_context
+from lib.payloads import STAMPED, TOPIC
+from loadgen import (
     LoadGen,
     Target,
-    cap_devices,
-    client_context,
     common_arguments,
     default_workers,
     parse_steps,
-    plan_cpus,
     result_head,
     running,
     summary,
@@ -228,7 +229,7 @@ def latency(target: Target, devices: int, *, pushes: int, rate: float, workers: 
         "settings": {"devices": devices, "pushes": pushes, "rate_per_s": rate, "seed": seed,
                      "workers": workers, "settle_s": settle, "body": STAMPED % 0,
                      "concurrency_per_worker": concurrency, "budget_s": budget,
-                     "cpus": loadgen.CPU_PLAN},
+                     "cpus": host.CPU_PLAN},
         "fd_limit_note": note, "complete": False}
     with running(target, result, quiet_wait):
         meter = target.meter

@@ -42,25 +42,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadgen import (
-    STAMPED,
-    LpgwTarget,
+from lib.host import pin_server, plan_cpus
+from lib.mqtt import (
     MqttDecoder,
-    Target,
     client_context,
-    common_arguments,
-    default_workers,
-    free_port,
-    idle,
     mqtt_connect,
     mqtt_publish,
+)
+from lib.payloads import STAMPED
+from loadgen import (
+    LpgwTarget,
+    Target,
+    common_arguments,
+    default_workers,
+    idle,
     parse_steps,
-    pin_server,
-    plan_cpus,
 )
 from storm import storm
 
 from gateway import certs
+from gateway.service import free_port
 
 
 def mosquitto_version(binary: str) -> str:
@@ -82,7 +83,7 @@ class MosquittoTarget(Target):
         self.conf = ""
 
     def start(self) -> None:
-        self.port = free_port()
+        self.port = free_port("127.0.0.1")
         cert, key = self.tmp / "broker.crt", self.tmp / "broker.key"
         certs.ensure_self_signed(cert, key, "mosquitto-bench")
         self.pin = "sha256/" + certs.spki_pin(certs.load_cert(cert))

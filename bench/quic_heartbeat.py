@@ -19,21 +19,17 @@ import json
 import ssl
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from lib.host import RESULTS, git_state, machine, now_iso
 
-from aioquic.quic.configuration import QuicConfiguration  # noqa: E402
-from aioquic.quic.connection import QuicConnection  # noqa: E402
-
-from bench.loadgen import git_state, machine, now_iso  # noqa: E402
-from gateway import internals  # noqa: E402
-from gateway.protocol import ALPN  # noqa: E402
-from gateway.transport import quic  # noqa: E402
+from gateway import internals
+from gateway.protocol import ALPN
+from gateway.transport import quic
 
 GATEWAY, PHONE = ("127.0.0.1", 4433), ("127.0.0.1", 50000)
 
@@ -106,7 +102,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--heartbeat", type=float, default=10.0,
                    help="seconds between heartbeats, for the CPU figure at 10,000 devices")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     internals.offer_one_key_share()
     clock = [1000.0]

@@ -13,21 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import jwt
+from lib.host import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from gateway.client import DeviceClient, DeviceOptions  # noqa: E402
-from gateway.config import SipConfig  # noqa: E402
-from gateway.service import Gateway, _free_port  # noqa: E402
-from gateway.transport.sip import start_sip  # noqa: E402
-from tests.conftest import make_config  # noqa: E402
+from gateway.client import DeviceClient, DeviceOptions
+from gateway.config import SipConfig, from_dict
+from gateway.service import Gateway, free_port
+from gateway.transport.sip import start_sip
 
 SECRET = "b" * 40
 
@@ -35,10 +31,12 @@ SECRET = "b" * 40
 async def main(calls: int, rate: int, devices: int, synchronous: str) -> None:
     tmp = Path(tempfile.mkdtemp())
     (tmp / "jwt").write_text(SECRET)
-    gw = await Gateway.start(make_config(
-        tmp / "state", assertions={"hs256_secret_file": str(tmp / "jwt")},
-        log={"level": "warning"}, store={"synchronous": synchronous}))
-    sip = await start_sip(SipConfig(host="127.0.0.1", port=_free_port("127.0.0.1"),
+    gw = await Gateway.start(from_dict({
+        "state_dir": str(tmp / "state"), "listen": {"host": "127.0.0.1", "port": 0},
+        "api": {"enabled": False}, "sip": {"enabled": False}, "discovery": {"enabled": False},
+        "assertions": {"hs256_secret_file": str(tmp / "jwt")}, "log": {"level": "warning"},
+        "store": {"synchronous": synchronous}}))
+    sip = await start_sip(SipConfig(host="127.0.0.1", port=free_port("127.0.0.1"),
                                     ring_window=30, reach_timeout=10),
                           gw.delivery, gw.store, gw.metrics, "lpgw-bench", gw.pump)
     welcomed = asyncio.Event()
@@ -66,7 +64,7 @@ async def main(calls: int, rate: int, devices: int, synchronous: str) -> None:
     (tmp / "bench.xml").write_text(scenario)
     proc = await asyncio.create_subprocess_exec(
         "sipp", f"127.0.0.1:{sip.port}", "-sf", str(tmp / "bench.xml"), "-inf", str(users),
-        "-m", str(calls), "-r", str(rate), "-i", "127.0.0.1", "-p", str(_free_port("127.0.0.1")),
+        "-m", str(calls), "-r", str(rate), "-i", "127.0.0.1", "-p", str(free_port("127.0.0.1")),
         "-timeout", "120s", "-nostdin", "-nd", stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL, cwd=tmp)
     try:

@@ -26,20 +26,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import loadgen
-from loadgen import (
+from lib import host
+from lib.host import (
     Background,
+    cap_devices,
+    counters_delta,
+    kernel_counters,
+    plan_cpus,
+)
+from loadgen import (
     LoadGen,
     LpgwTarget,
     Target,
-    cap_devices,
     common_arguments,
-    counters_delta,
     default_workers,
-    kernel_counters,
     parse_steps,
     pct,
-    plan_cpus,
     result_head,
     running,
     summary,
@@ -193,7 +195,7 @@ def storm(target: Target, sizes: list[int], *, pushes: int, workers: int, spread
                      "connect_timeout_s": connect_timeout,
                      "register_concurrency_per_worker": register_concurrency,
                      "between_rounds": between,
-                     "cpus": loadgen.CPU_PLAN},
+                     "cpus": host.CPU_PLAN},
         "fd_limit_note": note, "rounds": [], "complete": False}
     with running(target, result, quiet_wait):
         with LoadGen(workers) as lg:

@@ -221,7 +221,7 @@ class Gateway:
     async def _listen(self) -> None:
         c = self.config
         host = c.listen.host
-        port = c.listen.port or _free_port(host)
+        port = c.listen.port or free_port(host)
         transports = []
         if c.listen.tls:
             self._tls_ctx = tls.server_context(str(c.cert_path), str(c.key_path),
@@ -260,7 +260,7 @@ class Gateway:
         factory = self._api_factory = http_server.ApiFactory(
             self._api_ctx, self.router, self.metrics, api_limits(self.config), self.pump)
         # port 0 on "::" would give IPv4 and IPv6 two different ports: choose one first
-        port = a.port or _free_port(a.host)
+        port = a.port or free_port(a.host)
         self._api = await asyncio.get_running_loop().create_server(
             factory, None if a.host in ("::", "") else a.host, port, reuse_address=True,
             backlog=LISTEN_BACKLOG)
@@ -579,7 +579,7 @@ def open_state(c: Config) -> Opened:
     return Opened(store, secret, gateway_id, pin)
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     """One port number free on TCP and UDP alike, for `port: 0`."""
     family = socket.AF_INET6 if ":" in (host or "::") else socket.AF_INET
     for _ in range(50):

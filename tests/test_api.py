@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.client import DeviceClient, DeviceOptions
-from gateway.service import _free_port
+from gateway.service import free_port
 from tests.conftest import ROOT, GatewayProcess, send
 
 TEAM, OTHER_TEAM = "ABCDE12345", "ZYXWV98765"
@@ -336,8 +336,8 @@ async def test_many_streams_by_prior_knowledge(api, keys, devices):
 
 
 async def test_a_crash_right_after_200_still_delivers(tmp_path, keys):
-    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"),
-                        {"api": {"host": "127.0.0.1", "port": _free_port("127.0.0.1"),
+    gp = GatewayProcess(tmp_path / "state", free_port("127.0.0.1"),
+                        {"api": {"host": "127.0.0.1", "port": free_port("127.0.0.1"),
                                  "providers": keys.providers()}})
     gp.start()
     install = str(uuid.uuid4())

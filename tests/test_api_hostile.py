@@ -28,7 +28,7 @@ import pytest
 from gateway import faults
 from gateway.client import DeviceClient, DeviceOptions
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verify_assertion
-from gateway.service import _free_port
+from gateway.service import free_port
 from tests.conftest import GatewayProcess
 from tests.test_api import TOPIC, Keys, node_h2, tls_context
 
@@ -367,8 +367,8 @@ async def test_a_push_that_cannot_be_stored_gets_503_with_its_apns_id(tmp_path, 
     cannot grow): the group commit fails, and each push in it is answered 503
     ServiceUnavailable saying it was not stored, not 500; the gateway goes on answering."""
     limit = 300_000
-    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"),
-                        {"api": {"host": "127.0.0.1", "port": _free_port("127.0.0.1"),
+    gp = GatewayProcess(tmp_path / "state", free_port("127.0.0.1"),
+                        {"api": {"host": "127.0.0.1", "port": free_port("127.0.0.1"),
                                  "providers": keys.providers()}})
     gp.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     try:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway import certs, selftest
 from gateway.client import DeviceClient, DeviceOptions
 from gateway.notify import Notifier
-from gateway.service import Gateway, _free_port
+from gateway.service import Gateway, free_port
 from tests.conftest import ROOT, make_config
 
 
@@ -78,9 +78,9 @@ def start_gateway(tmp_path: Path, notify: NotifySocket, extra: dict | None = Non
                   watchdog_usec: int = 400_000) -> tuple[subprocess.Popen, Path, dict]:
     cfg = tmp_path / "lpgw.yaml"
     data = {"state_dir": str(tmp_path / "state"),
-            "listen": {"host": "127.0.0.1", "port": _free_port("127.0.0.1")},
+            "listen": {"host": "127.0.0.1", "port": free_port("127.0.0.1")},
             "api": {"host": "127.0.0.1", "port": 0},
-            "sip": {"host": "127.0.0.1", "port": _free_port("127.0.0.1")},
+            "sip": {"host": "127.0.0.1", "port": free_port("127.0.0.1")},
             "discovery": {"enabled": False}}  # no mDNS on this machine's interfaces
     data.update(extra or {})
     cfg.write_text(yaml.safe_dump(data))
@@ -310,7 +310,7 @@ def test_selftest_names_a_stopped_gateway(tmp_path):
 
 async def test_selftest_names_a_stopped_listener(tmp_path):
     cfg = make_config(tmp_path / "state", sip={"enabled": True, "host": "127.0.0.1",
-                                               "port": _free_port("127.0.0.1")})
+                                               "port": free_port("127.0.0.1")})
     gw = await Gateway.start(cfg)
     try:
         gw._tcp.close()  # the TLS listener dies; everything else runs

@@ -20,7 +20,7 @@ import jwt
 
 from tests.conftest import GatewayProcess, new_install
 from tests.test_log_secrets import message
-from tests.test_sip import _free_port
+from tests.test_sip import free_port
 
 SECRET = "binding-" + uuid.uuid4().hex + uuid.uuid4().hex
 LEEWAY = 30.0  # AssertionPolicy's: an assertion is good until exp + 30 s
@@ -43,7 +43,7 @@ def assertion(user: str, exp: float) -> str:
 async def test_an_assertion_binding_ends_with_the_assertion(tmp_path, devices):
     (tmp_path / "hs.secret").write_text(SECRET)
     (tmp_path / "admin.token").write_text("admin-" + uuid.uuid4().hex)
-    sip_port = _free_port("127.0.0.1")
+    sip_port = free_port("127.0.0.1")
     proc = GatewayProcess(tmp_path / "state", 0, {
         "listen": {"host": "127.0.0.1", "port": 0}, "store": {"synchronous": "NORMAL"},
         "assertions": {"hs256_secret_file": str(tmp_path / "hs.secret")},

@@ -164,3 +164,27 @@ def test_latency_refuses_an_unknown_system_by_name():
                           timeout=60, cwd=ROOT)
     assert proc.returncode != 0
     assert "--systems: unknown ['nats']" in proc.stderr
+
+
+def test_bench_uses_the_products_code_and_no_path_tricks():
+    """bench/ imports the gateway as installed and its own bench/lib (the script's folder
+    is on the path when it runs): no sys.path or PYTHONPATH edits, and the helpers that
+    existed twice (free_port, the open-file limit, the final bye reasons) are the
+    product's, defined once."""
+    import ast
+
+    sources = sorted([*BENCH.glob("*.py"), *(BENCH / "lib").glob("*.py")])
+    assert (BENCH / "lib" / "devices.py") in sources
+    tricks, defined = [], []
+    for path in sources:
+        text = path.read_text()
+        if "sys.path" in text or "PYTHONPATH" in text:
+            tricks.append(path.name)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.Assign):
+                names = ([node.name] if isinstance(node, ast.FunctionDef)
+                         else [t.id for t in node.targets if isinstance(t, ast.Name)])
+                defined += [f"{path.name}:{n}" for n in names
+                            if n in ("free_port", "raise_open_files", "FINAL",
+                                     "FINAL_REASONS")]
+    assert tricks == [] and defined == []

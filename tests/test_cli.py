@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.service import _free_port
+from gateway.service import free_port
 from tests.conftest import ROOT, GatewayProcess
 
 
 @pytest.fixture
 def running(tmp_path):
-    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"))
+    gp = GatewayProcess(tmp_path / "state", free_port("127.0.0.1"))
     gp.start()
     yield gp
     gp.kill(15)
@@ -125,7 +125,7 @@ def test_run_takes_the_hard_open_file_limit(tmp_path):
     the thousandth TLS phone; it raises its own soft limit to the hard one."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     soft = min(1024, hard // 2)  # below whatever hard limit the machine has
-    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"))
+    gp = GatewayProcess(tmp_path / "state", free_port("127.0.0.1"))
     gp.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
     try:
         limits = Path(f"/proc/{gp.pid}/limits").read_text()
@@ -149,7 +149,7 @@ def test_run_takes_the_hard_open_file_limit(tmp_path):
 def test_run_on_asyncios_own_loop_when_asked(tmp_path, monkeypatch):
     """LPGW_EVENT_LOOP=asyncio: the escape hatch if libuv ever misbehaves on a platform."""
     monkeypatch.setenv("LPGW_EVENT_LOOP", "asyncio")
-    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"))
+    gp = GatewayProcess(tmp_path / "state", free_port("127.0.0.1"))
     gp.start()
     try:
         said = gp.proc.stdout.readline().decode() + gp.proc.stdout.readline().decode()

@@ -20,7 +20,7 @@ from gateway.transport import control
 from tests.conftest import GatewayProcess, eventually, new_install, send
 from tests.test_api import TOPIC, Keys
 from tests.test_containment_process import invite
-from tests.test_sip import _free_port
+from tests.test_sip import free_port
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 needs_faketime = pytest.mark.skipif(not LIBFAKETIME.exists(),
@@ -150,7 +150,7 @@ async def _statuses(sock: socket.socket, seconds: float) -> list[tuple[int, str]
 async def test_a_ringing_call_keeps_its_ring_window_across_a_step(tmp_path, devices, step):
     """Before: +40 days ended every ringing call with 480 at the next SIP message; a step
     back left SIP's timers an hour late (the ring window, retransmissions, registrations)."""
-    sip_port = _free_port("127.0.0.1")
+    sip_port = free_port("127.0.0.1")
     fake = FakedGateway(tmp_path, {
         "listen": {"host": "127.0.0.1", "port": 0}, "store": {"synchronous": "NORMAL"},
         "sip": {"enabled": True, "host": "127.0.0.1", "port": sip_port, "ring_window": 4,

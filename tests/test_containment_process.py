@@ -15,7 +15,7 @@ import time
 
 from gateway.transport import control
 from tests.conftest import GatewayProcess, new_install, send
-from tests.test_sip import _free_port
+from tests.test_sip import free_port
 
 
 def invite(sip_port: int, source_port: int, user: str, via_params: str) -> bytes:
@@ -40,7 +40,7 @@ async def answers(sock: socket.socket, seconds: float) -> list[int]:
 
 
 async def test_rport_abc_invite_to_a_quic_phone_stops_nobody(tmp_path, devices):
-    sip_port = _free_port("127.0.0.1")
+    sip_port = free_port("127.0.0.1")
     proc = GatewayProcess(tmp_path / "state", 0, {
         "listen": {"host": "127.0.0.1", "port": 0}, "store": {"synchronous": "NORMAL"},
         "sip": {"enabled": True, "host": "127.0.0.1", "port": sip_port}})

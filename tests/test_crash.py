@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from gateway.client import DeviceClient, DeviceOptions
-from gateway.service import _free_port
+from gateway.service import free_port
 from gateway.transport import control
 from tests.conftest import GatewayProcess
 
@@ -19,7 +19,7 @@ KILL_AFTER = 60
 
 @pytest.mark.parametrize("transport", ["tls", "quic"])
 async def test_sigkill_loses_no_accepted_push(tmp_path, transport):
-    gp = GatewayProcess(tmp_path / "state", _free_port("127.0.0.1"),
+    gp = GatewayProcess(tmp_path / "state", free_port("127.0.0.1"),
                         {"protocol": {"heartbeat": 0.5, "heartbeat_misses": 2}})
     gp.start()
     received: dict[str, dict] = {}

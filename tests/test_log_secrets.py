@@ -22,7 +22,7 @@ import jwt
 from gateway.transport import control
 from tests.conftest import GatewayProcess, send
 from tests.test_api import TOPIC, Keys
-from tests.test_sip import _free_port, needs_sipp, start_pbx
+from tests.test_sip import free_port, needs_sipp, start_pbx
 
 HS_SECRET = "hs256-" + uuid.uuid4().hex + uuid.uuid4().hex
 PBX_PASSWORD = "s3cret-pass"  # what tests/sip/registrar.xml accepts
@@ -54,10 +54,10 @@ async def test_debug_logs_hold_no_secret(tmp_path, devices):
     (tmp_path / "admin.token").write_text(admin + "\n")
     (tmp_path / "hs.secret").write_text(HS_SECRET)
     (tmp_path / "2001.secret").write_text(PBX_PASSWORD + "\n")
-    pbx_port = _free_port("127.0.0.1")
+    pbx_port = free_port("127.0.0.1")
     pbx = await start_pbx("registrar.xml", pbx_port)
-    sip_port = _free_port("127.0.0.1")
-    api_port = _free_port("127.0.0.1")
+    sip_port = free_port("127.0.0.1")
+    api_port = free_port("127.0.0.1")
     proc = GatewayProcess(tmp_path / "state", 0, {
         "listen": {"host": "127.0.0.1", "port": 0}, "log": {"level": "debug"},
         "store": {"synchronous": "NORMAL"},

@@ -19,7 +19,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.core.tokens import SELFTEST_TOPIC, selftest_tokens
-from gateway.service import _free_port
+from gateway.service import free_port
 from gateway.store import Store
 from tests.conftest import ROOT, GatewayProcess, new_install, send
 
@@ -76,7 +76,7 @@ def plant_leftovers(gp: GatewayProcess) -> set[str]:
 async def test_selftest_leaves_no_device_no_push_and_no_count(tmp_path, devices):
     gp = GatewayProcess(tmp_path / "state", 0, {
         "listen": {"host": "127.0.0.1", "port": 0},
-        "sip": {"enabled": True, "host": "127.0.0.1", "port": _free_port("127.0.0.1")}})
+        "sip": {"enabled": True, "host": "127.0.0.1", "port": free_port("127.0.0.1")}})
     gp.start()
     gp.kill(signal.SIGTERM)
     leftovers = plant_leftovers(gp)
@@ -122,7 +122,7 @@ def test_selftest_answers_the_inbound_digest_challenge(tmp_path):
     credentials.write_text("pbx:ward-3-secret\n")
     gp = GatewayProcess(tmp_path / "state", 0, {
         "listen": {"host": "127.0.0.1", "port": 0},
-        "sip": {"enabled": True, "host": "127.0.0.1", "port": _free_port("127.0.0.1"),
+        "sip": {"enabled": True, "host": "127.0.0.1", "port": free_port("127.0.0.1"),
                 "inbound_auth": {"enabled": True, "credentials_file": str(credentials)}}})
     gp.start()
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from gateway.service import _free_port
+from gateway.service import free_port
 from gateway.transport.sip import start_sip
 from tests.conftest import ROOT
 
@@ -36,7 +36,7 @@ async def pbx_side(gateway_factory, tmp_path):
     secret.write_text(SECRET)
     gw = await gateway_factory(assertions={"hs256_secret_file": str(secret)})
     sip = await start_sip(gw.config.sip.__class__(
-        host="127.0.0.1", port=_free_port("127.0.0.1"), ring_window=8.0, reach_timeout=3.0),
+        host="127.0.0.1", port=free_port("127.0.0.1"), ring_window=8.0, reach_timeout=3.0),
         gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)
     gw.sip = sip
     yield gw
@@ -53,7 +53,7 @@ async def sipp(gw, scenario: Path | str, user: str, transport: str = "u1",
         path.write_text(text)
     proc = await asyncio.create_subprocess_exec(
         SIPP, f"127.0.0.1:{gw.sip.port}", "-sf", str(path), "-s", user, "-m", "1",
-        "-t", transport, "-i", "127.0.0.1", "-p", str(_free_port("127.0.0.1")),
+        "-t", transport, "-i", "127.0.0.1", "-p", str(free_port("127.0.0.1")),
         "-timeout", f"{int(timeout)}s", "-timeout_error", "-nostdin", "-nd",
         *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         cwd=str(tmp or SCENARIOS))
@@ -307,7 +307,7 @@ async def start_pbx(scenario: str, port: int) -> asyncio.subprocess.Process:
 
 async def sip_with_pbx(gateway_factory, tmp_path, pbx_port: int, **sip):
     gw = await gateway_factory()
-    cfg = gw.config.sip.__class__(host="127.0.0.1", port=_free_port("127.0.0.1"),
+    cfg = gw.config.sip.__class__(host="127.0.0.1", port=free_port("127.0.0.1"),
                                   pbx_host="127.0.0.1", pbx_port=pbx_port, **sip)
     gw.sip = await start_sip(cfg, gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)
     return gw
@@ -320,7 +320,7 @@ async def registering(gateway_factory, tmp_path, password: str):
 
     secret = tmp_path / "2001.secret"
     secret.write_text(password + "\n")
-    pbx_port = _free_port("127.0.0.1")
+    pbx_port = free_port("127.0.0.1")
     pbx = await start_pbx("registrar.xml", pbx_port)
     await asyncio.sleep(0.3)
     gw = await sip_with_pbx(gateway_factory, tmp_path, pbx_port, keepalive_interval=300,
@@ -366,7 +366,7 @@ async def test_wrong_password_backs_off(gateway_factory, tmp_path):
 
 @needs_sipp
 async def test_options_keepalive_marks_the_pbx_reachable(gateway_factory, tmp_path):
-    pbx_port = _free_port("127.0.0.1")
+    pbx_port = free_port("127.0.0.1")
     pbx = await start_pbx("uas_options.xml", pbx_port)
     await asyncio.sleep(0.3)
     gw = await sip_with_pbx(gateway_factory, tmp_path, pbx_port, keepalive_interval=1)
@@ -396,7 +396,7 @@ def kamailio_modules() -> str:
 async def test_answered_elsewhere_through_a_forking_proxy(pbx_side, devices, tmp_path):
     device = devices(pbx_side, "quic", assertion=assertion("nurse"))
     await device.welcome()
-    proxy_port, desk_port = _free_port("127.0.0.1"), _free_port("127.0.0.1")
+    proxy_port, desk_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     cfg = tmp_path / "kamailio.cfg"
     cfg.write_text((SCENARIOS / "kamailio.cfg.in").read_text()
                    .replace("@PROXY_PORT@", str(proxy_port)).replace("@DESK_PORT@", str(desk_port))
@@ -416,7 +416,7 @@ async def test_answered_elsewhere_through_a_forking_proxy(pbx_side, devices, tmp
         assert proxy.returncode is None, (tmp_path / "kamailio.log").read_text()[-2000:]
         caller = await asyncio.create_subprocess_exec(
             SIPP, f"127.0.0.1:{proxy_port}", "-sf", str(SCENARIOS / "uac_answered.xml"),
-            "-s", "nurse", "-i", "127.0.0.1", "-p", str(_free_port("127.0.0.1")), "-t", "u1",
+            "-s", "nurse", "-i", "127.0.0.1", "-p", str(free_port("127.0.0.1")), "-t", "u1",
             "-m", "1", "-timeout", "20s", "-timeout_error", "-nostdin", "-nd",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             cwd=str(tmp_path))
@@ -466,7 +466,7 @@ async def test_routes_map_extensions_and_static_bindings_ring_fixed_devices(gate
     desk = devices(gw, "tls")  # no assertion: reachable only through the static binding
     desk_token = await desk.welcome()
     gw.sip = await start_sip(SipConfig(
-        host="127.0.0.1", port=_free_port("127.0.0.1"),
+        host="127.0.0.1", port=free_port("127.0.0.1"),
         routes=(SipRouteConfig(match=r"2(\d{3})", user=r"nurse\1"),),
         static_bindings=(SipStaticBinding(user="ward3", tokens=(desk_token,)),)),
         gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)

@@ -27,7 +27,7 @@ import pytest
 
 from gateway import faults
 from gateway.config import SipConfig, SipRegistration
-from gateway.service import _free_port
+from gateway.service import free_port
 from gateway.sip.transaction import Peer, Send
 from gateway.transport import control
 from gateway.transport.sip import start_sip
@@ -170,7 +170,7 @@ class Followed:
     """A gateway process whose output is read by a thread (so the pipe never fills)."""
 
     def __init__(self, tmp: Path, loop: str = "uvloop", **sip) -> None:
-        self.sip_port = _free_port("127.0.0.1")
+        self.sip_port = free_port("127.0.0.1")
         self.proc = GatewayProcess(tmp / "state", 0, {
             "listen": {"host": "127.0.0.1", "port": 0}, "store": {"synchronous": "NORMAL"},
             "sip": {"enabled": True, "host": "127.0.0.1", "port": self.sip_port, **sip}})
@@ -427,7 +427,7 @@ async def sip_gw(gateway_factory, tmp_path):
     secret = tmp_path / "jwt.secret"
     secret.write_text(SECRET)
     gw = await gateway_factory(assertions={"hs256_secret_file": str(secret)})
-    gw.sip = await start_sip(SipConfig(host="127.0.0.1", port=_free_port("127.0.0.1"),
+    gw.sip = await start_sip(SipConfig(host="127.0.0.1", port=free_port("127.0.0.1"),
                                        ring_window=8.0, reach_timeout=3.0),
                              gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)
     yield gw
@@ -612,7 +612,7 @@ async def linked(gateway_factory, tmp_path):
     gw = await gateway_factory()
     try:
         gw.sip = await start_sip(SipConfig(
-            host="127.0.0.1", port=_free_port("127.0.0.1"), pbx_host="127.0.0.1",
+            host="127.0.0.1", port=free_port("127.0.0.1"), pbx_host="127.0.0.1",
             pbx_port=pbx.port, keepalive_interval=1,
             register=(SipRegistration(user="2001", password_file=str(secret)),)),
             gw.delivery, gw.store, gw.metrics, "lpgw-test", gw.pump)

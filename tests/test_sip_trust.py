@@ -25,7 +25,7 @@ import yaml
 
 from tests.conftest import ROOT, GatewayProcess
 from tests.netns import Lines
-from tests.test_sip import SCENARIOS, SIPP, _free_port, needs_sipp
+from tests.test_sip import SCENARIOS, SIPP, free_port, needs_sipp
 
 PY = sys.executable
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -186,7 +186,7 @@ def auth_scenario(tmp_path, method: str, final: int) -> str:
 async def run_sipp(scenario: str, sip_port: int, user: str, password: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         SIPP, f"127.0.0.1:{sip_port}", "-sf", scenario, "-s", "nurse", "-m", "1", "-t", "u1",
-        "-i", "127.0.0.1", "-p", str(_free_port("127.0.0.1")), "-au", user, "-ap", password,
+        "-i", "127.0.0.1", "-p", str(free_port("127.0.0.1")), "-au", user, "-ap", password,
         "-timeout", "15s", "-timeout_error", "-nostdin", "-nd",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         cwd=str(SCENARIOS))
@@ -198,7 +198,7 @@ async def run_sipp(scenario: str, sip_port: int, user: str, password: str) -> tu
 async def test_inbound_digest_with_sipp_answering_the_challenge(tmp_path, devices):
     (tmp_path / "pbx.credentials").write_text("# user:password\npbx:ward-3-secret\n")
     (tmp_path / "hs.secret").write_text(SECRET)
-    sip_port = _free_port("127.0.0.1")
+    sip_port = free_port("127.0.0.1")
     proc = GatewayProcess(tmp_path / "state", 0, {
         "listen": {"host": "127.0.0.1", "port": 0}, "store": {"synchronous": "NORMAL"},
         "log": {"level": "debug"},

@@ -1,0 +1,1 @@
+"""What the benchmarks share: the machine (host), simulated devices (devices), MQTT."""
