@@ -357,7 +357,8 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--expiration", type=int, help="epoch seconds; 0 = now or never")
     send.add_argument("--collapse-id")
     send.add_argument("--id", help="push id (a UUID); made when absent")
-    send.add_argument("--topic")
+    send.add_argument("--topic", help="check the token is for this APNs topic, as apns-topic "
+                      "(a voip push: <bundle id>.voip)")
     send.add_argument("--socket", help="control socket (default: from the config)")
     send.set_defaults(func=cmd_send)
 

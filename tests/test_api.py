@@ -572,3 +572,24 @@ async def test_the_api_and_lpgw_send_keep_the_same_push_rules(api, h2, keys, dev
                         apns_push_type="background")
     assert answer.status_code == 200
     assert (await device.next("push"))["priority"] == 5
+
+
+async def test_the_api_and_lpgw_send_keep_the_same_topic_rules(api, h2, keys, devices):
+    """APNs' topic rule (a voip push goes to '<bundle id>.voip', an alert push not there)
+    is core/push_rules.app_topic, for the API and the control socket alike. Before,
+    `lpgw send` compared the topic with the device's as given: a voip push named with the
+    bundle id alone was sent, one named '<bundle id>.voip' refused."""
+    device = devices(api, "tls", topic=TOPIC, push_types=("alert", "voip"))
+    token = await device.welcome()
+    call = {"call": {"id": "c1"}}
+    for topic, push_type, reason in [(TOPIC, "voip", "BadTopic"),
+                                     (f"{TOPIC}.voip", "alert", "DeviceTokenNotForTopic")]:
+        via_control = await send(api, token, call, push_type=push_type, topic=topic)
+        assert (via_control["ok"], via_control["reason"]) == (False, reason), via_control
+    via_api = await push(h2, keys, token, call, apns_push_type="voip", apns_topic=TOPIC)
+    assert (via_api.status_code, via_api.json()["reason"]) == (400, "BadTopic")
+    assert (await send(api, token, call, push_type="voip", topic=f"{TOPIC}.voip"))["ok"]
+    assert (await device.next("push"))["push_type"] == "voip"
+    answer = await push(h2, keys, token, call, apns_push_type="voip", apns_topic=f"{TOPIC}.voip")
+    assert answer.status_code == 200
+    assert (await device.next("push"))["push_type"] == "voip"

@@ -266,7 +266,7 @@ def test_push_fields_are_carried_to_the_device(delivery):
     push_id = str(uuid.uuid4())
     delivery.submit(token, PushRequest("voip", {"call": "c1"}, priority=5,
                                        expiration=int(NOW) + 30, collapse_id="call-c1",
-                                       push_id=push_id.upper(), topic=TOPIC), NOW)
+                                       push_id=push_id.upper(), topic=f"{TOPIC}.voip"), NOW)
     (push,) = link.pushes
     assert push.id == push_id  # normalised to the canonical lowercase form
     assert push.push_type == "voip"

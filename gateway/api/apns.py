@@ -13,16 +13,6 @@ from gateway.core import push_rules
 from gateway.core.model import PushRequest
 from gateway.protocol.messages import PUSH_TYPES
 
-# the topic an APNs push type is sent to, as a suffix of the app's bundle id
-TOPIC_SUFFIX = {
-    "voip": ".voip",
-    "pushtotalk": ".voip-ptt",
-    "complication": ".complication",
-    "fileprovider": ".pushkit.fileprovider",
-    "liveactivity": ".push-type.liveactivity",
-    "location": ".location-query",
-    "widgets": ".push-type.widgets",
-}
 MAX_BODY = push_rules.MAX_PAYLOAD  # the most any push may carry
 # objects and arrays inside one another in a request body; real payloads use a handful.
 # Python's json gives up (RecursionError) near 1,000, and phones parse what we pass on.
@@ -44,7 +34,7 @@ def push_request(headers: Mapping[str, str], body: bytes, key: ProviderKey) -> P
     push_type = headers.get("apns-push-type", "alert")
     if push_type not in PUSH_TYPES:
         raise ApiError("InvalidPushType", f"apns-push-type must be one of {PUSH_TYPES}")
-    topic = _topic(headers.get("apns-topic"), push_type, key)
+    topic = _topic(headers.get("apns-topic"), push_type, key)  # the APNs topic, checked
 
     raw_priority = headers.get("apns-priority")
     priority = push_rules.default_priority(push_type)
@@ -129,20 +119,18 @@ def _finite(text: str) -> float:
 
 
 def _topic(header: str | None, push_type: str, key: ProviderKey) -> str:
-    """The app's bundle id this push is for, checked against the key's topics."""
-    suffix = TOPIC_SUFFIX.get(push_type, "")
+    """The APNs topic of this push (core.push_rules says what it must look like), its app
+    checked against the key's topics; without the header, the key's one app's."""
     if header is None:
         if len(key.topics) != 1:
             raise ApiError("MissingTopic", "apns-topic is required: this key has several topics")
-        return key.topics[0]
-    if suffix:
-        if not header.endswith(suffix):
-            raise ApiError("BadTopic", f"{push_type} pushes go to '<bundle id>{suffix}'")
-        base = header[: -len(suffix)]
-    else:
-        base = header
-    if base not in key.topics:
-        if not suffix and any(header.endswith(s) for s in TOPIC_SUFFIX.values()):
+        return push_rules.apns_topic(key.topics[0], push_type)
+    try:
+        app = push_rules.app_topic(header, push_type)
+    except push_rules.PushRuleBroken as exc:
+        raise ApiError(exc.reason, str(exc)) from None
+    if app not in key.topics:
+        if app == header and push_rules.names_another_push_type(header):
             raise ApiError("BadTopic", f"apns-topic {header} is not for {push_type} pushes")
-        raise ApiError("TopicDisallowed", f"this key may not push to {base}")
-    return base
+        raise ApiError("TopicDisallowed", f"this key may not push to {app}")
+    return header

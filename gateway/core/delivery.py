@@ -520,10 +520,16 @@ class Delivery:
         if token not in self._live and device.last_seen < now - self.settings.forget_after:
             raise Rejected("Unregistered", "the device has not been seen for too long",
                            timestamp=device.last_seen)
-        if req.topic is not None and req.topic != device.topic:
-            raise Rejected("DeviceTokenNotForTopic", f"the token is not for topic {req.topic}")
         if req.push_type not in PUSH_TYPES:
             raise Rejected("InvalidPushType", f"push type must be one of {PUSH_TYPES}")
+        if req.topic is not None:
+            try:
+                app = push_rules.app_topic(req.topic, req.push_type)
+            except push_rules.PushRuleBroken as exc:
+                raise Rejected(exc.reason, str(exc)) from None
+            if app != device.topic:
+                raise Rejected("DeviceTokenNotForTopic",
+                               f"the token is not for topic {req.topic}")
         if req.push_type not in device.push_types:
             raise Rejected("DeviceTokenNotForTopic",
                            f"the device does not take {req.push_type} pushes")

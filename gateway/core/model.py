@@ -16,4 +16,6 @@ class PushRequest:
     expiration: int | None = None  # epoch seconds; 0 = now or never; None = store default
     collapse_id: str | None = None
     push_id: str | None = None  # apns-id; made when absent
+    # the APNs topic as the provider named it (`<bundle id>`, or `<bundle id>.voip` for a
+    # voip push: core.push_rules.app_topic); None: not checked against the device's app
     topic: str | None = None

@@ -7,6 +7,16 @@ from __future__ import annotations
 
 import re
 
+# the topic an APNs push type is sent to, as a suffix of the app's bundle id
+TOPIC_SUFFIX = {
+    "voip": ".voip",
+    "pushtotalk": ".voip-ptt",
+    "complication": ".complication",
+    "fileprovider": ".pushkit.fileprovider",
+    "liveactivity": ".push-type.liveactivity",
+    "location": ".location-query",
+    "widgets": ".push-type.widgets",
+}
 PAYLOAD_LIMITS = {"voip": 5120}  # bytes of JSON payload, by push type
 DEFAULT_PAYLOAD_LIMIT = 4096
 MAX_PAYLOAD = max(PAYLOAD_LIMITS.values())  # the most any push may carry
@@ -31,6 +41,28 @@ def payload_limit(push_type: str) -> int:
 def default_priority(push_type: str) -> int:
     """APNs: background pushes go at 5, everything else at 10."""
     return 5 if push_type == "background" else 10
+
+
+def app_topic(topic: str, push_type: str) -> str:
+    """The app's bundle id an APNs topic names for `push_type`: `<bundle id><suffix>` for
+    the push types that have one (voip: `.voip`, ...), the topic itself for the others.
+    PushRuleBroken (BadTopic) when a suffix is missing, or names another push type's."""
+    suffix = TOPIC_SUFFIX.get(push_type, "")
+    if suffix:
+        if not topic.endswith(suffix) or topic == suffix:
+            raise PushRuleBroken("BadTopic", f"{push_type} pushes go to '<bundle id>{suffix}'")
+        return topic[: -len(suffix)]
+    return topic
+
+
+def names_another_push_type(topic: str) -> bool:
+    """The topic ends with a push type's suffix (a voip topic on an alert push, say)."""
+    return any(topic.endswith(s) for s in TOPIC_SUFFIX.values())
+
+
+def apns_topic(bundle_id: str, push_type: str) -> str:
+    """The APNs topic for an app's pushes of `push_type` (app_topic's inverse)."""
+    return bundle_id + TOPIC_SUFFIX.get(push_type, "")
 
 
 def check(push_type: str, priority: int, collapse_id: str | None, expiration: int | None,
