@@ -104,9 +104,9 @@ def test_no_step_without_a_monotonic_clock(tmp_path):
 
 
 def test_calls_keep_their_time_left_across_a_step(delivery, clocks):
-    calls = Calls(delivery.core, CallSettings(ring_window=45, reach_timeout=10), lambda user: [])
+    calls = Calls(delivery.core, CallSettings(ring_window=45, reach_timeout=10))
     caller = Caller("sip:1@x", "", "sip:nurse@x", {"sip_call_id": "c1"})
-    call = calls.offer("nurse", caller, clocks.wall)
+    call = calls.offer("nurse", caller, clocks.wall, [])
     assert call is None  # nobody to ring; build one by hand to time it
     from gateway.core.calls import Call
     started = clocks.wall

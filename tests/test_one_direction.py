@@ -114,7 +114,7 @@ def test_a_call_goes_down_and_its_ringing_comes_back_out_of_the_pump(store):
     sent while a layer is still handling its input."""
     d = delivery_on(store)
     router = UserRouter([], {}, store)
-    calls = Calls(d, CallSettings(), router.devices_of, end_status=SIP_STATUS)
+    calls = Calls(d, CallSettings(), end_status=SIP_STATUS)
     bridge = SipBridge(calls, d, router, Metrics())
     sip = SipRecorder()
     pump = Pump(d, Metrics())
@@ -145,6 +145,11 @@ def test_a_call_goes_down_and_its_ringing_comes_back_out_of_the_pump(store):
     sent, ringing = sip.out  # timed once the 180 is on its way
     assert ringing == Ringing(0.5)
     assert isinstance(sent, Send) and parse(sent.data).status == 180 and sent.peer == PBX
+    # and nothing below hands anything up: no listener lists, no callbacks to set
+    for layer in (d, calls, bridge):
+        assert not [n for n in vars(layer) if n.startswith("on_") or "listeners" in n], layer
+    assert list(inspect.signature(Calls.__init__).parameters) == [
+        "self", "delivery", "settings", "end_status"]  # no devices_of callback up to sip/
 
 
 def test_calls_say_outcomes_and_the_bridge_says_them_in_sip(store):
@@ -152,12 +157,13 @@ def test_calls_say_outcomes_and_the_bridge_says_them_in_sip(store):
     app reads in call_ended.status (docs/protocol.md) is that same number."""
     d = delivery_on(store)
     router = UserRouter([], {}, store)
-    calls = Calls(d, CallSettings(), router.devices_of, end_status=SIP_STATUS)
+    calls = Calls(d, CallSettings(), end_status=SIP_STATUS)
     token = d.admit(FakeLink(), hello(("voip",)), NOW)
     store.bind_user(token, "nurse")
     from gateway.core.calls import Caller
     from gateway.protocol.messages import CallAction
-    call = calls.offer("nurse", Caller("sip:a@b", "", "sip:nurse@lpgw"), NOW)
+    call = calls.offer("nurse", Caller("sip:a@b", "", "sip:nurse@lpgw"), NOW,
+                       router.devices_of("nurse"))
     d.commit(NOW)
     d.actions_to_send()
     d.call_action(token, CallAction(action="decline", call_id=call.id), NOW + 1)

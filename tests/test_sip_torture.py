@@ -30,7 +30,7 @@ from gateway.core.assertions import AssertionPolicy
 from gateway.core.calls import Calls, CallSettings
 from gateway.core.delivery import Delivery, DeliverySettings
 from gateway.core.metrics import Metrics
-from gateway.sip.bridge import SipBridge, UserRouter
+from gateway.sip.bridge import SIP_STATUS, SipBridge, UserRouter
 from gateway.sip.message import MAX_MESSAGE, SipError, SipMessage, StreamFramer, parse
 from gateway.sip.transaction import Peer, Send
 from gateway.store import Store
@@ -852,7 +852,7 @@ class Harness:
                                  settings=DeliverySettings(), policy=AssertionPolicy(),
                                  metrics=metrics)
         router = UserRouter([], {}, store)
-        self.calls = Calls(self.delivery, CallSettings(), router.devices_of)
+        self.calls = Calls(self.delivery, CallSettings(), end_status=SIP_STATUS)
         self.bridge = SipBridge(self.calls, self.delivery, router, metrics)
         self.sent: list[Send] = []
         self.now = NOW

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.core.delivery import Delivery, Rejected
@@ -77,13 +77,11 @@ class Calls:
     """The ring window of every call in progress."""
 
     def __init__(self, delivery: Delivery, settings: CallSettings,
-                 devices_of: Callable[[str], list[str]],
                  end_status: Mapping[CallOutcome, int] | None = None) -> None:
         """`end_status`: the number the origin answered for each outcome, given to the
         app in `call_ended.status` (docs/protocol.md: the SIP bridge's final status)."""
         self.delivery = delivery
         self.settings = settings
-        self.devices_of = devices_of
         self.end_status = dict(end_status or {})
         self.calls: dict[str, Call] = {}
         self._by_push: dict[str, Call] = {}
@@ -94,10 +92,9 @@ class Calls:
         out, self._out = self._out, []
         return out
 
-    def offer(self, user: str, caller: Caller, now: float,
-              devices: list[str] | None = None) -> Call | None:
-        """Push the call to `devices` (default: every device of `user`); None when there is
-        none to push to.
+    def offer(self, user: str, caller: Caller, now: float, devices: list[str]) -> Call | None:
+        """Push the call to `devices` (the caller's router chose them: the user's, of the
+        apps its route allows); None when there is none to push to.
 
         The pushes are written to connected devices before they are fsynced: the caller
         must call `delivery.commit()` next (the SIP shell does, after timing the write).
@@ -108,7 +105,7 @@ class Calls:
         payload = {"call": {"id": call.id, "from": caller.uri,
                             "display_name": caller.display_name, "to": caller.callee,
                             "user": user, **caller.details}}
-        for token in self.devices_of(user) if devices is None else devices:
+        for token in devices:
             push = PushRequest(push_type="voip", payload=payload, priority=10,
                                expiration=int(call.ring_deadline) + 1)
             try:  # rings at once; the caller commits right after (see Delivery.submit)

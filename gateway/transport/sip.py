@@ -360,7 +360,7 @@ async def start_sip(cfg: SipConfig, delivery: Delivery, storage: Storage, metric
                         {b.user: list(b.tokens) for b in cfg.static_bindings}, storage,
                         tuple(cfg.topics))
     calls = Calls(delivery, CallSettings(cfg.ring_window, cfg.reach_timeout),
-                  router.devices_of, end_status=SIP_STATUS)
+                  end_status=SIP_STATUS)
     bridge = SipBridge(calls, delivery, router, metrics, server_name=name)
     transport = SipTransport(bridge, metrics, pump)
     # before the first request can come
