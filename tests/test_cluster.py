@@ -1,0 +1,144 @@
+"""A site of gateways on a real 3-node NATS JetStream cluster (nats-server 2.15, loopback).
+
+So far (issue 17, first slice): joining the site, and the site's identity: every gateway of
+a site gives a phone the same device token; a site that cannot be reached stops the start
+with a reason instead of letting a gateway make tokens of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway import certs, config
+from gateway.cluster import SiteUnavailable
+from gateway.cluster.site import connect, join, site_bucket
+from gateway.service import Gateway, free_port
+from tests.conftest import make_config, new_install
+from tests.natscluster import NatsCluster
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory):
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def site_key(directory) -> dict:
+    """The site's key pair (from the vault, on an appliance): one pin for every gateway."""
+    directory.mkdir(parents=True, exist_ok=True)
+    certs.ensure_self_signed(directory / "cert.pem", directory / "key.pem", "site")
+    return {"cert": str(directory / "cert.pem"), "key": str(directory / "key.pem")}
+
+
+def site_config(nats_cluster: NatsCluster, site: str, **extra) -> dict:
+    return {"enabled": True, "site": site, "servers": nats_cluster.urls, "replicas": 3,
+            "connect_timeout": 5.0, **extra}
+
+
+async def test_every_gateway_of_a_site_gives_a_phone_the_same_token(
+        nats_cluster, gateway_factory, devices, tmp_path):
+    """Two gateways with state dirs (and token secrets) of their own join site ward3: the
+    first one's secret becomes the site's, kept in an R3 KV bucket, and the same install
+    gets the same token on both, over QUIC and TLS. A gateway of another site, or a box
+    alone, gives another token."""
+    key = site_key(tmp_path / "site-key")
+    a = await gateway_factory(tmp_path / "a", cluster=site_config(nats_cluster, "ward3"),
+                              tls=key)
+    b = await gateway_factory(tmp_path / "b", cluster=site_config(nats_cluster, "ward3"),
+                              tls=key)
+    other = await gateway_factory(tmp_path / "c", cluster=site_config(nats_cluster, "ward4"))
+    alone = await gateway_factory(tmp_path / "d")
+    assert a.site is not None and b.site is not None
+    assert a.site.created_secret and not b.site.created_secret
+    install = new_install()
+    tokens = []
+    for gw, transport in ((a, "quic"), (b, "tls"), (b, "quic"), (other, "quic"),
+                          (alone, "quic")):
+        device = devices(gw, transport, install_id=install, reconnect=False)
+        tokens.append(await device.welcome())
+        await device.stop()
+    assert tokens[0] == tokens[1] == tokens[2]
+    assert tokens[3] != tokens[0] and tokens[4] != tokens[0] and tokens[3] != tokens[4]
+    info = await a.site.js.stream_info(f"KV_{site_bucket('ward3')}")
+    assert info.config.num_replicas == 3
+    assert a.status()["cluster"] == {"site": "ward3", "connected": True,
+                                     "server": a.status()["cluster"]["server"],
+                                     "servers_known": 3}
+    assert alone.status()["cluster"] is None
+    assert a.pin == b.pin != other.pin
+
+
+async def test_a_gateway_with_another_key_pair_is_refused(nats_cluster, gateway_factory,
+                                                         tmp_path):
+    """Every phone of a site checks one pin: a gateway whose key is not the site's would be
+    refused by all of them, so it does not start, and says which key it needs."""
+    await gateway_factory(tmp_path / "a", cluster=site_config(nats_cluster, "ward5"),
+                          tls=site_key(tmp_path / "site-key"))
+    with pytest.raises(SiteUnavailable, match="is not site ward5's"):
+        await Gateway.start(make_config(tmp_path / "b",
+                                        cluster=site_config(nats_cluster, "ward5")))
+
+
+async def test_gateways_joining_at_once_agree_on_one_secret(nats_cluster):
+    cfg = config.from_dict({"cluster": site_config(nats_cluster, "race")}).cluster
+    sites = await asyncio.gather(*(join(cfg, bytes([i]) * 32, "sha256/same")
+                                   for i in range(1, 5)))
+    try:
+        assert len({s.token_secret for s in sites}) == 1
+        assert sum(s.created_secret for s in sites) == 1
+        assert sites[0].token_secret in {bytes([i]) * 32 for i in range(1, 5)}
+    finally:
+        for s in sites:
+            await s.close()
+
+
+async def test_a_site_that_cannot_be_reached_stops_the_start(tmp_path, nats_cluster):
+    """No NATS at the configured address: the start fails within the connect timeout with
+    a reason, and the state it opened is closed again (a one-box start on it works)."""
+    dead = f"nats://127.0.0.1:{free_port('127.0.0.1')}"
+    cfg = make_config(tmp_path / "state", cluster={
+        "enabled": True, "site": "ward3", "servers": [dead], "connect_timeout": 1.0})
+    started = time.monotonic()
+    with pytest.raises(SiteUnavailable, match="cannot reach the site's NATS"):
+        await Gateway.start(cfg)
+    assert time.monotonic() - started < 5
+    alone = await Gateway.start(make_config(tmp_path / "state"))
+    await alone.stop(drain=0.1)
+
+
+async def test_the_nats_client_is_loaded_only_for_a_site():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, gateway.service, gateway.cli; "
+                          "print('nats' in sys.modules)"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"enabled": True, "site": ""}, "cluster.site: a name of letters"),
+    ({"enabled": True, "site": "ward 3"}, "cluster.site: a name of letters"),
+    ({"enabled": True, "site": "w", "servers": ["http://x:1"]}, "is not nats://host:port"),
+    ({"enabled": True, "site": "w", "servers": []}, "cluster.servers: at least one"),
+    ({"enabled": True, "site": "w", "credentials_file": "/no/such.creds"},
+     "cluster.credentials_file: cannot read"),
+    ({"enabled": True, "site": "w", "replicas": 7}, "cluster.replicas: must be at most 5"),
+])
+def test_cluster_settings_are_checked(data, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_dict({"cluster": data})
+
+
+async def test_connect_names_every_server_it_tried():
+    cfg = config.from_dict({"cluster": {
+        "enabled": True, "site": "w", "connect_timeout": 0.5,
+        "servers": [f"nats://127.0.0.1:{free_port('127.0.0.1')}"]}}).cluster
+    with pytest.raises(SiteUnavailable, match=cfg.servers[0]):
+        await connect(cfg)
