@@ -53,6 +53,7 @@ from gateway.transport.sip import trust as sip_trust
 from gateway.transport.timers import TimerWheel, tick_for
 
 if TYPE_CHECKING:
+    from gateway.cluster.presence import Presence
     from gateway.cluster.site import Site
 
 log = logging.getLogger("lpgw")
@@ -145,6 +146,7 @@ class Gateway:
         gateways, the site it joined: its token secret is the site's)."""
         c = config
         self.site = site
+        self.presence: Presence | None = None
         self.config = config
         self.notifier = notifier
         self.metrics = metrics
@@ -203,8 +205,31 @@ class Gateway:
                 notifier.status(f"cannot start: {exc}")
                 raise
         gateway = cls(config, notifier, Metrics(), opened, site)
+        if site is not None:
+            try:
+                await gateway._track_presence()
+            except BaseException:
+                await gateway.stop(drain=0)
+                raise
         await gateway._serve()
         return gateway
+
+    async def _track_presence(self) -> None:
+        """In a site: tell it which devices this gateway holds, and that it is alive."""
+        from gateway.cluster.presence import Presence  # the NATS client: only for a site
+
+        assert self.site is not None
+        c = self.config.cluster
+        presence = Presence(self.site, self.gateway_id, self.config.name, self.metrics,
+                            c.replicas)
+        try:
+            await presence.start(c.connect_timeout * 2)
+        except SiteUnavailable:
+            raise
+        except Exception as exc:
+            raise SiteUnavailable(f"the site's presence buckets: {exc}") from None
+        self.presence = presence
+        self.pump.presence = presence
 
     async def _serve(self) -> None:
         c = self.config
@@ -453,6 +478,8 @@ class Gateway:
         if not self._store_closed:
             self._store_closed = True
             await self._stop_step("store", self.store.close)
+        if self.presence is not None:
+            await self._stop_step("presence", self.presence.stop)
         if self.site is not None:
             await self._stop_step("site", self.site.close)
         log.info("stopped")
@@ -534,7 +561,9 @@ class Gateway:
             "call_actions": {a: int(m.value("lpgw_call_actions_total", action=a))
                              for a in CALL_ACTIONS},
             "storage": self._storage_status(),
-            "cluster": self.site.status() if self.site is not None else None,
+            "cluster": ({**self.site.status(), **(self.presence.status() if self.presence
+                                                  else {})}
+                        if self.site is not None else None),
             "clock": self._clock_status(),
         }
 

@@ -67,9 +67,8 @@ async def test_every_gateway_of_a_site_gives_a_phone_the_same_token(
     assert tokens[3] != tokens[0] and tokens[4] != tokens[0] and tokens[3] != tokens[4]
     info = await a.site.js.stream_info(f"KV_{site_bucket('ward3')}")
     assert info.config.num_replicas == 3
-    assert a.status()["cluster"] == {"site": "ward3", "connected": True,
-                                     "server": a.status()["cluster"]["server"],
-                                     "servers_known": 3}
+    shown = a.status()["cluster"]
+    assert (shown["site"], shown["connected"], shown["servers_known"]) == ("ward3", True, 3)
     assert alone.status()["cluster"] is None
     assert a.pin == b.pin != other.pin
 
@@ -142,3 +141,54 @@ async def test_connect_names_every_server_it_tried():
         "servers": [f"nats://127.0.0.1:{free_port('127.0.0.1')}"]}}).cluster
     with pytest.raises(SiteUnavailable, match=cfg.servers[0]):
         await connect(cfg)
+
+
+async def wait_for(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_the_site_knows_which_gateway_holds_a_phone(nats_cluster, gateway_factory,
+                                                          devices, tmp_path):
+    """A phone on A: the site's presence names A. The same install then connects to B
+    while its old connection to A is still open (a phone that changed networks): B holds
+    it, and when A's old connection ends A does not erase B's entry (its epoch is stale).
+    A gateway that stops says so: its phones' entries and its own go."""
+    key = site_key(tmp_path / "site-key")
+    a = await gateway_factory(tmp_path / "a", cluster=site_config(nats_cluster, "ward6"),
+                              tls=key)
+    b = await gateway_factory(tmp_path / "b", cluster=site_config(nats_cluster, "ward6"),
+                              tls=key)
+    assert a.presence is not None and b.presence is not None
+    install = new_install()
+    on_a = devices(a, "quic", install_id=install, reconnect=False)
+    token = await on_a.welcome()
+    assert (await wait_for(lambda: a.presence.holder(token)))[0] == a.gateway_id
+    assert a.status()["cluster"]["held_here"] == 1
+    on_b = devices(b, "tls", install_id=install, reconnect=False)
+    assert await on_b.welcome() == token
+
+    async def held_by_b():
+        holder = await b.presence.holder(token)
+        return holder is not None and holder[0] == b.gateway_id
+    await wait_for(held_by_b)
+    await on_a.stop()  # A's old connection ends after the phone moved
+    await wait_for(lambda: _eventually_metric(a, "lpgw_cluster_presence_moved_total", 1))
+    assert await held_by_b()
+    assert set(await a.presence.gateways()) == {a.gateway_id, b.gateway_id}
+    await b.stop(drain=0.1)  # graceful: B lets go of its phone and says it is gone
+
+    async def b_gone():
+        return b.gateway_id not in await a.presence.gateways() and \
+            await a.presence.holder(token) is None
+    await wait_for(b_gone)
+
+
+async def _eventually_metric(gw, name: str, value: float) -> bool:
+    return gw.metrics.value(name) == value

@@ -19,6 +19,7 @@ from gateway.core.calls import CallOutcome, Calls, CallSettings
 from gateway.core.delivery import Delivery, DeliverySettings
 from gateway.core.events import (
     CloseLink,
+    DeviceLeft,
     PushDelivered,
     SendPush,
     WelcomeDevice,
@@ -103,7 +104,8 @@ def test_delivery_returns_what_to_do_and_calls_no_link(store):
     d.admit(third, hello(), NOW + 5)
     d.actions_to_send()
     d.shutdown()
-    assert [(a.link, a.reason) for a in d.actions_to_send()] == [(third, "shutdown")]
+    closed, left = d.actions_to_send()
+    assert (closed.link, closed.reason, left) == (third, "shutdown", DeviceLeft(token))
     assert d.actions_to_send() == []
 
 
@@ -277,4 +279,4 @@ async def test_a_started_gateway_is_complete(gateway):
     assert gateway.pump.delivery is gateway.delivery
     assert gateway.link_context.pump is gateway.pump
     params = list(inspect.signature(Gateway.__init__).parameters)
-    assert params == ["self", "config", "notifier", "metrics", "opened"]
+    assert params == ["self", "config", "notifier", "metrics", "opened", "site"]

@@ -80,15 +80,17 @@ async def connect(cfg: ClusterConfig) -> Client:
                               f"{exc or type(exc).__name__}") from None
 
 
-async def _bucket(js: JetStreamContext, name: str, replicas: int,
-                  deadline: float) -> KeyValue:
-    """The KV bucket, made if missing; retried while JetStream elects its meta leader."""
+async def open_bucket(js: JetStreamContext, name: str, replicas: int, deadline: float,
+                      ttl: float | None = None) -> KeyValue:
+    """The KV bucket, made if missing (`ttl`: entries older are dropped); retried while
+    JetStream elects its meta leader."""
     while True:
         try:
             try:
                 return await js.key_value(name)
             except BucketNotFoundError:
-                return await js.create_key_value(bucket=name, replicas=replicas, history=1)
+                return await js.create_key_value(bucket=name, replicas=replicas, history=1,
+                                                 ttl=ttl)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             if time.monotonic() > deadline:
                 raise SiteUnavailable(f"the site's JetStream does not answer: {exc}") from None
@@ -122,7 +124,7 @@ async def join(cfg: ClusterConfig, own_secret: bytes, own_pin: str) -> Site:
     try:
         js = nc.jetstream(timeout=cfg.connect_timeout)
         deadline = time.monotonic() + cfg.connect_timeout * 2
-        kv = await _bucket(js, site_bucket(cfg.site), cfg.replicas, deadline)
+        kv = await open_bucket(js, site_bucket(cfg.site), cfg.replicas, deadline)
         _, pin = await _take(kv, PIN_KEY, own_pin.encode(), deadline)
         if pin.decode(errors="replace") != own_pin:
             raise SiteUnavailable(

@@ -20,6 +20,7 @@ from gateway.core.events import (
     CallActionTaken,
     CloseLink,
     DeliveryOutput,
+    DeviceLeft,
     DeviceLink,
     PushDelivered,
     SendPush,
@@ -253,6 +254,7 @@ class Delivery:
         del self._live[token]
         self._count_connected(link, -1)
         self._lose_ephemeral(token, live)
+        self._out.append(DeviceLeft(token))
         log.info("device %s disconnected from %s: %s", short(token), link.transport, reason)
         if token in self._test_tokens:  # the self-test is done with it: no trace left
             self._forget(token, now)
@@ -330,6 +332,7 @@ class Delivery:
         for token, live in list(self._live.items()):
             self._out.append(CloseLink(live.link, ByeReason.SHUTDOWN, None,
                                        "the gateway is stopping"))
+            self._out.append(DeviceLeft(token))
             self._live.pop(token, None)
             self._count_connected(live.link, -1)
             self._lose_ephemeral(token, live)

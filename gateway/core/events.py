@@ -48,6 +48,14 @@ class CloseLink:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceLeft:
+    """The device's connection here ended (not replaced by another one here): a site
+    forgets that this gateway holds it."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
 class PushDelivered:
     """A device acknowledged a push (the calls listen for their pushes' acks)."""
 
@@ -66,5 +74,5 @@ class CallActionTaken:
 
 
 DeviceAction = WelcomeDevice | SendPush | CloseLink
-DeliveryEvent = PushDelivered | CallActionTaken
+DeliveryEvent = PushDelivered | CallActionTaken | DeviceLeft
 DeliveryOutput = DeviceAction | DeliveryEvent

@@ -79,6 +79,12 @@ class Metrics:
         self.quic_backlog_dropped = Counter(
             "lpgw_quic_backlog_dropped", "Packets of QUIC connections dropped because "
             "too many waited to be handled (the peer retransmits)", registry=r)
+        self.cluster_errors = Counter(
+            "lpgw_cluster_errors", "Writes to the site's NATS that failed (retried), by what",
+            ["what"], registry=r)
+        self.cluster_presence_moved = Counter(
+            "lpgw_cluster_presence_moved", "Devices that had moved to another gateway of the "
+            "site when this one let go of them (its entry was left alone)", registry=r)
         self.installs_refused = Counter(
             "lpgw_device_installs_refused", "New installs refused: rate (too many from one "
             "address) or full (delivery.max_devices)", ["reason"], registry=r)

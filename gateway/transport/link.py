@@ -113,6 +113,7 @@ class GatewayLink:
         if self.token is not None:
             try:
                 self.ctx.delivery.detach(self.token, self, time.time(), reason)
+                self.ctx.pump.run()  # the site hears that this gateway let go of it
             except Exception as exc:  # the link is gone all the same
                 faults.record(self.ctx.metrics, "device_detach", exc, self._who())
 

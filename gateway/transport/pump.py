@@ -18,6 +18,7 @@ from gateway.core.events import (
     CallActionTaken,
     CloseLink,
     DeliveryOutput,
+    DeviceLeft,
     PushDelivered,
     SendPush,
     WelcomeDevice,
@@ -47,6 +48,13 @@ class Carrier(Protocol):
     def close(self, reason: str, code: str | None = None, message: str | None = None) -> None: ...
 
 
+class Whereabouts(Protocol):
+    """Where the site learns which gateway holds a device (cluster.presence.Presence)."""
+
+    def arrived(self, token: str, transport: str) -> None: ...
+    def left(self, token: str) -> None: ...
+
+
 class SipOut(Protocol):
     """Where the bridge's output goes: the SIP transport's sockets and clocks."""
 
@@ -62,6 +70,7 @@ class Pump:
         self.calls: Calls | None = None  # with the SIP bridge
         self.bridge: SipBridge | None = None
         self.sip: SipOut | None = None
+        self.presence: Whereabouts | None = None  # in a site of gateways
 
     def run(self) -> None:
         """Carry out everything queued, and what that queues in turn, in order."""
@@ -91,6 +100,11 @@ class Pump:
             _carrier(action.link).send_push(action.push)
         elif isinstance(action, WelcomeDevice):
             _carrier(action.link).welcome(action.token, action.user)
+            if self.presence is not None:
+                self.presence.arrived(action.token, action.link.transport)
+        elif isinstance(action, DeviceLeft):
+            if self.presence is not None:
+                self.presence.left(action.token)
         elif isinstance(action, CloseLink):
             _carrier(action.link).close(action.reason, action.code, action.message)
         elif isinstance(action, PushDelivered | CallActionTaken) and self.calls is not None:

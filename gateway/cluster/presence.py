@@ -1,0 +1,208 @@
+"""Which gateway of the site holds which device, and which gateways are alive.
+
+Two R3 KV buckets of the site:
+
+- `lpgw_<site>_presence`: token -> {"gateway", "transport", "since"}. The revision of this
+  gateway's own write is its *epoch* for that device: it deletes the entry only if the
+  revision is still its own (`last=`), so a gateway whose phone has moved on (a stale
+  owner) cannot erase the new holder's entry.
+- `lpgw_<site>_gateways`: gateway id -> {"name", "devices", "at"}, rewritten every
+  GATEWAY_EVERY seconds; the bucket's TTL drops a gateway that stopped (SIGKILL, power)
+  after GATEWAY_TTL, and presence entries naming a gateway that is gone are not believed.
+
+The shell reports arrivals and departures (from the pump, never blocking it); a few
+workers write them, newest state first: for each token only what is wanted *now* is
+written, so a phone that flaps costs one write, not a backlog, and memory is bounded by
+the devices this gateway holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import nats
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from gateway import faults
+from gateway.cluster.site import Site, open_bucket
+from gateway.core.metrics import Metrics
+from gateway.core.tokens import short
+
+log = logging.getLogger("lpgw.cluster")
+
+GATEWAY_EVERY = 5.0  # seconds between a gateway's "alive" writes
+GATEWAY_TTL = 15.0  # a gateway unheard of this long is gone
+WORKERS = 8  # presence writes in flight at most
+RETRY_AFTER = 1.0  # seconds before a write that failed (NATS away) is tried again
+# JetStream's codes for "the subject's last sequence is not the one expected"
+WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+def presence_bucket(site: str) -> str:
+    return f"lpgw_{site}_presence"
+
+
+def gateways_bucket(site: str) -> str:
+    return f"lpgw_{site}_gateways"
+
+
+class Presence:
+    def __init__(self, site: Site, gateway_id: str, name: str, metrics: Metrics,
+                 replicas: int) -> None:
+        self.site = site
+        self.gateway_id = gateway_id
+        self.name = name
+        self.metrics = metrics
+        self.replicas = replicas
+        self._kv: KeyValue | None = None
+        self._alive: KeyValue | None = None
+        self._wanted: dict[str, str | None] = {}  # token -> transport held here, None: gone
+        self._epochs: dict[str, int] = {}  # token -> revision of our entry
+        self._dirty: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._tasks: list[asyncio.Task] = []
+        self.known: dict[str, dict[str, Any]] = {}  # the site's gateways, as last read
+
+    async def start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._kv = await open_bucket(self.site.js, presence_bucket(self.site.name),
+                                     self.replicas, deadline)
+        self._alive = await open_bucket(self.site.js, gateways_bucket(self.site.name),
+                                        self.replicas, deadline, ttl=GATEWAY_TTL)
+        self._tasks = [asyncio.create_task(self._work()) for _ in range(WORKERS)]
+        self._tasks.append(asyncio.create_task(self._beat()))
+
+    async def stop(self) -> None:
+        """Write what is still wanted (bounded), then say this gateway is gone."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain(), 2.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._alive is not None:
+            with contextlib.suppress(Exception):
+                await self._alive.delete(self.gateway_id)
+
+    async def _drain(self) -> None:
+        while self._queued:
+            await asyncio.sleep(0.02)
+
+    # --- from the shell (the pump): never blocks ------------------------------------
+
+    def arrived(self, token: str, transport: str) -> None:
+        self._want(token, transport)
+
+    def left(self, token: str) -> None:
+        if token in self._wanted or token in self._epochs:
+            self._want(token, None)
+
+    def _want(self, token: str, transport: str | None) -> None:
+        self._wanted[token] = transport
+        if token not in self._queued:
+            self._queued.add(token)
+            self._dirty.put_nowait(token)
+
+    # --- the writers ----------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            token = await self._dirty.get()
+            try:
+                await self._write(token)
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                self.metrics.cluster_errors.labels("presence").inc()
+                faults.bounded(log, "presence", "presence of %s not written: %s",
+                               short(token), exc)
+                await asyncio.sleep(RETRY_AFTER)
+                self._dirty.put_nowait(token)  # still queued: tried again
+                continue
+            except Exception as exc:  # a bug: this token only
+                faults.record(self.metrics, "cluster_presence", exc, short(token))
+            self._queued.discard(token)
+
+    async def _write(self, token: str) -> None:
+        assert self._kv is not None
+        transport = self._wanted.get(token)
+        if transport is not None:
+            value = json.dumps({"gateway": self.gateway_id, "transport": transport,
+                                "since": round(time.time(), 3)}).encode()
+            self._epochs[token] = await self._kv.put(token, value)
+            return
+        epoch = self._epochs.get(token)
+        if epoch is None:
+            self._wanted.pop(token, None)
+            return
+        try:
+            await self._kv.delete(token, last=epoch)
+        except KeyWrongLastSequenceError:
+            self.metrics.cluster_presence_moved.inc()  # another gateway holds it now
+        except nats.js.errors.BadRequestError as exc:
+            # nats-py 2.16 turns a wrong last sequence into KeyWrongLastSequenceError for
+            # create and update but not for delete: JetStream's code says it (10071)
+            if exc.err_code not in WRONG_LAST_SEQUENCE:
+                raise
+            self.metrics.cluster_presence_moved.inc()
+        # gone for the site (or someone else's now); a failure above keeps both, retried
+        self._epochs.pop(token, None)
+        if self._wanted.get(token, "") is None:
+            self._wanted.pop(token, None)
+
+    async def _beat(self) -> None:
+        assert self._alive is not None
+        while True:
+            value = json.dumps({"name": self.name, "at": round(time.time(), 3),
+                                "devices": sum(1 for t in self._wanted.values()
+                                               if t is not None)}).encode()
+            try:
+                await self._alive.put(self.gateway_id, value)
+                self.known = await self.gateways()
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                self.metrics.cluster_errors.labels("gateways").inc()
+                faults.bounded(log, "gateways", "site heartbeat not written: %s", exc)
+            await asyncio.sleep(GATEWAY_EVERY)
+
+    # --- reading the site -----------------------------------------------------------
+
+    async def gateways(self) -> dict[str, dict[str, Any]]:
+        """The site's gateways heard of within GATEWAY_TTL: id -> name, devices, at."""
+        assert self._alive is not None
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            keys = await self._alive.keys()
+        except nats.js.errors.NoKeysError:
+            return out
+        for key in keys:
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await self._alive.get(key)
+                if entry.value:
+                    out[key] = json.loads(entry.value)
+        return out
+
+    async def holder(self, token: str) -> tuple[str, int] | None:
+        """(gateway id, epoch) of the gateway that holds the device now, if it is alive."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(token)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        gateway = json.loads(entry.value)["gateway"]
+        if gateway != self.gateway_id and gateway not in await self.gateways():
+            return None  # its gateway is gone: not believed
+        return gateway, entry.revision or 0
+
+    def status(self) -> dict[str, Any]:
+        return {"held_here": sum(1 for t in self._wanted.values() if t is not None),
+                "writes_waiting": len(self._queued),
+                "gateways": {gid: {"name": g.get("name"), "devices": g.get("devices"),
+                                   "seconds_ago": round(max(0.0, time.time() - g["at"]), 1)
+                                   if isinstance(g.get("at"), int | float) else None}
+                             for gid, g in sorted(self.known.items())}}
