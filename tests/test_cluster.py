@@ -8,8 +8,11 @@ with a reason instead of letting a gateway make tokens of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 
+import nats
 import pytest
 
 from gateway import certs, config
@@ -192,3 +195,134 @@ async def test_the_site_knows_which_gateway_holds_a_phone(nats_cluster, gateway_
 
 async def _eventually_metric(gw, name: str, value: float) -> bool:
     return gw.metrics.value(name) == value
+
+
+# --- the site's push stream (gateway/cluster/pushes.py) ----------------------------------
+
+@pytest.fixture
+async def streams(nats_cluster):
+    """Push streams of sites of their own (queue bound as asked), deleted afterwards."""
+    from gateway.cluster.pushes import SitePushes
+
+    made = []
+
+    async def make(queue_limit: int = 3) -> SitePushes:
+        cfg = config.from_dict({"cluster": site_config(nats_cluster,
+                                                       "s" + new_install()[:8])})
+        site = await join(cfg.cluster, b"k" * 32, "sha256/x")
+        pushes = SitePushes(site.js, cfg.cluster.site, replicas=3, queue_limit=queue_limit)
+        await pushes.open(10.0)
+        made.append((site, pushes))
+        return pushes
+
+    yield make
+    for site, pushes in made:
+        with contextlib.suppress(Exception):
+            await site.js.delete_stream(pushes.stream)
+        await site.close()
+
+
+@pytest.fixture
+async def stream(streams):
+    return await streams()
+
+
+TOKEN_A, TOKEN_B = "a" * 64, "b" * 64
+
+
+async def accept(stream, token: str, n: int, now: float, **kw) -> tuple[int, bool]:
+    fields = {"push_id": kw.pop("push_id", new_install()), "push_type": "alert",
+              "priority": 10, "expiration": 0 if kw.get("ephemeral") else int(now) + 3600,
+              "collapse_id": kw.pop("collapse_id", None)}
+    fields.update({k: v for k, v in kw.items() if k != "ephemeral"})
+    return await stream.accept(token, payload_json=json.dumps({"n": n}), now=now, **fields)
+
+
+async def test_the_stream_keeps_pushes_as_apns_would(stream):
+    """R3, acknowledged after a quorum; seq per device rises (with gaps); an apns-id sent
+    again is kept once; the queue bound drops the oldest; a collapse id keeps the newest;
+    an ack forgets what it covers for the whole site, and only for that device."""
+    now = time.time()
+    info = await stream.js.stream_info(stream.stream)
+    assert info.config.num_replicas == 3 and info.cluster.leader
+    first, dup = await accept(stream, TOKEN_A, 1, now, push_id="9dbd5258-3151-4386-a404-"
+                                                              "6870860f1cf0")
+    again, dup2 = await accept(stream, TOKEN_A, 1, now, push_id="9dbd5258-3151-4386-a404-"
+                                                                "6870860f1cf0")
+    assert (again, dup, dup2) == (first, False, True)
+    for n in range(2, 6):  # 5 kept pushes in all: the bound (3) drops the two oldest
+        await accept(stream, TOKEN_A, n, now)
+    await accept(stream, TOKEN_B, 100, now)
+    for n in (6, 7):  # the same collapse id: only the newest stays
+        await accept(stream, TOKEN_A, n, now, collapse_id="bed-12")
+    pending = await stream.pending_after(TOKEN_A, 0, now)
+    assert [json.loads(p.payload_json)["n"] for p in pending] == [3, 4, 5, 7]
+    assert [p.seq for p in pending] == sorted(p.seq for p in pending)
+    assert pending[-1].collapse_id == "bed-12"
+    await stream.ack_through(TOKEN_A, pending[1].seq)
+    assert [json.loads(p.payload_json)["n"]
+            for p in await stream.pending_after(TOKEN_A, 0, now)] == [5, 7]
+    assert [json.loads(p.payload_json)["n"]
+            for p in await stream.pending_after(TOKEN_B, 0, now)] == [100]
+
+
+async def test_an_expired_push_is_never_handed_out(stream):
+    now = time.time()
+    await accept(stream, TOKEN_A, 1, now, expiration=int(now) + 1)
+    await accept(stream, TOKEN_A, 2, now)
+    assert len(await stream.pending_after(TOKEN_A, 0, now)) == 2
+    later = now + 2.5
+    assert [json.loads(p.payload_json)["n"]
+            for p in await stream.pending_after(TOKEN_A, 0, later)] == [2]
+    await asyncio.sleep(max(0.0, later - time.time()) + 0.5)  # and the server drops it
+    info = await stream.js.stream_info(stream.stream)
+    assert info.state.messages == 1
+
+
+async def test_killing_the_stream_leader_loses_no_acknowledged_push(streams, nats_cluster):
+    """SIGKILL of the node leading the push stream while pushes flow: writes stop for the
+    Raft election (4.5-7 s here) and resume; every push JetStream acknowledged before,
+    during or after is still there (by apns-id), read from the new leader."""
+    import signal as signals
+
+    from tests.natscluster import READY_TIMEOUT
+
+    stream = await streams(queue_limit=100_000)
+    leader = (await stream.js.stream_info(stream.stream)).cluster.leader
+    node = next(n for n in nats_cluster.nodes if n.name == leader)
+    acked: dict[str, int] = {}
+    failed = 0
+    outage_from = outage_to = None
+    started = time.monotonic()
+    n = 0
+    try:
+        while time.monotonic() - started < 14 and (outage_to is None
+                                                    or time.monotonic() - outage_to < 1.5):
+            n += 1
+            if n == 20:
+                nats_cluster.kill(node, signals.SIGKILL)
+                outage_from = time.monotonic()
+            push_id = new_install()
+            token = TOKEN_A if n % 2 else TOKEN_B
+            try:
+                await asyncio.wait_for(accept(stream, token, n, time.time(), push_id=push_id),
+                                       2.0)
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+                failed += 1
+                await asyncio.sleep(0.05)
+                continue
+            acked[push_id] = n
+            if outage_from is not None and outage_to is None and failed:
+                outage_to = time.monotonic()
+            await asyncio.sleep(0.01)
+    finally:
+        nats_cluster.launch(node)
+        nats_cluster.wait_ready(READY_TIMEOUT)
+    assert outage_to is not None, "writes did not resume within 14 s"
+    assert outage_to - outage_from < 12
+    kept = {p.push_id for token in (TOKEN_A, TOKEN_B)
+            for p in await stream.pending_after(token, 0, time.time(), limit=100_000)}
+    assert set(acked) <= kept, f"{len(set(acked) - kept)} acknowledged pushes lost"
+    assert failed > 0 and len(acked) >= 20
+    print(f"leader {leader} killed: {len(acked)} acknowledged, {failed} refused, writes "
+          f"back after {outage_to - outage_from:.1f} s; none lost")
