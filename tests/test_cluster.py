@@ -326,3 +326,45 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_push(streams, nat
     assert failed > 0 and len(acked) >= 20
     print(f"leader {leader} killed: {len(acked)} acknowledged, {failed} refused, writes "
           f"back after {outage_to - outage_from:.1f} s; none lost")
+
+
+async def test_a_damaged_site_secret_stops_the_start(nats_cluster):
+    from gateway.cluster.site import SECRET_KEY, open_bucket
+
+    cfg = config.from_dict({"cluster": site_config(nats_cluster, "damaged")}).cluster
+    first = await join(cfg, b"k" * 32, "sha256/x")
+    try:
+        kv = await open_bucket(first.js, site_bucket("damaged"), 3, time.monotonic() + 5)
+        await kv.put(SECRET_KEY, b"not hex at all")
+        with pytest.raises(SiteUnavailable, match=r"token secret .* is damaged"):
+            await join(cfg, b"k" * 32, "sha256/x")
+    finally:
+        await first.close()
+
+
+async def test_a_flapping_phone_costs_few_presence_writes(nats_cluster, gateway_factory,
+                                                          tmp_path):
+    """100 arrivals and departures of one phone in a burst: only the newest state is
+    written (a handful of writes, not 200), and it ends as it should: absent."""
+    gw = await gateway_factory(tmp_path / "a", cluster=site_config(nats_cluster, "flap"))
+    presence = gw.presence
+    token = "c" * 64
+    for _ in range(100):
+        presence.arrived(token, "quic")
+        presence.left(token)
+    presence.arrived(token, "tls")
+
+    async def written():
+        holder = await presence.holder(token)
+        return holder if holder is not None and not presence.status()["writes_waiting"] \
+            else None
+    _, revision = await wait_for(written)
+    presence.left(token)
+
+    async def gone():
+        return await presence.holder(token) is None and \
+            not presence.status()["writes_waiting"]
+    await wait_for(gone)
+    kv_info = await gw.site.js.stream_info("KV_lpgw_flap_presence")
+    assert kv_info.state.last_seq < 10, kv_info.state.last_seq
+    assert revision <= kv_info.state.last_seq
