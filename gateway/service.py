@@ -67,7 +67,8 @@ STORAGE_HEADROOM = 1 << 20  # free bytes before that check tries a write
 LISTEN_BACKLOG = 4096
 # what only a restart can change (sockets, files opened once)
 RESTART_KEYS = ("state_dir", "control_socket", "listen", "store", "api.enabled", "api.host",
-                "api.port", "sip.enabled", "sip.host", "sip.port", "sip.udp", "sip.tcp")
+                "api.port", "sip.enabled", "sip.host", "sip.port", "sip.udp", "sip.tcp",
+                "cluster")  # a site is joined at start
 
 
 @dataclass
