@@ -150,6 +150,41 @@ def _gateway_answers(path: Path) -> bool:
     return True
 
 
+def cmd_cluster_import(args: argparse.Namespace) -> int:
+    """Carry this box's identity into its site (cluster: in the config): the token secret
+    (so no device token changes) and the pin (its key pair, which every gateway of the
+    site must then have). Devices, bindings and queued pushes are not carried yet."""
+
+    from gateway import certs
+    from gateway.cluster import SiteUnavailable
+    from gateway.cluster.site import import_identity
+    from gateway.store import SECRET_FILE, read_secret_file
+
+    cfg = _load_config(args.config)
+    if not cfg.cluster.enabled:
+        print("lpgw: cluster.enabled is false in this configuration: name the site first "
+              "(docs/cluster.md)", file=sys.stderr)
+        return 1
+    try:
+        secret = read_secret_file(cfg.state_path / SECRET_FILE)
+        pin = f"sha256/{certs.spki_pin(certs.load_cert(cfg.cert_path))}"
+    except (OSError, ValueError) as exc:
+        print(f"lpgw: cannot read this box's identity: {exc}", file=sys.stderr)
+        return 1
+    if secret is None:
+        print(f"lpgw: no token secret in {cfg.state_path}: this is not a box that has run",
+              file=sys.stderr)
+        return 1
+    try:
+        outcome = asyncio.run(import_identity(cfg.cluster, secret, pin))
+    except SiteUnavailable as exc:
+        print(f"lpgw: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"ok": True, "site": cfg.cluster.site, "outcome": outcome, "pin": pin,
+                      "not_carried": ["devices", "bindings", "queued pushes"]}))
+    return 0
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from gateway import selftest
 
@@ -405,6 +440,12 @@ def parser() -> argparse.ArgumentParser:
                        "while running) into a private directory"))
     back.add_argument("--to", required=True, metavar="DIR")
     back.set_defaults(func=cmd_db_backup)
+
+    site = sub.add_parser("cluster", help="this gateway's site of gateways (docs/cluster.md)")
+    site_sub = site.add_subparsers(dest="cluster_command", required=True)
+    with_config(site_sub.add_parser(
+        "import", help="make this box's token secret and pin its site's, so no phone's "
+                       "token changes")).set_defaults(func=cmd_cluster_import)
 
     disc = sub.add_parser("discover", help="list the gateways Bonjour finds here")
     disc.add_argument("--transport", choices=("quic", "tls", "any"), default="any")

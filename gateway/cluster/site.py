@@ -115,16 +115,50 @@ async def _take(kv: KeyValue, key: str, own: bytes, deadline: float) -> tuple[bo
             await asyncio.sleep(RETRY_EVERY)
 
 
-async def join(cfg: ClusterConfig, own_secret: bytes, own_pin: str) -> Site:
-    """Connect, and take the site's token secret (offering `own_secret` if the site has
-    none yet). The site's pin is the first gateway's: a gateway with another key pair is
-    refused, since every phone of the site checks that one pin (docs/protocol.md §3).
-    Raises SiteUnavailable."""
+async def _site_bucket(cfg: ClusterConfig
+                       ) -> tuple[Client, JetStreamContext, KeyValue, float]:
+    """Connected, with the site's bucket open; the deadline the rest of a start keeps."""
     nc = await connect(cfg)
     try:
         js = nc.jetstream(timeout=cfg.connect_timeout)
         deadline = time.monotonic() + cfg.connect_timeout * 2
         kv = await open_bucket(js, site_bucket(cfg.site), cfg.replicas, deadline)
+    except BaseException:
+        await nc.close()
+        raise
+    return nc, js, kv, deadline
+
+
+async def import_identity(cfg: ClusterConfig, secret: bytes, pin: str) -> str:
+    """Make a single box's token secret and pin the site's, so no phone's token or pin
+    changes when its box joins a site: "imported", or "already" when the site has them.
+    Raises SiteUnavailable when the site has other ones (importing would change every
+    token, or every phone would refuse the site's gateways)."""
+    nc, _, kv, deadline = await _site_bucket(cfg)
+    try:
+        # the secret first: a site that has one has its pin too (join writes the pin first)
+        new_secret, site_secret = await _take(kv, SECRET_KEY, secret.hex().encode(), deadline)
+        if site_secret != secret.hex().encode():
+            raise SiteUnavailable(f"site {cfg.site} already has another token secret: "
+                                  "importing this box would change every device token; "
+                                  "nothing imported")
+        new_pin, site_pin = await _take(kv, PIN_KEY, pin.encode(), deadline)
+        if site_pin != pin.encode():
+            raise SiteUnavailable(f"site {cfg.site} already has another pin "
+                                  f"({site_pin.decode(errors='replace')[:60]}): this box's "
+                                  "phones would refuse its gateways")
+    finally:
+        await nc.close()
+    return "imported" if new_pin or new_secret else "already"
+
+
+async def join(cfg: ClusterConfig, own_secret: bytes, own_pin: str) -> Site:
+    """Connect, and take the site's token secret (offering `own_secret` if the site has
+    none yet). The site's pin is the first gateway's: a gateway with another key pair is
+    refused, since every phone of the site checks that one pin (docs/protocol.md §3).
+    Raises SiteUnavailable."""
+    nc, js, kv, deadline = await _site_bucket(cfg)
+    try:
         _, pin = await _take(kv, PIN_KEY, own_pin.encode(), deadline)
         if pin.decode(errors="replace") != own_pin:
             raise SiteUnavailable(
