@@ -185,6 +185,8 @@ async def test_the_site_knows_which_gateway_holds_a_phone(nats_cluster, gateway_
     await wait_for(lambda: _eventually_metric(a, "lpgw_cluster_presence_moved_total", 1))
     assert await held_by_b()
     assert set(await a.presence.gateways()) == {a.gateway_id, b.gateway_id}
+    assert a.metrics.value("lpgw_cluster_connected") == 1
+    assert a.metrics.value("lpgw_cluster_gateways") == len(a.presence.known) >= 1
     await b.stop(drain=0.1)  # graceful: B lets go of its phone and says it is gone
 
     async def b_gone():

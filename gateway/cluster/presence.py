@@ -163,9 +163,11 @@ class Presence:
             try:
                 await self._alive.put(self.gateway_id, value)
                 self.known = await self.gateways()
+                self.metrics.cluster_gateways.set(len(self.known))
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                 self.metrics.cluster_errors.labels("gateways").inc()
                 faults.bounded(log, "gateways", "site heartbeat not written: %s", exc)
+            self.metrics.cluster_connected.set(1 if self.site.nc.is_connected else 0)
             await asyncio.sleep(GATEWAY_EVERY)
 
     # --- reading the site -----------------------------------------------------------

@@ -82,6 +82,12 @@ class Metrics:
         self.cluster_errors = Counter(
             "lpgw_cluster_errors", "Writes to the site's NATS that failed (retried), by what",
             ["what"], registry=r)
+        self.cluster_connected = Gauge(
+            "lpgw_cluster_connected", "1 while this gateway is connected to its site's NATS "
+            "(a site of gateways only)", registry=r)
+        self.cluster_gateways = Gauge(
+            "lpgw_cluster_gateways", "Gateways of the site heard from lately, this one "
+            "included", registry=r)
         self.cluster_presence_moved = Counter(
             "lpgw_cluster_presence_moved", "Devices that had moved to another gateway of the "
             "site when this one let go of them (its entry was left alone)", registry=r)
