@@ -34,6 +34,7 @@ from pathlib import Path
 
 from lib.host import RESULTS, git_state, machine, now_iso
 from lib.natscluster import NatsCluster
+from loadgen import pct
 
 from gateway import config
 from gateway.cluster.pushes import SitePushes
@@ -41,13 +42,6 @@ from gateway.cluster.site import join
 from gateway.store import Store
 
 TOPIC = "com.example.bench"
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def offer(accept: Callable[[int], Awaitable[None]], rate: int, seconds: float,
@@ -86,8 +80,8 @@ async def offer(accept: Callable[[int], Awaitable[None]], rate: int, seconds: fl
     span = time.perf_counter() - begun
     return {"offered_per_s": rate, "accepted": len(latencies), "failed": failures,
             "achieved_per_s": round(len(latencies) / span, 1),
-            "p50_ms": _r(pct(latencies, 0.5)), "p90_ms": _r(pct(latencies, 0.9)),
-            "p99_ms": _r(pct(latencies, 0.99))}
+            "p50_ms": _r(pct(latencies, 50)), "p90_ms": _r(pct(latencies, 90)),
+            "p99_ms": _r(pct(latencies, 99))}
 
 
 def _r(v: float | None) -> float | None:

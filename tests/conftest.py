@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -132,9 +133,15 @@ async def send(gw: Gateway, token: str, payload: dict | None = None, **fields: A
     return await control.request(gw.config.control_path, message)
 
 
-async def eventually(predicate, timeout: float = 5.0, step: float = 0.02) -> None:
+async def eventually(predicate, timeout: float = 5.0, step: float = 0.02) -> Any:
+    """Wait until `predicate()` (a plain or an async function) is truthy; that value."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(step)

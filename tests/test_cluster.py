@@ -20,7 +20,7 @@ from gateway import certs, config
 from gateway.cluster import SiteUnavailable
 from gateway.cluster.site import connect, join, site_bucket
 from gateway.service import Gateway, free_port
-from tests.conftest import make_config, new_install
+from tests.conftest import eventually, make_config, new_install
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +146,6 @@ async def test_connect_names_every_server_it_tried():
         await connect(cfg)
 
 
-async def wait_for(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
 async def test_the_site_knows_which_gateway_holds_a_phone(nats_cluster, gateway_factory,
                                                           devices, tmp_path):
     """A phone on A: the site's presence names A. The same install then connects to B
@@ -172,7 +161,7 @@ async def test_the_site_knows_which_gateway_holds_a_phone(nats_cluster, gateway_
     install = new_install()
     on_a = devices(a, "quic", install_id=install, reconnect=False)
     token = await on_a.welcome()
-    assert (await wait_for(lambda: a.presence.holder(token)))[0] == a.gateway_id
+    assert (await eventually(lambda: a.presence.holder(token)))[0] == a.gateway_id
     assert a.status()["cluster"]["held_here"] == 1
     on_b = devices(b, "tls", install_id=install, reconnect=False)
     assert await on_b.welcome() == token
@@ -180,9 +169,9 @@ async def test_the_site_knows_which_gateway_holds_a_phone(nats_cluster, gateway_
     async def held_by_b():
         holder = await b.presence.holder(token)
         return holder is not None and holder[0] == b.gateway_id
-    await wait_for(held_by_b)
+    await eventually(held_by_b)
     await on_a.stop()  # A's old connection ends after the phone moved
-    await wait_for(lambda: _eventually_metric(a, "lpgw_cluster_presence_moved_total", 1))
+    await eventually(lambda: a.metrics.value("lpgw_cluster_presence_moved_total") == 1)
     assert await held_by_b()
     assert set(await a.presence.gateways()) == {a.gateway_id, b.gateway_id}
     assert a.metrics.value("lpgw_cluster_connected") == 1
@@ -192,11 +181,7 @@ async def test_the_site_knows_which_gateway_holds_a_phone(nats_cluster, gateway_
     async def b_gone():
         return b.gateway_id not in await a.presence.gateways() and \
             await a.presence.holder(token) is None
-    await wait_for(b_gone)
-
-
-async def _eventually_metric(gw, name: str, value: float) -> bool:
-    return gw.metrics.value(name) == value
+    await eventually(b_gone)
 
 
 # --- the site's push stream (gateway/cluster/pushes.py) ----------------------------------
@@ -360,13 +345,13 @@ async def test_a_flapping_phone_costs_few_presence_writes(nats_cluster, gateway_
         holder = await presence.holder(token)
         return holder if holder is not None and not presence.status()["writes_waiting"] \
             else None
-    _, revision = await wait_for(written)
+    _, revision = await eventually(written)
     presence.left(token)
 
     async def gone():
         return await presence.holder(token) is None and \
             not presence.status()["writes_waiting"]
-    await wait_for(gone)
+    await eventually(gone)
     kv_info = await gw.site.js.stream_info("KV_lpgw_flap_presence")
     assert kv_info.state.last_seq < 10, kv_info.state.last_seq
     assert revision <= kv_info.state.last_seq

@@ -21,20 +21,17 @@ push). Per-device consumers are not used: each R3 consumer is a Raft group of it
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
 from dataclasses import dataclass
 
-import nats
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
-from gateway.cluster import SiteUnavailable
+from gateway.cluster.site import until_ready
 
 DUPLICATE_WINDOW = 120.0  # seconds: an apns-id sent again within it is kept once
-RETRY_EVERY = 0.25
 HEADER = "lpgw-push"  # the push's fields (not the payload) as JSON
 
 
@@ -80,19 +77,12 @@ class SitePushes:
             num_replicas=self.replicas, storage=api.StorageType.FILE,
             max_msgs_per_subject=self.queue_limit, discard=api.DiscardPolicy.OLD,
             duplicate_window=DUPLICATE_WINDOW, allow_rollup_hdrs=True, allow_msg_ttl=True)
-        deadline = time.monotonic() + timeout
-        while True:
+        async def attempt() -> None:
             try:
-                try:
-                    await self.js.stream_info(self.stream)
-                    return
-                except NotFoundError:
-                    await self.js.add_stream(config)
-                    return
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise SiteUnavailable(f"the site's push stream: {exc}") from None
-                await asyncio.sleep(RETRY_EVERY)
+                await self.js.stream_info(self.stream)
+            except NotFoundError:
+                await self.js.add_stream(config)
+        await until_ready(attempt, time.monotonic() + timeout, "the site's push stream")
 
     async def accept(self, token: str, push_id: str, push_type: str, priority: int,
                      expiration: int, collapse_id: str | None, payload_json: str,

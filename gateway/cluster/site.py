@@ -13,8 +13,9 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -27,6 +28,7 @@ from gateway.config import ClusterConfig
 
 log = logging.getLogger("lpgw.cluster")
 
+T = TypeVar("T")
 SECRET_KEY = "token_secret"
 PIN_KEY = "pin"  # sha256/<base64> of the site's key pair: every gateway must have it
 RETRY_EVERY = 0.25  # seconds between tries while the JetStream meta leader is elected
@@ -80,39 +82,41 @@ async def connect(cfg: ClusterConfig) -> Client:
                               f"{exc or type(exc).__name__}") from None
 
 
-async def open_bucket(js: JetStreamContext, name: str, replicas: int, deadline: float,
-                      ttl: float | None = None) -> KeyValue:
-    """The KV bucket, made if missing (`ttl`: entries older are dropped); retried while
-    JetStream elects its meta leader."""
+async def until_ready(attempt: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
+    """`attempt()`, tried again every RETRY_EVERY while JetStream cannot answer yet (a meta
+    leader being elected; a bucket or stream just made, with no leader of its own), until
+    `deadline` (monotonic): then SiteUnavailable naming `what`."""
     while True:
         try:
-            try:
-                return await js.key_value(name)
-            except BucketNotFoundError:
-                return await js.create_key_value(bucket=name, replicas=replicas, history=1,
-                                                 ttl=ttl)
+            return await attempt()
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             if time.monotonic() > deadline:
-                raise SiteUnavailable(f"the site's JetStream does not answer: {exc}") from None
+                raise SiteUnavailable(f"{what} does not answer: {exc}") from None
             await asyncio.sleep(RETRY_EVERY)
+
+
+async def open_bucket(js: JetStreamContext, name: str, replicas: int, deadline: float,
+                      ttl: float | None = None) -> KeyValue:
+    """The KV bucket, made if missing (`ttl`: entries older are dropped)."""
+    async def attempt() -> KeyValue:
+        try:
+            return await js.key_value(name)
+        except BucketNotFoundError:
+            return await js.create_key_value(bucket=name, replicas=replicas, history=1,
+                                             ttl=ttl)
+    return await until_ready(attempt, deadline, "the site's JetStream")
 
 
 async def _take(kv: KeyValue, key: str, own: bytes, deadline: float) -> tuple[bool, bytes]:
-    """(created, the site's value of `key`): ours if the key is new, else the one there.
-    A bucket just made has no stream leader for a moment (no responders): retried."""
-    while True:
+    """(created, the site's value of `key`): ours if the key is new, else the one there."""
+    async def attempt() -> tuple[bool, bytes]:
         try:
-            try:
-                await kv.create(key, own)
-                return True, own
-            except KeyWrongLastSequenceError:
-                entry = await kv.get(key)  # another gateway was first
-                return False, entry.value or b""
-        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
-                nats.errors.TimeoutError) as exc:
-            if time.monotonic() > deadline:
-                raise SiteUnavailable(f"the site's JetStream does not answer: {exc}") from None
-            await asyncio.sleep(RETRY_EVERY)
+            await kv.create(key, own)
+            return True, own
+        except KeyWrongLastSequenceError:
+            entry = await kv.get(key)  # another gateway was first
+            return False, entry.value or b""
+    return await until_ready(attempt, deadline, "the site's JetStream")
 
 
 async def _site_bucket(cfg: ClusterConfig
