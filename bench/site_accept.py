@@ -92,7 +92,8 @@ async def stream_run(tmp: Path, sync: str | None, args: argparse.Namespace) -> d
     cluster = NatsCluster(tmp / f"nats-{sync or 'default'}")
     try:
         cluster.start(sync=sync)
-        cfg = config.from_dict({"cluster": {"enabled": True, "site": "bench",
+        cfg = config.from_dict({"sip": {"enabled": False},  # not with a site yet
+                                "cluster": {"enabled": True, "site": "bench",
                                             "servers": cluster.urls}}).cluster
         site = await join(cfg, b"k" * 32, "sha256/bench")
         pushes = SitePushes(site.js, "bench", replicas=3, queue_limit=256)

@@ -36,6 +36,7 @@ from gateway.core.calls import CallSettings
 from gateway.core.delivery import Delivery, DeliverySettings, Rejected
 from gateway.core.installs import InstallPolicy
 from gateway.core.metrics import Metrics
+from gateway.core.site import SiteView
 from gateway.net.discovery import Identity, NetworkService
 from gateway.notify import Notifier
 from gateway.protocol.messages import CALL_ACTIONS
@@ -53,7 +54,9 @@ from gateway.transport.sip import trust as sip_trust
 from gateway.transport.timers import TimerWheel, tick_for
 
 if TYPE_CHECKING:
+    from gateway.cluster.devices import SiteDevices
     from gateway.cluster.presence import Presence
+    from gateway.cluster.relay import SiteRelay
     from gateway.cluster.site import Site
 
 log = logging.getLogger("lpgw")
@@ -155,12 +158,16 @@ class Gateway:
         self.gateway_id = opened.gateway_id
         self.pin = opened.pin
         secret = site.token_secret if site is not None else opened.secret
+        # in a site, the pushes' seqs are the site's: phones are welcomed with its id
+        self.site_view = SiteView(f"site-{site.name}") if site is not None else None
         self.delivery = Delivery(self.store, secret, self.gateway_id,
                                  delivery_settings(c), assertion_policy(c), metrics,
-                                 monotonic=time.monotonic)
+                                 monotonic=time.monotonic, site=self.site_view)
         self.pump = Pump(self.delivery, metrics)
+        self.relay: SiteRelay | None = None
+        self.site_devices: SiteDevices | None = None
         self.link_context = LinkContext(
-            delivery=self.delivery, metrics=metrics, gateway_id=self.gateway_id,
+            delivery=self.delivery, metrics=metrics, gateway_id=self.delivery.welcome_id,
             settings=session_settings(c), pump=self.pump,
             timers=TimerWheel(asyncio.get_running_loop(), tick_for(c.protocol.heartbeat),
                               metrics=metrics))
@@ -208,29 +215,44 @@ class Gateway:
         gateway = cls(config, notifier, Metrics(), opened, site)
         if site is not None:
             try:
-                await gateway._track_presence()
+                await gateway._join_site()
             except BaseException:
                 await gateway.stop(drain=0)
                 raise
         await gateway._serve()
         return gateway
 
-    async def _track_presence(self) -> None:
-        """In a site: tell it which devices this gateway holds, and that it is alive."""
-        from gateway.cluster.presence import Presence  # the NATS client: only for a site
+    async def _join_site(self) -> None:
+        """In a site: take its device records, tell it which devices this gateway holds,
+        and keep and hand out pushes through its stream."""
+        # the NATS client: only for a site
+        from gateway.cluster.devices import SiteDevices
+        from gateway.cluster.presence import Presence
+        from gateway.cluster.pushes import SitePushes
+        from gateway.cluster.relay import SiteRelay
 
         assert self.site is not None
         c = self.config.cluster
-        presence = Presence(self.site, self.gateway_id, self.config.name, self.metrics,
-                            c.replicas)
+        timeout = c.connect_timeout * 2
         try:
-            await presence.start(c.connect_timeout * 2)
+            self.site_devices = SiteDevices(self.site, self.store, self.metrics, c.replicas)
+            await self.site_devices.start(timeout)
+            presence = Presence(self.site, self.gateway_id, self.config.name, self.metrics,
+                                c.replicas, view=self.site_view)
+            await presence.start(timeout)
+            self.presence = presence
+            self.pump.presence = presence
+            pushes = SitePushes(self.site.js, self.site.name, c.replicas,
+                                self.config.delivery.queue_limit)
+            await pushes.open(timeout)
+            self.relay = SiteRelay(pushes, self.site_devices, self.delivery, self.pump,
+                                   self.metrics, c.accept_timeout, c.max_keeps)
+            await self.relay.start()
+            self.pump.site = self.relay
         except SiteUnavailable:
             raise
         except Exception as exc:
-            raise SiteUnavailable(f"the site's presence buckets: {exc}") from None
-        self.presence = presence
-        self.pump.presence = presence
+            raise SiteUnavailable(f"the site's buckets and stream: {exc}") from None
 
     async def _serve(self) -> None:
         c = self.config
@@ -244,7 +266,7 @@ class Gateway:
                 self.sip = await start_sip(c.sip, self.delivery, self.store, self.metrics,
                                            c.name, self.pump)
             self._control = ControlServer(c.control_path, self.delivery, self.store,
-                                          self.pump, self.status)
+                                          self.pump, self.status, keeper=self.relay)
             await self._control.start()
             if c.discovery.enabled:
                 await self._advertise()
@@ -302,7 +324,8 @@ class Gateway:
                              a.metrics_need_auth)
         self._api_ctx = tls.server_context(*self._api_cert(self.config), http_server.ALPN)
         factory = self._api_factory = http_server.ApiFactory(
-            self._api_ctx, self.router, self.metrics, api_limits(self.config), self.pump)
+            self._api_ctx, self.router, self.metrics, api_limits(self.config), self.pump,
+            keeper=self.relay)
         # port 0 on "::" would give IPv4 and IPv6 two different ports: choose one first
         port = a.port or free_port(a.host)
         self._api = await asyncio.get_running_loop().create_server(
@@ -317,7 +340,8 @@ class Gateway:
     async def _advertise(self) -> None:
         """Bonjour for the bound listeners; a failure here costs discovery, not the gateway."""
         c = self.config
-        identity = Identity(instance=c.discovery.instance or c.name, gateway_id=self.gateway_id,
+        identity = Identity(instance=c.discovery.instance or c.name,
+                            gateway_id=self.delivery.welcome_id,
                             pin=f"sha256/{self.pin}", port=self.listening.port,
                             transports=tuple(self.listening.transports))
         self.network = NetworkService(c.discovery, identity, self.listening.host)
@@ -476,6 +500,10 @@ class Gateway:
             await self._stop_step("sip", sip.stop)
         # no heartbeat into a closed store
         await self._stop_step("timers", self.link_context.timers.close)
+        if self.relay is not None:
+            await self._stop_step("relay", self.relay.stop)
+        if self.site_devices is not None:
+            await self._stop_step("devices", self.site_devices.stop)
         if not self._store_closed:
             self._store_closed = True
             await self._stop_step("store", self.store.close)
@@ -562,11 +590,17 @@ class Gateway:
             "call_actions": {a: int(m.value("lpgw_call_actions_total", action=a))
                              for a in CALL_ACTIONS},
             "storage": self._storage_status(),
-            "cluster": ({**self.site.status(), **(self.presence.status() if self.presence
-                                                  else {})}
-                        if self.site is not None else None),
+            "cluster": self._cluster_status(),
             "clock": self._clock_status(),
         }
+
+    def _cluster_status(self) -> dict | None:
+        if self.site is None:
+            return None
+        return {**self.site.status(), "site_id": self.delivery.welcome_id,
+                **(self.presence.status() if self.presence is not None else {}),
+                **(self.site_devices.status() if self.site_devices is not None else {}),
+                **(self.relay.status() if self.relay is not None else {})}
 
     def _clock_status(self) -> dict:
         """Steps of the wall clock this run has seen (a Pi has no RTC)."""

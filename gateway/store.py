@@ -357,6 +357,24 @@ class Store:
         return _device(row)
 
     @_storage
+    def mirror_device(self, record: DeviceRecord) -> None:
+        """Take a device record as the site has it (another gateway recorded it): this
+        gateway's copy, so a push for a device held elsewhere is checked here without I/O.
+        Without an fsync: the site keeps the record, and hands it over again at start."""
+        self._relaxed().execute(
+            """INSERT INTO devices(token, topic, push_types, user, created_at, last_seen,
+                                   unregistered_at, user_expires)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT(token) DO UPDATE SET topic=excluded.topic,
+                 push_types=excluded.push_types, user=excluded.user,
+                 last_seen=max(devices.last_seen, excluded.last_seen),
+                 unregistered_at=excluded.unregistered_at,
+                 user_expires=excluded.user_expires""",
+            (record.token, record.topic, json.dumps(list(record.push_types)), record.user,
+             record.created_at, record.last_seen, record.unregistered_at,
+             record.user_expires))
+
+    @_storage
     def device(self, token: str) -> DeviceRecord | None:
         row = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE token=?",
                                (token,)).fetchone()

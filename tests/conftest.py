@@ -60,6 +60,19 @@ def lab():
         assert leftover_namespaces(made.tag) == []
 
 
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory):
+    """A 3-node NATS JetStream cluster on loopback for a module's site tests (stopped by
+    pid at its end): bench/lib/natscluster.py."""
+    from bench.lib.natscluster import NatsCluster
+
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
 async def gateway_factory(tmp_path):
     """Start in-process gateways; all are stopped at the end of the test."""

@@ -23,20 +23,14 @@ from gateway.service import Gateway, free_port
 from tests.conftest import eventually, make_config, new_install
 
 
-@pytest.fixture(scope="module")
-def nats_cluster(tmp_path_factory):
-    cluster = NatsCluster(tmp_path_factory.mktemp("nats"))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
-
-
 def site_key(directory) -> dict:
     """The site's key pair (from the vault, on an appliance): one pin for every gateway."""
     directory.mkdir(parents=True, exist_ok=True)
     certs.ensure_self_signed(directory / "cert.pem", directory / "key.pem", "site")
     return {"cert": str(directory / "cert.pem"), "key": str(directory / "key.pem")}
+
+
+NO_SIP = {"sip": {"enabled": False}}  # calls across a site are not built yet
 
 
 def site_config(nats_cluster: NatsCluster, site: str, **extra) -> dict:
@@ -88,7 +82,7 @@ async def test_a_gateway_with_another_key_pair_is_refused(nats_cluster, gateway_
 
 
 async def test_gateways_joining_at_once_agree_on_one_secret(nats_cluster):
-    cfg = config.from_dict({"cluster": site_config(nats_cluster, "race")}).cluster
+    cfg = config.from_dict({**NO_SIP, "cluster": site_config(nats_cluster, "race")}).cluster
     sites = await asyncio.gather(*(join(cfg, bytes([i]) * 32, "sha256/same")
                                    for i in range(1, 5)))
     try:
@@ -135,11 +129,11 @@ async def test_the_nats_client_is_loaded_only_for_a_site():
 ])
 def test_cluster_settings_are_checked(data, message):
     with pytest.raises(config.ConfigError, match=message):
-        config.from_dict({"cluster": data})
+        config.from_dict({**NO_SIP, "cluster": data})
 
 
 async def test_connect_names_every_server_it_tried():
-    cfg = config.from_dict({"cluster": {
+    cfg = config.from_dict({**NO_SIP, "cluster": {
         "enabled": True, "site": "w", "connect_timeout": 0.5,
         "servers": [f"nats://127.0.0.1:{free_port('127.0.0.1')}"]}}).cluster
     with pytest.raises(SiteUnavailable, match=cfg.servers[0]):
@@ -194,7 +188,7 @@ async def streams(nats_cluster):
     made = []
 
     async def make(queue_limit: int = 3) -> SitePushes:
-        cfg = config.from_dict({"cluster": site_config(nats_cluster,
+        cfg = config.from_dict({**NO_SIP, "cluster": site_config(nats_cluster,
                                                        "s" + new_install()[:8])})
         site = await join(cfg.cluster, b"k" * 32, "sha256/x")
         pushes = SitePushes(site.js, cfg.cluster.site, replicas=3, queue_limit=queue_limit)
@@ -318,7 +312,7 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_push(streams, nat
 async def test_a_damaged_site_secret_stops_the_start(nats_cluster):
     from gateway.cluster.site import SECRET_KEY, open_bucket
 
-    cfg = config.from_dict({"cluster": site_config(nats_cluster, "damaged")}).cluster
+    cfg = config.from_dict({**NO_SIP, "cluster": site_config(nats_cluster, "damaged")}).cluster
     first = await join(cfg, b"k" * 32, "sha256/x")
     try:
         kv = await open_bucket(first.js, site_bucket("damaged"), 3, time.monotonic() + 5)
@@ -379,7 +373,7 @@ async def test_a_box_moving_into_a_site_keeps_its_phones_tokens(nats_cluster, ga
     def import_site(state, **tls):
         cfg = tmp_path / f"{state}.yaml"
         cfg.write_text(yaml.safe_dump({
-            "state_dir": str(tmp_path / state), "tls": tls,
+            "state_dir": str(tmp_path / state), "tls": tls, **NO_SIP,
             "cluster": site_config(nats_cluster, "moved")}))
         return subprocess.run([sys.executable, "-m", "gateway.cli", "cluster", "import",
                                "-c", str(cfg)], capture_output=True, text=True, timeout=60)

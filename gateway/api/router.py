@@ -44,6 +44,7 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     after_commit: bool = False  # send only once the open group commit is on disk
+    ticket: int | None = None  # in a site: send once the site has kept this push
 
     @classmethod
     def json(cls, status: int, value: Any, headers: list | None = None) -> Response:
@@ -152,7 +153,9 @@ class Router:
             raise ApiError(exc.reason, str(exc), exc.timestamp) from None
         # the shell echoes a sent apns-id; when none was sent, the id the device sees
         made = [] if "apns-id" in headers else [("apns-id", accepted.push_id)]
-        return Response(200, made, after_commit=self.group_commit and accepted.stored)
+        waits = accepted.stored or accepted.ticket is not None
+        return Response(200, made, after_commit=self.group_commit and waits,
+                        ticket=accepted.ticket)
 
     # --- lpgw /v1 ---------------------------------------------------------------------
 
@@ -176,10 +179,12 @@ class Router:
             if not isinstance(user, str) or not 0 < len(user) <= 128:
                 raise ApiError("BadPayload", 'the body is {"user": "<1 to 128 characters>"}')
             self.storage.bind_user(token, user)
+            self.delivery.device_changed(token)
             log.info("device %s bound to user %s by %s", short(token), user, key.name)
             return Response.json(200, {"token": token, "user": user})
         if req.method == "DELETE":
             self.storage.bind_user(token, None)
+            self.delivery.device_changed(token)
             log.info("device %s unbound by %s", short(token), key.name)
             return Response(204)
         raise ApiError("MethodNotAllowed", "use PUT or DELETE")

@@ -28,8 +28,9 @@ from gateway.api.apns import MAX_BODY
 from gateway.api.limits import ApiLimits, ConnectionGate, TokenBucket
 from gateway.api.router import Request, Response, Router, internal_error
 from gateway.core.delivery import Rejected
+from gateway.core.events import Kept
 from gateway.core.metrics import Metrics
-from gateway.transport.pump import Pump
+from gateway.transport.pump import Keeper, Pump
 from gateway.transport.tls import TlsStream
 
 log = logging.getLogger("lpgw.http")
@@ -98,7 +99,7 @@ class GroupCommit:
         self._loop = asyncio.get_running_loop()
         router.group_commit = True
 
-    def after_commit(self, callback: Committed) -> None:
+    def after_commit(self, callback: Committed, ticket: int | None = None) -> None:
         if not self._waiting:
             self._loop.call_soon(self._commit)
         self._waiting.append(callback)
@@ -125,9 +126,31 @@ class GroupCommit:
                 callback(failure)
 
 
+class SiteCommit:
+    """In a site of gateways: a push's 200 waits until the site's quorum has kept it (the
+    shell publishes it: cluster.relay); 503 with the reason when it could not."""
+
+    def __init__(self, router: Router, keeper: Keeper, metrics: Metrics) -> None:
+        self.keeper = keeper
+        self.metrics = metrics
+        router.group_commit = True
+
+    def after_commit(self, callback: Committed, ticket: int | None = None) -> None:
+        if ticket is None:  # nothing to keep (expired on arrival): answered now
+            callback(None)
+            return
+        self.keeper.claim(ticket).add_done_callback(
+            lambda kept: self._kept(kept, callback))
+
+    def _kept(self, kept: asyncio.Future[Kept], callback: Committed) -> None:
+        with faults.contained(self.metrics, "api_commit", "an answer"):
+            callback(kept.result().failure)
+
+
 class HttpConnection:
     def __init__(self, stream: TlsStream, router: Router, metrics: Metrics,
-                 limits: ApiLimits, pump: Pump, committer: GroupCommit | None = None) -> None:
+                 limits: ApiLimits, pump: Pump,
+                 committer: GroupCommit | SiteCommit | None = None) -> None:
         self.stream = stream
         self.pump = pump
         self.committer = committer
@@ -478,7 +501,8 @@ class HttpConnection:
         response = self._answer(pending, http2=True)
         if response.after_commit and self.committer is not None:
             self.committer.after_commit(
-                lambda failure: self._committed(stream_id, response, failure))
+                lambda failure: self._committed(stream_id, response, failure),
+                response.ticket)
         else:
             self._h2_send(stream_id, response)
 
@@ -611,13 +635,16 @@ class ApiFactory:
     """Protocol factory for loop.create_server; `limits` may be replaced (a reload)."""
 
     def __init__(self, ctx, router: Router, metrics: Metrics, limits: ApiLimits,
-                 pump: Pump) -> None:
+                 pump: Pump, keeper: Keeper | None = None) -> None:
+        """`keeper`: in a site of gateways, where pushes are kept (else one fsync per loop
+        turn in this gateway's SQLite file)."""
         self.ctx = ctx
         self.router = router
         self.metrics = metrics
         self.pump = pump
         self.gate = ConnectionGate(limits)
-        self.committer = GroupCommit(router, pump)
+        self.committer: GroupCommit | SiteCommit = (
+            GroupCommit(router, pump) if keeper is None else SiteCommit(router, keeper, metrics))
 
     @property
     def limits(self) -> ApiLimits:

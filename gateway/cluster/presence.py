@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 from gateway import faults
 from gateway.cluster.site import Site, open_bucket
 from gateway.core.metrics import Metrics
+from gateway.core.site import SiteView
 from gateway.core.tokens import short
 
 log = logging.getLogger("lpgw.cluster")
@@ -54,8 +55,11 @@ def gateways_bucket(site: str) -> str:
 
 class Presence:
     def __init__(self, site: Site, gateway_id: str, name: str, metrics: Metrics,
-                 replicas: int) -> None:
+                 replicas: int, view: SiteView | None = None) -> None:
+        """`view`, when given, is kept up to date with where the site's devices are held
+        and which gateways are alive (the core decides with it)."""
         self.site = site
+        self.view = view
         self.gateway_id = gateway_id
         self.name = name
         self.metrics = metrics
@@ -76,6 +80,13 @@ class Presence:
         self._alive = await open_bucket(self.site.js, gateways_bucket(self.site.name),
                                         self.replicas, deadline, ttl=GATEWAY_TTL)
         self._tasks = [asyncio.create_task(self._work()) for _ in range(WORKERS)]
+        if self.view is not None:
+            self.view.alive = set(await self.gateways()) | {self.gateway_id}
+            watcher = await self._kv.watchall()
+            while (entry := await watcher.updates(
+                    timeout=max(0.5, deadline - time.monotonic()))) is not None:
+                self._take(entry)
+            self._tasks.append(asyncio.create_task(self._watch(watcher)))
         self._tasks.append(asyncio.create_task(self._beat()))
 
     async def stop(self) -> None:
@@ -89,6 +100,32 @@ class Presence:
         if self._alive is not None:
             with contextlib.suppress(Exception):
                 await self._alive.delete(self.gateway_id)
+
+    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=5.0)
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is not None:
+                    self._take(entry)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    def _take(self, entry: KeyValue.Entry) -> None:
+        """Where the site says a device is held now (deleted: nowhere)."""
+        assert self.view is not None
+        if entry.operation is not None or not entry.value:
+            self.view.holders.pop(entry.key, None)
+            return
+        try:
+            gateway = json.loads(entry.value)["gateway"]
+        except (ValueError, KeyError, TypeError):
+            self.metrics.cluster_errors.labels("presence_entry").inc()
+            return
+        self.view.holders[entry.key] = str(gateway)
 
     async def _drain(self) -> None:
         while self._queued:
@@ -164,6 +201,8 @@ class Presence:
                 await self._alive.put(self.gateway_id, value)
                 self.known = await self.gateways()
                 self.metrics.cluster_gateways.set(len(self.known))
+                if self.view is not None:
+                    self.view.alive = set(self.known) | {self.gateway_id}
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                 self.metrics.cluster_errors.labels("gateways").inc()
                 faults.bounded(log, "gateways", "site heartbeat not written: %s", exc)

@@ -24,28 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 from gateway.cluster.site import until_ready
+from gateway.records import StoredPush
 
 DUPLICATE_WINDOW = 120.0  # seconds: an apns-id sent again within it is kept once
+# a push with expiration 0 goes through the stream too (to the gateway holding its device
+# now) but is never handed out later: the stream drops it after this many seconds
+NOW_OR_NEVER_TTL = 5.0
 HEADER = "lpgw-push"  # the push's fields (not the payload) as JSON
-
-
-@dataclass(frozen=True)
-class SitePush:
-    token: str
-    seq: int
-    push_id: str
-    push_type: str
-    priority: int
-    expiration: int  # epoch seconds; 0: now or never
-    collapse_id: str | None
-    payload_json: str
-    accepted_at: float
 
 
 def stream_name(site: str) -> str:
@@ -96,7 +86,7 @@ class SitePushes:
         headers = {"Nats-Msg-Id": push_id, HEADER: json.dumps(fields, separators=(",", ":"))}
         if collapse_id is not None:
             headers["Nats-Rollup"] = "sub"
-        ttl = None
+        ttl = NOW_OR_NEVER_TTL
         if expiration > 0:
             ttl = max(1.0, float(int(expiration - now) + 1))
         ack = await self.js.publish(self._subject(token, collapse_id), payload_json.encode(),
@@ -104,10 +94,10 @@ class SitePushes:
         return ack.seq, bool(ack.duplicate)
 
     async def pending_after(self, token: str, after: int, now: float,
-                            limit: int | None = None) -> list[SitePush]:
+                            limit: int | None = None) -> list[StoredPush]:
         """The device's kept pushes after `after`, in order, read from the stream leader;
         none past its expiration."""
-        out: list[SitePush] = []
+        out: list[StoredPush] = []
         seq = after + 1
         most = limit or self.queue_limit * 4
         while len(out) < most:
@@ -116,7 +106,7 @@ class SitePushes:
                                             subject=self.device_subjects(token), next=True)
             except NotFoundError:
                 break
-            push = _push(token, msg)
+            push = site_push(token, msg.seq or 0, msg.headers, msg.data)
             seq = push.seq + 1
             if push.expiration == 0 or push.expiration >= now:
                 out.append(push)
@@ -128,12 +118,22 @@ class SitePushes:
                                    seq=seq + 1)
 
 
-def _push(token: str, msg: api.RawStreamMsg) -> SitePush:
-    fields = json.loads((msg.headers or {}).get(HEADER, "{}"))
-    return SitePush(token=token, seq=msg.seq or 0, push_id=fields.get("id", ""),
-                    push_type=fields.get("type", "alert"),
-                    priority=int(fields.get("priority", 10)),
-                    expiration=int(fields.get("expiration", 0)),
-                    collapse_id=fields.get("collapse_id"),
-                    payload_json=(msg.data or b"").decode(),
-                    accepted_at=float(fields.get("accepted_at", 0.0)))
+def token_of(subject: str) -> str:
+    """The device token in a push subject (lpgw.<site>.push.<token>.<...>); "" if none."""
+    parts = subject.split(".", 4)
+    return parts[3] if len(parts) > 4 and parts[2] == "push" else ""
+
+
+def site_push(token: str, seq: int, headers: dict[str, str] | None,
+              data: bytes | None) -> StoredPush:
+    """A stream message as a push. Only the site's gateways publish on its subjects (its
+    NATS credentials); a damaged message raises ValueError (or TypeError), and the caller
+    counts it and goes on."""
+    fields = json.loads((headers or {}).get(HEADER, "{}"))
+    return StoredPush(token=token, seq=seq, push_id=str(fields.get("id", "")),
+                      push_type=str(fields.get("type", "alert")),
+                      priority=int(fields.get("priority", 10)),
+                      expiration=int(fields.get("expiration", 0)),
+                      collapse_id=fields.get("collapse_id"),
+                      payload_json=(data or b"").decode(),
+                      accepted_at=float(fields.get("accepted_at", 0.0)))

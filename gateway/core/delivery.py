@@ -17,11 +17,15 @@ from gateway.core import push_rules
 from gateway.core.assertions import AssertionPolicy, AssertionRejected, verified_binding
 from gateway.core.clock import ClockStep, ClockWatch
 from gateway.core.events import (
+    AckAtSite,
     CallActionTaken,
     CloseLink,
     DeliveryOutput,
+    DeviceChanged,
     DeviceLeft,
     DeviceLink,
+    KeepPush,
+    LoadBacklog,
     PushDelivered,
     SendPush,
     WelcomeDevice,
@@ -29,6 +33,7 @@ from gateway.core.events import (
 from gateway.core.installs import InstallGate, InstallPolicy, InstallVerdict
 from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
+from gateway.core.site import SiteView
 from gateway.core.storage import Storage
 from gateway.core.tokens import derive_token, selftest_tokens, short
 from gateway.protocol.messages import PUSH_TYPES, ByeReason, CallAction, Hello, Push
@@ -61,6 +66,9 @@ class Rejected(Exception):
         self.timestamp = timestamp
 
 
+# pushes sent in a site and not yet acked that a connection remembers, at most (for their
+# delivery reports); older ones are still acked for the site, just not reported
+SENT_BOUND = 1024
 # devices pruned in one sweep at most: a long-idle site's first sweep stays short
 PRUNE_BATCH = 1000
 
@@ -71,6 +79,9 @@ class Accepted:
     seq: int | None  # None when the push was dropped at once (expired)
     sent: bool  # written to a connected device now
     stored: bool
+    # in a site: the push is being kept for the site (KeepPush); its submitter answers only
+    # once the site's shell says this ticket is kept
+    ticket: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,16 +100,32 @@ class _Live:
     since: float
     sent_through: int = 0
     ephemeral: dict[int, tuple[str, float]] = field(default_factory=dict)  # seq -> id, at
+    # in a site: what was sent and not yet acked (seq -> id, accepted at, kept), bounded;
+    # the backlog being read (pushes from the stream meanwhile: read again after)
+    sent: dict[int, tuple[str, float, bool]] = field(default_factory=dict)
+    loading: bool = False
+    more: bool = False
 
 
 class Delivery:
     def __init__(self, storage: Storage, token_secret: bytes, gateway_id: str,
                  settings: DeliverySettings, policy: AssertionPolicy, metrics: Metrics,
-                 monotonic: Callable[[], float] | None = None) -> None:
+                 monotonic: Callable[[], float] | None = None,
+                 site: SiteView | None = None) -> None:
         """`monotonic`, when given, is read beside every `now` (wall-clock seconds) the
         shells pass in, to see the wall clock step (see core.clock); without it (tests of
-        the core that move `now` by hand) `now` is taken as it comes."""
+        the core that move `now` by hand) `now` is taken as it comes.
+
+        With `site` (a site of gateways), pushes are kept by the site's stream, not by
+        `storage` (which holds this gateway's copy of the site's device records): submit
+        returns KeepPush for the shell, and the device's pushes come back through
+        `site_push` and `backlog` on whichever gateway holds it."""
         self._storage = storage
+        self.site = site
+        # what `welcome.gateway_id` says, and `hello.last_ack` must name: the site's id in
+        # a site (its seqs are the site's), else this gateway's
+        self.welcome_id = site.site_id if site is not None else gateway_id
+        self._tickets = 0
         self._monotonic = monotonic
         self._clock: ClockWatch | None = None
         self.last_step: ClockStep | None = None
@@ -166,7 +193,9 @@ class Delivery:
             self._out.append(CloseLink(old.link, ByeReason.REPLACED, "replaced",
                                        "another connection of this install took over"))
             log.info("device %s replaced its %s connection", short(token), old.link.transport)
-        if hello.last_ack and hello.gateway_id == self.gateway_id:
+        if self.site is not None:
+            return self._admit_at_site(token, hello, user, link, now)
+        if hello.last_ack and hello.gateway_id == self.welcome_id:
             self._ack_stored(token, hello.last_ack, now)
         live = _Live(link=link, since=now, sent_through=0)
         self._live[token] = live
@@ -179,6 +208,25 @@ class Delivery:
                      self._storage.count_pending(token))
         if device.next_seq - 1 > device.acked_seq:  # else nothing can be stored: no query
             self._flush(token, live, now)
+        return token
+
+    def _admit_at_site(self, token: str, hello: Hello, user: str | None, link: DeviceLink,
+                       now: float) -> str:
+        """The device's pushes are the site's: what it has (its `last_ack`, counted in the
+        site's seqs) is forgotten for the site, and the rest is read from the stream."""
+        after = 0
+        if hello.last_ack and hello.gateway_id == self.welcome_id:
+            after = hello.last_ack
+            self._out.append(AckAtSite(token, after))
+        live = _Live(link=link, since=now, sent_through=after, loading=True)
+        self._live[token] = live
+        self._count_connected(link, +1)
+        self._handshake(token, link, "welcome")
+        self._out.append(WelcomeDevice(link, token, user))
+        self._out.append(DeviceChanged(token))
+        self._out.append(LoadBacklog(token, link, after))
+        log.info("device %s connected over %s (topic %s%s)", short(token), link.transport,
+                 hello.topic, f", user {user}" if user else "")
         return token
 
     def _admit_install(self, token: str, link: DeviceLink, source: str | None,
@@ -256,6 +304,8 @@ class Delivery:
         self._lose_ephemeral(token, live)
         self._out.append(DeviceLeft(token))
         log.info("device %s disconnected from %s: %s", short(token), link.transport, reason)
+        if self.site is not None and token not in self._test_tokens:
+            self._out.append(DeviceChanged(token))  # its last-seen time, for the site
         if token in self._test_tokens:  # the self-test is done with it: no trace left
             self._forget(token, now)
             return
@@ -276,6 +326,7 @@ class Delivery:
                 "unregister again later"))
             return
         log.info("device %s unregistered", short(token))
+        self.device_changed(token)
         self._out.append(CloseLink(link, ByeReason.UNREGISTERED, None,
                                    "pushes to this token are now refused"))
 
@@ -284,9 +335,23 @@ class Delivery:
         live = self._live.get(token)
         if live is None or live.link is not link:
             return
+        if self.site is not None:
+            self._ack_at_site(token, live, seq, now)
+            return
         done = [live.ephemeral.pop(s) for s in sorted(live.ephemeral) if s <= seq]
         self._delivered(token, done, now)
         self._ack_stored(token, seq, now)
+
+    def _ack_at_site(self, token: str, live: _Live, seq: int, now: float) -> None:
+        done = [live.sent.pop(s) for s in sorted(live.sent) if s <= seq]
+        self._delivered(token, [(push_id, at) for push_id, at, _ in done], now)
+        if any(kept for _, _, kept in done):
+            self._out.append(AckAtSite(token, seq))
+
+    def device_changed(self, token: str) -> None:
+        """The device's record changed (the API bound it to a user): tell the site."""
+        if self.site is not None:
+            self._out.append(DeviceChanged(token))
 
     def _ack_stored(self, token: str, seq: int, now: float) -> None:
         reported = self._deferred_acks.get(token, 0)
@@ -460,6 +525,8 @@ class Delivery:
             raise
         if counted:
             self.metrics.accepted.labels(req.push_type).inc()
+        if self.site is not None:
+            return result  # kept by the site's shell (KeepPush), not by storage
         if not group and self._storage.in_group:
             self.commit(now)  # a group is open: this push joined it, and lands with it
         elif result.stored and not group:
@@ -520,7 +587,8 @@ class Delivery:
         if device.unregistered_at is not None:
             raise Rejected("Unregistered", "the device unregistered",
                            timestamp=device.unregistered_at)
-        if token not in self._live and device.last_seen < now - self.settings.forget_after:
+        if (token not in self._live and device.last_seen < now - self.settings.forget_after
+                and not (self.site is not None and self.site.connected(token))):
             raise Rejected("Unregistered", "the device has not been seen for too long",
                            timestamp=device.last_seen)
         if req.push_type not in PUSH_TYPES:
@@ -564,6 +632,9 @@ class Delivery:
             # APNs tries such a push once: what client libraries send for a time-to-live
             # of 0 is the current second, which has begun. Now or never, like 0.
             expiration = 0
+        if self.site is not None:
+            return self._keep_at_site(token, live, push_id, req, priority, expiration,
+                                      payload_json, now)
         if expiration == 0:
             if live is None:
                 self._expired(token)
@@ -598,6 +669,66 @@ class Delivery:
                 self._flush(token, live, now)
         return Accepted(push_id, stored.seq, sent=live is not None, stored=True)
 
+    def _keep_at_site(self, token: str, live: _Live | None, push_id: str, req: PushRequest,
+                      priority: int, expiration: int, payload_json: str,
+                      now: float) -> Accepted:
+        """In a site: the shell keeps the push in the site's stream (KeepPush); every
+        gateway hears of it there and the one holding the device sends it."""
+        assert self.site is not None
+        if expiration == 0 and live is None and not self.site.connected(token):
+            self._expired(token)
+            log.info("push %s to %s expired on arrival (its device is away)", push_id,
+                     short(token))
+            return Accepted(push_id, None, sent=False, stored=False)
+        self._tickets += 1
+        self._out.append(KeepPush(self._tickets, token, push_id, req.push_type, priority,
+                                  expiration, req.collapse_id, payload_json, now))
+        return Accepted(push_id, None, sent=False, stored=expiration != 0,
+                        ticket=self._tickets)
+
+    def site_push(self, push: StoredPush, now: float) -> None:
+        """A push the site kept (any gateway's), as the stream hands it out: sent if its
+        device is here and has not had it. While the device's backlog is being read, it
+        is left to the next read (so nothing overtakes an older push)."""
+        live = self._live.get(push.token)
+        if live is None:
+            return
+        if live.loading:
+            live.more = True
+            return
+        if push.seq <= live.sent_through:
+            return
+        if push.expiration and push.expiration < now:
+            self._expired(push.token)
+            return
+        self._send(live, push, now)
+
+    def wants_backlog(self, token: str, link: DeviceLink) -> bool:
+        live = self._live.get(token)
+        return live is not None and live.link is link and live.loading
+
+    def backlog(self, token: str, link: DeviceLink, pushes: list[StoredPush],
+                now: float, complete: bool = True) -> None:
+        """The device's kept pushes, read from the site after LoadBacklog, in order: sent.
+        Once `complete`, if the stream handed out more meanwhile, that is asked for."""
+        live = self._live.get(token)
+        if live is None or live.link is not link:
+            return
+        for push in pushes:
+            if push.seq <= live.sent_through or push.expiration == 0:
+                continue  # had, or now-or-never for a connection that has ended
+            if push.expiration < now:
+                self._expired(token)
+                continue
+            self._send(live, push, now)
+        if not complete:
+            return
+        if live.more:
+            live.more = False
+            self._out.append(LoadBacklog(token, link, live.sent_through))
+        else:
+            live.loading = False
+
     def expire(self, now: float) -> int:
         """Drop stored pushes past their expiration, and devices unseen for `forget_after`
         with their queues; call it now and then (a full disk leaves them to the next sweep;
@@ -605,8 +736,9 @@ class Delivery:
         self.observe_clock(now)
         try:
             gone = self._storage.expire(now)
+            keep = set(self._live) | (self.site.held() if self.site is not None else set())
             pruned = self._storage.prune_devices(now - self.settings.forget_after,
-                                              keep=set(self._live), limit=PRUNE_BATCH)
+                                                 keep=keep, limit=PRUNE_BATCH)
         except StorageFailed as exc:
             self._storage_failed("expire", exc, now)
             return 0
@@ -686,12 +818,20 @@ class Delivery:
             payload=json.loads(stored.payload_json) if payload is None else payload,
             collapse_id=stored.collapse_id, sent_at=now, payload_json=stored.payload_json)))
         live.sent_through = max(live.sent_through, stored.seq)
+        if self.site is not None:
+            live.sent[stored.seq] = (stored.push_id, stored.accepted_at, stored.expiration != 0)
+            if len(live.sent) > SENT_BOUND:  # a device that never acks: forget the oldest
+                del live.sent[min(live.sent)]
 
     def _lose_ephemeral(self, token: str, live: _Live) -> None:
         """Expiration-0 pushes never acked on a connection that ended are gone: expired."""
         if live.ephemeral:
             self._expired(token, len(live.ephemeral))
             live.ephemeral.clear()
+        lost = sum(1 for _, _, kept in live.sent.values() if not kept)
+        if lost:
+            self._expired(token, lost)
+        live.sent.clear()
 
     def _count_connected(self, link: DeviceLink, delta: int) -> None:
         self.metrics.connected.labels(link.transport).inc(delta)

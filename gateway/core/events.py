@@ -73,6 +73,63 @@ class CallActionTaken:
     at: float
 
 
+# --- in a site of gateways: work for the site's shell (gateway.cluster) ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeepPush:
+    """Keep this push for the site (the site's push stream). Whoever submitted it waits for
+    `ticket` before answering: accepted only once a quorum has it. The device gets it back
+    from the stream on whichever gateway holds it (`Delivery.site_push`)."""
+
+    ticket: int
+    token: str
+    push_id: str
+    push_type: str
+    priority: int
+    expiration: int  # 0: only to a device connected somewhere now, never kept for later
+    collapse_id: str | None
+    payload_json: str
+    accepted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBacklog:
+    """Read the device's kept pushes after `after` from the site (its stream's leader) and
+    hand them to `Delivery.backlog`."""
+
+    token: str
+    link: DeviceLink
+    after: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckAtSite:
+    """The device has every push up to `seq`: forget them for the whole site."""
+
+    token: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChanged:
+    """The device's record changed here (a hello, a departure, an unregistration, a
+    binding): the site's other gateways are to know it."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """What became of a KeepPush: kept by the site with its `seq`, or not, and why (the
+    push's submitter answers 503 with that: nothing unkept is ever reported accepted)."""
+
+    seq: int | None
+    failure: str | None = None
+    duplicate: bool = False  # its apns-id was kept already: kept once
+
+
 DeviceAction = WelcomeDevice | SendPush | CloseLink
 DeliveryEvent = PushDelivered | CallActionTaken | DeviceLeft
-DeliveryOutput = DeviceAction | DeliveryEvent
+SiteWork = KeepPush | LoadBacklog | AckAtSite | DeviceChanged
+DeliveryOutput = DeviceAction | DeliveryEvent | SiteWork

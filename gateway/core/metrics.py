@@ -88,6 +88,16 @@ class Metrics:
         self.cluster_gateways = Gauge(
             "lpgw_cluster_gateways", "Gateways of the site heard from lately, this one "
             "included", registry=r)
+        self.cluster_keeps = Gauge(
+            "lpgw_cluster_keeps_waiting", "Pushes waiting for the site's quorum now "
+            "(cluster.max_keeps at most; more are answered 503)", registry=r)
+        self.cluster_not_kept = Counter(
+            "lpgw_cluster_not_kept", "Pushes the site did not keep (answered 503), by why: "
+            "busy (cluster.max_keeps), timeout (no quorum within cluster.accept_timeout), "
+            "no_quorum (the stream said so at once), error", ["why"], registry=r)
+        self.cluster_relayed = Counter(
+            "lpgw_cluster_relayed", "Pushes the site's stream handed to this gateway for a "
+            "device connected here", registry=r)
         self.cluster_presence_moved = Counter(
             "lpgw_cluster_presence_moved", "Devices that had moved to another gateway of the "
             "site when this one let go of them (its entry was left alone)", registry=r)

@@ -22,6 +22,10 @@ class Storage(Protocol):
         """A device said hello: create or refresh its record (not fsynced on its own)."""
         ...
 
+    def mirror_device(self, record: DeviceRecord) -> None:
+        """Take the site's record of a device (in a site of gateways; not fsynced)."""
+        ...
+
     def device(self, token: str) -> DeviceRecord | None: ...
 
     def devices(self, topics: tuple[str, ...] | None = None,

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from gateway.core.model import PushRequest
 from gateway.core.storage import Storage
 from gateway.protocol.frames import HEADER, FrameDecoder, FrameError, MessageError, decode_body
 from gateway.protocol.frames import encode_frame as encode
-from gateway.transport.pump import Pump
+from gateway.transport.pump import Keeper, Pump
 
 log = logging.getLogger("lpgw.control")
 
@@ -49,10 +50,20 @@ def push_request(d: dict[str, Any]) -> PushRequest:
                        topic=d.get("topic"))
 
 
+@dataclass(frozen=True)
+class _Waiting:
+    """A `send` handed to the site (KeepPush): its reply, once the site has kept it."""
+
+    ticket: int
+    reply: dict[str, Any]
+
+
 class ControlServer:
     def __init__(self, path: Path, delivery: Delivery, storage: Storage, pump: Pump,
-                 status: Callable[[], dict], metrics: Metrics | None = None) -> None:
+                 status: Callable[[], dict], metrics: Metrics | None = None,
+                 keeper: Keeper | None = None) -> None:
         self.path = path
+        self.keeper = keeper
         self.delivery = delivery
         self.storage = storage
         self.pump = pump
@@ -84,7 +95,10 @@ class ControlServer:
                 if not data:
                     break
                 for body in decoder.feed(data):
-                    writer.write(encode(self.handle(body)))
+                    answer = self.handle(body)
+                    if isinstance(answer, _Waiting):
+                        answer = await self._kept(answer)
+                    writer.write(encode(answer))
                 await writer.drain()
         except FrameError as exc:
             writer.write(encode({"ok": False, "reason": exc.code, "message": str(exc)}))
@@ -97,7 +111,14 @@ class ControlServer:
         finally:
             writer.close()
 
-    def handle(self, body: bytes) -> dict[str, Any]:
+    async def _kept(self, waiting: _Waiting) -> dict[str, Any]:
+        assert self.keeper is not None
+        kept = await self.keeper.claim(waiting.ticket)
+        if kept.failure is not None:
+            return {"ok": False, "reason": "ServiceUnavailable", "message": kept.failure}
+        return {**waiting.reply, "seq": kept.seq, "duplicate": kept.duplicate}
+
+    def handle(self, body: bytes) -> dict[str, Any] | _Waiting:
         """One request's answer; never raises (a failure is answered and counted)."""
         try:
             return self._handle(body)
@@ -107,7 +128,7 @@ class ControlServer:
                     "message": f"the gateway failed on this request ({type(exc).__name__}); "
                                "its log says more"}
 
-    def _handle(self, body: bytes) -> dict[str, Any]:
+    def _handle(self, body: bytes) -> dict[str, Any] | _Waiting:
         try:
             request = decode_body(body)
         except MessageError as exc:
@@ -135,8 +156,11 @@ class ControlServer:
                 reply["timestamp"] = int(exc.timestamp * 1000)
             return reply
         self.pump.run()  # to the device, when it is connected
-        return {"ok": True, "push_id": result.push_id, "seq": result.seq, "sent": result.sent,
-                "stored": result.stored}
+        reply = {"ok": True, "push_id": result.push_id, "seq": result.seq, "sent": result.sent,
+                 "stored": result.stored}
+        if result.ticket is not None and self.keeper is not None:
+            return _Waiting(result.ticket, reply)  # answered once the site has kept it
+        return reply
 
 
     def _bind(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -146,6 +170,8 @@ class ControlServer:
             return {"ok": False, "reason": "BadRequest", "message": "token and user"}
         if not self.storage.bind_user(token, user):
             return {"ok": False, "reason": "BadDeviceToken", "message": "no such device"}
+        self.delivery.device_changed(token)
+        self.pump.run()
         return {"ok": True}
 
 

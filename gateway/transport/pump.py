@@ -10,17 +10,24 @@ calls up: a call walks down through the core and its answer comes back out of th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
 from gateway import faults
 from gateway.core.events import (
+    AckAtSite,
     CallActionTaken,
     CloseLink,
     DeliveryOutput,
+    DeviceChanged,
     DeviceLeft,
+    KeepPush,
+    Kept,
+    LoadBacklog,
     PushDelivered,
     SendPush,
+    SiteWork,
     WelcomeDevice,
 )
 from gateway.protocol.messages import Push
@@ -55,6 +62,18 @@ class Whereabouts(Protocol):
     def left(self, token: str) -> None: ...
 
 
+class SiteOut(Protocol):
+    """Where the site's work goes: its stream and registry (cluster.relay.SiteRelay)."""
+
+    def carry_out(self, work: SiteWork) -> None: ...
+
+
+class Keeper(Protocol):
+    """Where a submitter learns what became of a push it handed to the site (KeepPush)."""
+
+    def claim(self, ticket: int) -> asyncio.Future[Kept]: ...
+
+
 class SipOut(Protocol):
     """Where the bridge's output goes: the SIP transport's sockets and clocks."""
 
@@ -71,6 +90,7 @@ class Pump:
         self.bridge: SipBridge | None = None
         self.sip: SipOut | None = None
         self.presence: Whereabouts | None = None  # in a site of gateways
+        self.site: SiteOut | None = None
 
     def run(self) -> None:
         """Carry out everything queued, and what that queues in turn, in order."""
@@ -107,6 +127,9 @@ class Pump:
                 self.presence.left(action.token)
         elif isinstance(action, CloseLink):
             _carrier(action.link).close(action.reason, action.code, action.message)
+        elif isinstance(action, KeepPush | LoadBacklog | AckAtSite | DeviceChanged):
+            if self.site is not None:
+                self.site.carry_out(action)
         elif isinstance(action, PushDelivered | CallActionTaken) and self.calls is not None:
             with faults.contained(self.metrics, "call_event", action.token[:8]):
                 self.calls.device_event(action)

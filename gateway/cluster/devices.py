@@ -1,0 +1,199 @@
+"""The site's device registry: every gateway's copy of every device record of the site.
+
+A push for a device is checked (token known, topic, push types, unregistered, bound user)
+on whichever gateway takes it, and checking must take no I/O: so each gateway keeps the
+site's records in its own SQLite file (`Storage.mirror_device`), fed by a watch of the R3
+KV bucket `lpgw_<site>_devices` (token -> record). A gateway that records a device (a
+hello, a departure, an unregistration, a binding) writes it there; the others hear of it
+within milliseconds. At start the whole bucket is read before the gateway serves.
+
+Writes are newest-state only (a phone that flaps costs one write), by a few workers that
+never block the pump; a record unchanged since the last write is not written again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+
+import nats
+from nats.js.kv import KeyValue
+
+from gateway import faults
+from gateway.cluster.site import Site, open_bucket
+from gateway.core.metrics import Metrics
+from gateway.core.storage import Storage
+from gateway.core.tokens import short
+from gateway.records import DeviceRecord, StorageFailed, is_token
+
+log = logging.getLogger("lpgw.cluster")
+
+WORKERS = 4
+RETRY_AFTER = 1.0
+
+
+def devices_bucket(site: str) -> str:
+    return f"lpgw_{site}_devices"
+
+
+def encode(device: DeviceRecord) -> bytes:
+    """The record as the site keeps it (not this gateway's seqs: they are the stream's)."""
+    return json.dumps({"topic": device.topic, "push_types": list(device.push_types),
+                       "user": device.user, "created_at": device.created_at,
+                       "last_seen": device.last_seen,
+                       "unregistered_at": device.unregistered_at,
+                       "user_expires": device.user_expires},
+                      separators=(",", ":")).encode()
+
+
+def decode(token: str, value: bytes) -> DeviceRecord:
+    """A record from the bucket; ValueError (or KeyError, TypeError) when damaged."""
+    d = json.loads(value)
+    push_types = tuple(str(t) for t in d["push_types"])
+    user = d.get("user")
+    return DeviceRecord(token=token, topic=str(d["topic"]), push_types=push_types,
+                        user=None if user is None else str(user),
+                        created_at=float(d["created_at"]), last_seen=float(d["last_seen"]),
+                        acked_seq=0, next_seq=1,
+                        unregistered_at=_number(d.get("unregistered_at")),
+                        user_expires=_number(d.get("user_expires")))
+
+
+def _number(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.blake2b(value, digest_size=8).digest()
+
+
+class SiteDevices:
+    def __init__(self, site: Site, storage: Storage, metrics: Metrics, replicas: int) -> None:
+        self.site = site
+        self.storage = storage
+        self.metrics = metrics
+        self.replicas = replicas
+        self._kv: KeyValue | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._same: dict[str, bytes] = {}  # token -> digest of the site's record as known
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._unmirrored: dict[str, DeviceRecord] = {}  # the local store failed: again later
+        self._tasks: list[asyncio.Task] = []
+        self.mirrored = 0
+
+    async def start(self, timeout: float) -> None:
+        """Open the bucket and take every record in it before serving."""
+        deadline = time.monotonic() + timeout
+        self._kv = await open_bucket(self.site.js, devices_bucket(self.site.name),
+                                     self.replicas, deadline)
+        self._watcher = await self._kv.watchall()
+        while True:  # the current records, then a None: from there on, changes
+            entry = await self._watcher.updates(timeout=max(0.5, deadline - time.monotonic()))
+            if entry is None:
+                break
+            self._take(entry)
+        self._tasks = [asyncio.create_task(self._watch())]
+        self._tasks += [asyncio.create_task(self._work()) for _ in range(WORKERS)]
+
+    async def stop(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain(), 1.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+
+    async def _drain(self) -> None:
+        while self._queued:
+            await asyncio.sleep(0.02)
+
+    def status(self) -> dict[str, int]:
+        return {"site_devices": len(self._same), "records_waiting": len(self._queued)}
+
+    # --- this gateway's changes, to the site -----------------------------------------
+
+    def changed(self, token: str) -> None:
+        if token not in self._queued:
+            self._queued.add(token)
+            self._queue.put_nowait(token)
+
+    async def _work(self) -> None:
+        while True:
+            token = await self._queue.get()
+            try:
+                await self._write(token)
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                self.metrics.cluster_errors.labels("device").inc()
+                faults.bounded(log, "device", "record of %s not written: %s", short(token),
+                               exc)
+                await asyncio.sleep(RETRY_AFTER)
+                self._queue.put_nowait(token)
+                continue
+            except Exception as exc:  # a bug, or the local store failing: this device only
+                faults.record(self.metrics, "cluster_device", exc, short(token))
+            self._queued.discard(token)
+
+    async def _write(self, token: str) -> None:
+        assert self._kv is not None
+        device = self.storage.device(token)
+        if device is None:
+            return
+        value = encode(device)
+        digest = _digest(value)
+        if self._same.get(token) == digest:
+            return
+        await self._kv.put(token, value)
+        self._same[token] = digest
+
+    # --- the site's records, here ----------------------------------------------------
+
+    async def _watch(self) -> None:
+        assert self._watcher is not None
+        while True:
+            try:
+                entry = await self._watcher.updates(timeout=5.0)
+            except nats.errors.TimeoutError:
+                self._retry_unmirrored()
+                continue
+            if entry is not None:
+                self._take(entry)
+
+    def _take(self, entry: KeyValue.Entry) -> None:
+        token = entry.key
+        if entry.operation is not None or not entry.value or not is_token(token):
+            return  # a deletion (records are not deleted by gateways), or not a record
+        digest = _digest(entry.value)
+        if self._same.get(token) == digest:
+            return  # ours, or known already
+        try:
+            record = decode(token, entry.value)
+        except (ValueError, KeyError, TypeError) as exc:
+            self.metrics.cluster_errors.labels("device_record").inc()
+            faults.bounded(log, "device_record", "a damaged record for %s in the site's "
+                           "registry: %s", short(token), exc)
+            return
+        self._same[token] = digest
+        self._mirror(record)
+
+    def _mirror(self, record: DeviceRecord) -> None:
+        try:
+            self.storage.mirror_device(record)
+        except StorageFailed as exc:
+            self.metrics.cluster_errors.labels("device_mirror").inc()
+            faults.bounded(log, "device_mirror", "the site's record of %s not kept here: %s",
+                           short(record.token), exc)
+            self._unmirrored[record.token] = record
+            return
+        self._unmirrored.pop(record.token, None)
+        self.mirrored += 1
+
+    def _retry_unmirrored(self) -> None:
+        for record in list(self._unmirrored.values()):
+            self._mirror(record)

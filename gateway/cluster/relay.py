@@ -1,0 +1,239 @@
+"""The site's pushes through this gateway: kept in the stream, handed to the phones here.
+
+`Delivery` (in a site) returns work instead of writing storage; this shell carries it out:
+
+- KeepPush: publish to the site's stream (`SitePushes.accept`); the push's submitter (the
+  API, `lpgw send`) claims the ticket and answers 200 only once the site has it, else 503.
+  At most `max_keeps` wait at once, each at most `accept_timeout`.
+- One ordered consumer per gateway on the site's push subjects (an ephemeral consumer, not
+  an R3 one per device: docs/cluster.md) hands every newly kept push to `Delivery.site_push`;
+  only those for devices connected here go further. No polling: a push accepted on B is
+  here as soon as the stream has it.
+- LoadBacklog: the device's kept pushes after its last ack, read from the stream leader.
+- AckAtSite: a purge of the device's subjects, newest seq per device only, by a few workers.
+- DeviceChanged: the site's device registry (`cluster.devices`).
+
+Every input ends with `pump.run()`, as everywhere else; a failure stays with the one push,
+device or message it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+import nats
+from nats.aio.msg import Msg
+from nats.js import api
+
+from gateway import faults
+from gateway.cluster.devices import SiteDevices
+from gateway.cluster.pushes import SitePushes, site_push, token_of
+from gateway.core.delivery import Delivery
+from gateway.core.events import (
+    AckAtSite,
+    DeviceChanged,
+    KeepPush,
+    Kept,
+    LoadBacklog,
+    SiteWork,
+)
+from gateway.core.metrics import Metrics
+from gateway.core.tokens import short
+
+log = logging.getLogger("lpgw.cluster")
+
+NO_QUORUM = "NATS nodes unreachable, this gateway cut off, or a leader being elected"
+NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+CLAIM_WITHIN = 30.0  # seconds a kept push's result waits for its submitter to claim it
+LOADS = 8  # backlogs read at once, at most (a reconnect storm waits its turn)
+ACK_WORKERS = 4
+RETRY_AFTER = 0.5  # seconds before a read or purge that failed (NATS away) is tried again
+# the consumer's buffer in this process while the pump is busy: beyond it NATS drops (and
+# the ordered consumer starts again from the last message it handed over)
+PENDING_MSGS = 65536
+PENDING_BYTES = 64 * 1024 * 1024
+
+
+class Runs(Protocol):
+    def run(self) -> None: ...
+
+
+class SiteRelay:
+    def __init__(self, pushes: SitePushes, devices: SiteDevices, delivery: Delivery,
+                 pump: Runs, metrics: Metrics, accept_timeout: float,
+                 max_keeps: int) -> None:
+        self.pushes = pushes
+        self.devices = devices
+        self.delivery = delivery
+        self.pump = pump
+        self.metrics = metrics
+        self.accept_timeout = accept_timeout
+        self.max_keeps = max_keeps
+        self._loop = asyncio.get_running_loop()
+        self._results: dict[int, asyncio.Future[Kept]] = {}
+        self._keeping = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._loads = asyncio.Semaphore(LOADS)
+        self._acks: dict[str, int] = {}  # token -> newest seq to purge through
+        self._ack_queue: asyncio.Queue[str] = asyncio.Queue()
+        self._workers: list[asyncio.Task] = []
+        self._sub: nats.js.JetStreamContext.PushSubscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.pushes.js.subscribe(
+            f"lpgw.{self.pushes.site}.push.>", stream=self.pushes.stream, cb=self._on_msg,
+            ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW,
+            idle_heartbeat=2.0, flow_control=True,
+            pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES)
+        self._workers = [asyncio.create_task(self._purge()) for _ in range(ACK_WORKERS)]
+
+    async def stop(self) -> None:
+        """Purges still wanted get a moment; then everything here ends."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain_acks(), 1.0)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        for task in [*self._workers, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._workers, *self._tasks, return_exceptions=True)
+        for future in self._results.values():
+            if not future.done():
+                future.set_result(Kept(None, "the gateway is stopping; send it again"))
+
+    async def _drain_acks(self) -> None:
+        while self._acks:
+            await asyncio.sleep(0.02)
+
+    def status(self) -> dict[str, int]:
+        return {"keeps_waiting": self._keeping, "purges_waiting": len(self._acks)}
+
+    # --- from the pump: never blocks -------------------------------------------------
+
+    def carry_out(self, work: SiteWork) -> None:
+        if isinstance(work, KeepPush):
+            self._keep(work)
+        elif isinstance(work, LoadBacklog):
+            self._spawn(self._load(work))
+        elif isinstance(work, AckAtSite):
+            if work.seq > self._acks.get(work.token, 0):
+                if work.token not in self._acks:
+                    self._ack_queue.put_nowait(work.token)
+                self._acks[work.token] = work.seq
+        elif isinstance(work, DeviceChanged):
+            self.devices.changed(work.token)
+
+    def claim(self, ticket: int) -> asyncio.Future[Kept]:
+        """What became of the push with this ticket (KeepPush.ticket), once known."""
+        future = self._results.pop(ticket, None)
+        if future is None:  # claimed already, or never kept: a bug, said as a failure
+            future = self._loop.create_future()
+            future.set_result(Kept(None, "the push's answer was lost; send it again"))
+        return future
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- keeping ---------------------------------------------------------------------
+
+    def _keep(self, work: KeepPush) -> None:
+        future: asyncio.Future[Kept] = self._loop.create_future()
+        self._results[work.ticket] = future
+        self._loop.call_later(CLAIM_WITHIN, self._results.pop, work.ticket, None)
+        if self._keeping >= self.max_keeps:
+            self.metrics.cluster_not_kept.labels("busy").inc()
+            future.set_result(Kept(None, f"the site has {self._keeping} pushes waiting for "
+                                         "its quorum (cluster.max_keeps); send it again "
+                                         "later"))
+            return
+        self._keeping += 1
+        self.metrics.cluster_keeps.set(self._keeping)
+        self._spawn(self._publish(work, future))
+
+    async def _publish(self, work: KeepPush, future: asyncio.Future[Kept]) -> None:
+        try:
+            seq, duplicate = await asyncio.wait_for(self.pushes.accept(
+                work.token, work.push_id, work.push_type, work.priority, work.expiration,
+                work.collapse_id, work.payload_json, work.accepted_at), self.accept_timeout)
+            result = Kept(seq, None, duplicate)
+        except (TimeoutError, nats.errors.TimeoutError):
+            self.metrics.cluster_not_kept.labels("timeout").inc()
+            result = Kept(None, f"the site's quorum did not keep the push within "
+                                f"{self.accept_timeout:g} s ({NO_QUORUM}); send it again")
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+            self.metrics.cluster_not_kept.labels("no_quorum").inc()
+            result = Kept(None, f"the site's stream has no quorum now ({NO_QUORUM}); send "
+                                "it again")
+        except NATS_ERRORS as exc:
+            self.metrics.cluster_not_kept.labels("error").inc()
+            result = Kept(None, f"the site did not keep the push ({type(exc).__name__}: "
+                                f"{str(exc)[:120]}); send it again")
+        except Exception as exc:  # a bug: this push only
+            faults.record(self.metrics, "cluster_keep", exc, short(work.token))
+            result = Kept(None, "the site did not keep the push (an internal error); "
+                                "send it again")
+        finally:
+            self._keeping -= 1
+            self.metrics.cluster_keeps.set(self._keeping)
+        if not future.done():
+            future.set_result(result)
+
+    # --- the stream, handed out -----------------------------------------------------
+
+    async def _on_msg(self, msg: Msg) -> None:
+        token = token_of(msg.subject)
+        if not self.delivery.is_connected(token):
+            return  # another gateway's device (or none): nothing to parse
+        with faults.contained(self.metrics, "cluster_relay", short(token)):
+            push = site_push(token, msg.metadata.sequence.stream, msg.headers, msg.data)
+            self.metrics.cluster_relayed.inc()
+            self.delivery.site_push(push, time.time())
+            self.pump.run()
+
+    async def _load(self, work: LoadBacklog) -> None:
+        """Read the device's backlog (in parts) while its connection still wants it."""
+        async with self._loads:
+            after = work.after
+            while self.delivery.wants_backlog(work.token, work.link):
+                try:
+                    part = await self.pushes.pending_after(work.token, after, time.time())
+                except NATS_ERRORS as exc:
+                    self.metrics.cluster_errors.labels("backlog").inc()
+                    faults.bounded(log, "backlog", "backlog of %s not read: %s",
+                                   short(work.token), exc)
+                    await asyncio.sleep(RETRY_AFTER)
+                    continue
+                complete = len(part) < self.pushes.queue_limit * 4
+                with faults.contained(self.metrics, "cluster_backlog", short(work.token)):
+                    self.delivery.backlog(work.token, work.link, part, time.time(),
+                                          complete=complete)
+                    self.pump.run()
+                if complete:
+                    return
+                after = part[-1].seq
+
+    async def _purge(self) -> None:
+        while True:
+            token = await self._ack_queue.get()
+            seq = self._acks.get(token, 0)
+            try:
+                await self.pushes.ack_through(token, seq)
+            except NATS_ERRORS as exc:
+                self.metrics.cluster_errors.labels("ack").inc()
+                faults.bounded(log, "ack", "ack of %s not written: %s", short(token), exc)
+                await asyncio.sleep(RETRY_AFTER)
+                self._ack_queue.put_nowait(token)  # still wanted: tried again
+                continue
+            except Exception as exc:  # a bug: this device only
+                faults.record(self.metrics, "cluster_ack", exc, short(token))
+            if self._acks.get(token) == seq:
+                del self._acks[token]
+            else:
+                self._ack_queue.put_nowait(token)  # a newer ack came meanwhile

@@ -1,0 +1,197 @@
+"""Pushes across a site of gateways: accepted on any gateway, kept by the site's R3 stream,
+delivered to wherever the phone is (issue 17). A real 3-node nats-server 2.15 cluster on
+loopback, in-process gateways, reference devices, and an independent HTTP/2 client (httpx).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import eventually, new_install, send
+from tests.test_api import TOPIC, Keys, push, tls_context
+from tests.test_cluster import site_config, site_key
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return Keys(tmp_path)
+
+
+@pytest.fixture
+def site(nats_cluster, gateway_factory, keys, tmp_path):
+    """Gateways of one new site (its own name: its own stream and buckets), each with the
+    APNs API, the site's key pair, and NATS on the loopback cluster."""
+    name = "w" + new_install()[:8]
+    key = site_key(tmp_path / "site-key")
+    count = 0
+
+    async def start(**cluster):
+        nonlocal count
+        count += 1
+        return await gateway_factory(
+            tmp_path / f"gw{count}", name=f"gw{count}", tls=key,
+            cluster=site_config(nats_cluster, name, **cluster),
+            api={"host": "127.0.0.1", "port": 0, "providers": keys.providers()})
+    start.name = name
+    return start
+
+
+async def h2_client(gw) -> httpx.AsyncClient:
+    return httpx.AsyncClient(http2=True, verify=tls_context(gw),
+                             base_url=f"https://localhost:{gw.api_port}")
+
+
+async def kept(gw, token: str) -> list:
+    """What the site's stream still keeps for a device (read from its leader)."""
+    return await gw.relay.pushes.pending_after(token, 0, time.time())
+
+
+async def test_a_push_accepted_on_one_gateway_reaches_a_phone_on_another(site, keys,
+                                                                        devices):
+    """The phone is on A; the app server pushes to B. B answers 200 only once the site's
+    quorum has the push; A hands it to the phone at once (no polling); the phone's ack is
+    recorded once for the site (the stream forgets the push). Both gateways welcome the
+    phone with the site's id, so its last_ack holds on either."""
+    a, b = await site(), await site()
+    phone = devices(a, "tls", topic=TOPIC)
+    token = await phone.welcome()
+    welcome = next(e for e in phone.log if e["event"] == "welcome")
+    assert welcome["gateway_id"] == f"site-{site.name}"
+    await eventually(lambda: b.store.device(token) is not None)  # the site's registry
+    async with await h2_client(b) as client:
+        started = time.monotonic()
+        response = await push(client, keys, token, {"aps": {"alert": "bed 12"}})
+        assert response.status_code == 200, response.text
+        got = await phone.next("push")
+        took = time.monotonic() - started
+    assert got["id"] == response.headers["apns-id"]
+    assert got["payload"] == {"aps": {"alert": "bed 12"}}
+    assert took < 1.0
+    await eventually(lambda: a.metrics.value("lpgw_pushes_delivered_total") == 1)
+    assert b.metrics.value("lpgw_pushes_delivered_total") == 0
+    assert await eventually(lambda: _empty(kept(a, token)))  # acked for the whole site
+
+
+async def _empty(listing) -> bool:
+    return not await listing
+
+
+async def test_a_phone_that_moves_gets_exactly_its_unacked_backlog(site, devices, tmp_path):
+    """Two pushes reach the phone on A and are acked; it leaves; three more are accepted
+    (on A and on B) while it is away; it comes back on C with its last_ack: it gets those
+    three, in order, and not the two it had."""
+    a, b, c = await site(), await site(), await site()
+    install, state = new_install(), tmp_path / "phone.json"
+    phone = devices(a, "quic", install_id=install, state_file=state, reconnect=False)
+    token = await phone.welcome()
+    had = [await send(a, token, {"n": n}) for n in (1, 2)]
+    assert all(r["ok"] and r["seq"] for r in had)
+    for _ in had:
+        await phone.next("push")
+    await eventually(lambda: phone.client.last_ack >= had[-1]["seq"])
+    await phone.stop()
+    await eventually(lambda: not a.delivery.is_connected(token))
+    away = [await send(gw, token, {"n": n}) for gw, n in ((a, 3), (b, 4), (a, 5))]
+    assert all(r["ok"] and r["stored"] and not r["sent"] for r in away), away
+    back = devices(c, "tls", install_id=install, state_file=state, reconnect=False)
+    assert await back.welcome() == token
+    got = [await back.next("push") for _ in away]
+    assert [p["payload"]["n"] for p in got] == [3, 4, 5]
+    assert [p["seq"] for p in got] == [r["seq"] for r in away]
+    with pytest.raises(TimeoutError):
+        await back.next("push", timeout=0.5)
+
+
+async def test_now_or_never_pushes_go_only_to_a_phone_connected_somewhere(site, devices,
+                                                                        keys):
+    """apns-expiration 0: delivered to a phone connected to another gateway now; for a
+    phone away, 200 and expired on arrival, and never handed out when it returns."""
+    a, b = await site(), await site()
+    install = new_install()
+    phone = devices(a, "quic", install_id=install, topic=TOPIC, reconnect=False)
+    token = await phone.welcome()
+    await eventually(lambda: b.site_view.connected(token))
+    async with await h2_client(b) as client:
+        response = await push(client, keys, token, {"aps": {"alert": "now"}},
+                              apns_expiration="0")
+        assert response.status_code == 200
+        assert (await phone.next("push"))["payload"] == {"aps": {"alert": "now"}}
+        await phone.stop()
+        await eventually(lambda: not b.site_view.connected(token))
+        expired = b.metrics.value("lpgw_pushes_expired_total")
+        response = await push(client, keys, token, {"aps": {"alert": "gone"}},
+                              apns_expiration="0")
+        assert response.status_code == 200
+        assert b.metrics.value("lpgw_pushes_expired_total") == expired + 1
+        response = await push(client, keys, token, {"aps": {"alert": "kept"}})
+        assert response.status_code == 200
+    back = devices(a, "quic", install_id=install, topic=TOPIC, reconnect=False)
+    await back.welcome()
+    assert (await back.next("push"))["payload"] == {"aps": {"alert": "kept"}}
+    with pytest.raises(TimeoutError):
+        await back.next("push", timeout=0.5)
+
+
+async def test_every_gateway_checks_a_push_against_the_site_registry(site, devices, keys):
+    """A token no gateway of the site issued is 400 BadDeviceToken on every gateway; one
+    issued on A is known on B within moments; an unregistration on A is 410 on B; an
+    apns-id sent twice (to two gateways) is kept once."""
+    a, b = await site(), await site()
+    async with await h2_client(b) as client:
+        response = await push(client, keys, "ab" * 32)
+        assert (response.status_code, response.json()["reason"]) == (400, "BadDeviceToken")
+        phone = devices(a, "tls", topic=TOPIC, reconnect=False)
+        token = await phone.welcome()
+        await eventually(lambda: b.store.device(token) is not None)
+        apns_id = str(uuid.uuid4())
+        first = await push(client, keys, token, apns_id=apns_id)
+        async with await h2_client(a) as other:
+            again = await push(other, keys, token, apns_id=apns_id)
+        assert first.status_code == again.status_code == 200
+        assert (await phone.next("push"))["id"] == apns_id
+        with pytest.raises(TimeoutError):
+            await phone.next("push", timeout=0.5)
+        phone.client.unregister()
+        await eventually(lambda: (d := b.store.device(token)) is not None
+                         and d.unregistered_at is not None)
+        response = await push(client, keys, token)
+        assert (response.status_code, response.json()["reason"]) == (410, "Unregistered")
+
+
+async def test_a_gateway_that_cannot_reach_the_quorum_answers_503_never_200(
+        site, devices, keys, nats_cluster):
+    """With two of the three nats-servers stopped, the stream has no quorum: a push is
+    answered 503 with a reason within cluster.accept_timeout (never a 200 it could not
+    keep, never a 500); once they are back, pushes are accepted again and delivered."""
+    a = await site(accept_timeout=1.0)
+    phone = devices(a, "tls", topic=TOPIC)
+    token = await phone.welcome()
+    stopped = [n for n in nats_cluster.nodes if n.url != a.site.nc.connected_url.geturl()][:2]
+    for node in stopped:
+        nats_cluster.kill(node)
+    try:
+        async with await h2_client(a) as client:
+            started = time.monotonic()
+            response = await push(client, keys, token, {"aps": {"alert": "lost?"}})
+            assert response.status_code == 503, response.text
+            assert response.json()["reason"] == "ServiceUnavailable"
+            assert "quorum" in response.json()["message"]
+            assert time.monotonic() - started < 3.0
+    finally:
+        for node in stopped:
+            nats_cluster.launch(node)
+        nats_cluster.wait_ready()
+    async with await h2_client(a) as client:
+        async def accepted():
+            response = await push(client, keys, token, {"aps": {"alert": "back"}})
+            assert response.status_code in (200, 503), response.text
+            return response.status_code == 200
+        await eventually(accepted, timeout=30, step=0.5)
+    got = await phone.next("push", timeout=10)
+    assert got["payload"] == {"aps": {"alert": "back"}}
+    assert json.dumps(a.status()["cluster"])  # shown, and serialisable
