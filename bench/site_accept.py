@@ -92,7 +92,7 @@ async def stream_run(tmp: Path, sync: str | None, args: argparse.Namespace) -> d
     cluster = NatsCluster(tmp / f"nats-{sync or 'default'}")
     try:
         cluster.start(sync=sync)
-        cfg = config.from_dict({"sip": {"enabled": False},  # not with a site yet
+        cfg = config.from_dict({"sip": {"enabled": False},  # no SIP port for a benchmark
                                 "cluster": {"enabled": True, "site": "bench",
                                             "servers": cluster.urls}}).cluster
         site = await join(cfg, b"k" * 32, "sha256/bench")

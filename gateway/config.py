@@ -575,9 +575,6 @@ def _cluster_checks(c: ClusterConfig) -> list[str]:
 
 def _cross_checks(c: Config) -> list[str]:
     problems = []
-    if c.cluster.enabled and c.sip.enabled:
-        problems.append("sip.enabled: calls across a site of gateways are not built yet "
-                        "(docs/cluster.md): set sip.enabled: false where cluster.enabled")
     if not (c.listen.quic or c.listen.tls):
         problems.append("listen: at least one of quic and tls must be true")
     if bool(c.tls.cert) != bool(c.tls.key):

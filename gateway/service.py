@@ -245,8 +245,9 @@ class Gateway:
             pushes = SitePushes(self.site.js, self.site.name, c.replicas,
                                 self.config.delivery.queue_limit)
             await pushes.open(timeout)
-            self.relay = SiteRelay(pushes, self.site_devices, self.delivery, self.pump,
-                                   self.metrics, c.accept_timeout, c.max_keeps)
+            self.relay = SiteRelay(self.site.nc, pushes, self.site_devices, self.delivery,
+                                   self.pump, self.metrics, c.accept_timeout, c.max_keeps,
+                                   self.gateway_id)
             await self.relay.start()
             self.pump.site = self.relay
         except SiteUnavailable:
@@ -264,7 +265,7 @@ class Gateway:
                 await self._serve_api()
             if c.sip.enabled:
                 self.sip = await start_sip(c.sip, self.delivery, self.store, self.metrics,
-                                           c.name, self.pump)
+                                           c.name, self.pump, keeper=self.relay)
             self._control = ControlServer(c.control_path, self.delivery, self.store,
                                           self.pump, self.status, keeper=self.relay)
             await self._control.start()

@@ -30,7 +30,7 @@ def site_key(directory) -> dict:
     return {"cert": str(directory / "cert.pem"), "key": str(directory / "key.pem")}
 
 
-NO_SIP = {"sip": {"enabled": False}}  # calls across a site are not built yet
+NO_SIP = {"sip": {"enabled": False}}  # these tests need no SIP port
 
 
 def site_config(nats_cluster: NatsCluster, site: str, **extra) -> dict:

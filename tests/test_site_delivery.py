@@ -5,6 +5,7 @@ loopback, in-process gateways, reference devices, and an independent HTTP/2 clie
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -15,6 +16,7 @@ import pytest
 from tests.conftest import eventually, new_install, send
 from tests.test_api import TOPIC, Keys, push, tls_context
 from tests.test_cluster import site_config, site_key
+from tests.test_sip import SECRET, assertion, sipp
 
 
 @pytest.fixture
@@ -30,13 +32,14 @@ def site(nats_cluster, gateway_factory, keys, tmp_path):
     key = site_key(tmp_path / "site-key")
     count = 0
 
-    async def start(**cluster):
+    async def start(cluster: dict | None = None, **overrides):
         nonlocal count
         count += 1
         return await gateway_factory(
             tmp_path / f"gw{count}", name=f"gw{count}", tls=key,
-            cluster=site_config(nats_cluster, name, **cluster),
-            api={"host": "127.0.0.1", "port": 0, "providers": keys.providers()})
+            cluster=site_config(nats_cluster, name, **(cluster or {})),
+            api={"host": "127.0.0.1", "port": 0, "providers": keys.providers()},
+            **overrides)
     start.name = name
     return start
 
@@ -168,7 +171,7 @@ async def test_a_gateway_that_cannot_reach_the_quorum_answers_503_never_200(
     """With two of the three nats-servers stopped, the stream has no quorum: a push is
     answered 503 with a reason within cluster.accept_timeout (never a 200 it could not
     keep, never a 500); once they are back, pushes are accepted again and delivered."""
-    a = await site(accept_timeout=1.0)
+    a = await site({"accept_timeout": 1.0})
     phone = devices(a, "tls", topic=TOPIC)
     token = await phone.welcome()
     stopped = [n for n in nats_cluster.nodes if n.url != a.site.nc.connected_url.geturl()][:2]
@@ -195,3 +198,105 @@ async def test_a_gateway_that_cannot_reach_the_quorum_answers_503_never_200(
     got = await phone.next("push", timeout=10)
     assert got["payload"] == {"aps": {"alert": "back"}}
     assert json.dumps(a.status()["cluster"])  # shown, and serialisable
+
+
+# --- calls across the site -------------------------------------------------------------
+
+@pytest.fixture
+def call_site(site, tmp_path):
+    """Gateways of a site with the SIP bridge (the PBX on loopback is trusted) and devices
+    bound to users by assertion."""
+    secret = tmp_path / "jwt.secret"
+    secret.write_text(SECRET)
+
+    async def start(cluster: dict | None = None):
+        return await site(cluster, assertions={"hs256_secret_file": str(secret)},
+                          sip={"enabled": True, "host": "127.0.0.1", "port": 0,
+                               "trusted": ["127.0.0.1"], "ring_window": 8.0,
+                               "reach_timeout": 3.0})
+    return start
+
+
+async def bound_everywhere(gateways, user: str, token: str) -> None:
+    for gw in gateways:
+        await eventually(lambda gw=gw: token in gw.store.devices_of_user(user))
+
+
+async def test_a_call_into_one_gateway_rings_a_phone_on_another(call_site, devices,
+                                                              tmp_path):
+    """SIPp calls the nurse at B; her phone is on A. The call push is kept by the site
+    before B's 100 Trying, A rings her phone, her ack on A becomes B's 180, and the
+    caller's CANCEL (with its Reason) ends the call on her phone with 487."""
+    a, b = await call_site(), await call_site()
+    phone = devices(a, "quic", assertion=assertion("nurse"))
+    token = await phone.welcome()
+    await bound_everywhere([b], "nurse", token)
+    await eventually(lambda: b.site_view.connected(token))
+    code, out = await sipp(b, "uac_cancel.xml", "nurse", tmp=tmp_path)
+    assert code == 0, out
+    call = (await phone.next("push"))["payload"]["call"]
+    assert call["user"] == "nurse" and call["from"].startswith("sip:1012@")
+    ended = (await phone.next("push"))["payload"]["call_ended"]
+    assert ended == {"id": call["id"], "reason": "Call completed elsewhere", "status": 487}
+    assert b.metrics.value("lpgw_sip_invite_to_ringing_seconds_count") == 1
+    assert a.metrics.value("lpgw_sip_invite_to_ringing_seconds_count") == 0
+    assert b.sip.bridge.calls.calls == {}  # ended on the gateway that had it
+
+
+@pytest.mark.parametrize("action,status", [("decline", 603), ("busy", 486)])
+async def test_a_phone_on_another_gateway_declines_or_is_busy(call_site, devices, tmp_path,
+                                                             action, status):
+    a, b = await call_site(), await call_site()
+    phone = devices(a, "tls", assertion=assertion("nurse"), auto_call=action)
+    token = await phone.welcome()
+    await bound_everywhere([b], "nurse", token)
+    await eventually(lambda: b.site_view.connected(token))
+    code, out = await sipp(b, "uac_final.xml", "nurse", final=status, tmp=tmp_path)
+    assert code == 0, out
+    call = (await phone.next("push"))["payload"]["call"]
+    ended = (await phone.next("push"))["payload"]["call_ended"]
+    assert ended["id"] == call["id"] and ended["status"] == status
+
+
+async def test_a_phone_back_on_a_third_gateway_mid_ring_gets_the_call(call_site, devices,
+                                                                    tmp_path):
+    """Flexisip's hold-and-redeliver across the site: the phone is away when the INVITE
+    reaches B; it comes back on C within the ring window, gets the call from the site's
+    stream, and its ack there is B's 180."""
+    a, b, c = await call_site(), await call_site(), await call_site()
+    install = new_install()
+    first = devices(a, "quic", assertion=assertion("nurse"), install_id=install,
+                    reconnect=False)
+    token = await first.welcome()
+    await bound_everywhere([b, c], "nurse", token)
+    await first.stop()
+    await eventually(lambda: not b.site_view.connected(token))
+    calling = asyncio.create_task(sipp(b, "uac_cancel.xml", "nurse", tmp=tmp_path))
+    await asyncio.sleep(1.0)
+    back = devices(c, "tls", assertion=assertion("nurse"), install_id=install)
+    call = (await back.next("push", timeout=5))["payload"]["call"]
+    code, out = await calling
+    assert code == 0, out
+    ended = (await back.next("push"))["payload"]["call_ended"]
+    assert ended["id"] == call["id"]
+    assert b.metrics.value("lpgw_sip_invite_to_ringing_seconds_count") == 1
+
+
+async def test_without_the_site_quorum_an_invite_gets_503(call_site, devices, tmp_path,
+                                                         nats_cluster):
+    """B cannot reach a quorum: the call's push is not kept, so the PBX hears 503 (and
+    tries another branch), never a 100 Trying for a call that no phone may get."""
+    b = await call_site({"accept_timeout": 1.0})
+    phone = devices(b, "quic", assertion=assertion("nurse"))
+    await phone.welcome()
+    stopped = [n for n in nats_cluster.nodes if n.url != b.site.nc.connected_url.geturl()][:2]
+    for node in stopped:
+        nats_cluster.kill(node)
+    try:
+        code, out = await sipp(b, "uac_final.xml", "nurse", final=503, tmp=tmp_path)
+        assert code == 0, out
+        assert b.metrics.value("lpgw_sip_errors_total", kind="site_unavailable") == 1
+    finally:
+        for node in stopped:
+            nats_cluster.launch(node)
+        nats_cluster.wait_ready()

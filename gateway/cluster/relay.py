@@ -12,6 +12,8 @@
 - LoadBacklog: the device's kept pushes after its last ack, read from the stream leader.
 - AckAtSite: a purge of the device's subjects, newest seq per device only, by a few workers.
 - DeviceChanged: the site's device registry (`cluster.devices`).
+- A call's ack or a call action (`tell`): published to every gateway of the site, where the
+  pump hands it to the calls; the gateway whose INVITE it is answers its PBX.
 
 Every input ends with `pump.run()`, as everywhere else; a failure stays with the one push,
 device or message it came from.
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
 import nats
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import api
 
 from gateway import faults
@@ -36,14 +41,17 @@ from gateway.cluster.pushes import SitePushes, site_push, token_of
 from gateway.core.delivery import Delivery
 from gateway.core.events import (
     AckAtSite,
+    CallActionTaken,
     DeviceChanged,
     KeepPush,
     Kept,
     LoadBacklog,
+    PushDelivered,
     SiteWork,
 )
 from gateway.core.metrics import Metrics
 from gateway.core.tokens import short
+from gateway.protocol.messages import CallAction
 
 log = logging.getLogger("lpgw.cluster")
 
@@ -61,12 +69,15 @@ PENDING_BYTES = 64 * 1024 * 1024
 
 class Runs(Protocol):
     def run(self) -> None: ...
+    def device_event(self, event: PushDelivered | CallActionTaken) -> None: ...
 
 
 class SiteRelay:
-    def __init__(self, pushes: SitePushes, devices: SiteDevices, delivery: Delivery,
-                 pump: Runs, metrics: Metrics, accept_timeout: float,
-                 max_keeps: int) -> None:
+    def __init__(self, nc: Client, pushes: SitePushes, devices: SiteDevices,
+                 delivery: Delivery, pump: Runs, metrics: Metrics, accept_timeout: float,
+                 max_keeps: int, gateway_id: str) -> None:
+        self.nc = nc
+        self.gateway_id = gateway_id
         self.pushes = pushes
         self.devices = devices
         self.delivery = delivery
@@ -83,6 +94,8 @@ class SiteRelay:
         self._ack_queue: asyncio.Queue[str] = asyncio.Queue()
         self._workers: list[asyncio.Task] = []
         self._sub: nats.js.JetStreamContext.PushSubscription | None = None
+        self._events: Subscription | None = None
+        self.events_subject = f"lpgw.{pushes.site}.device_events"
 
     async def start(self) -> None:
         self._sub = await self.pushes.js.subscribe(
@@ -90,15 +103,19 @@ class SiteRelay:
             ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW,
             idle_heartbeat=2.0, flow_control=True,
             pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES)
+        self._events = await self.nc.subscribe(
+            self.events_subject, cb=self._on_event, pending_msgs_limit=PENDING_MSGS,
+            pending_bytes_limit=PENDING_BYTES)
         self._workers = [asyncio.create_task(self._purge()) for _ in range(ACK_WORKERS)]
 
     async def stop(self) -> None:
         """Purges still wanted get a moment; then everything here ends."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drain_acks(), 1.0)
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        for sub in (self._sub, self._events):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         for task in [*self._workers, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._workers, *self._tasks, return_exceptions=True)
@@ -140,6 +157,42 @@ class SiteRelay:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # --- what devices did about calls, across the site ----------------------------------
+
+    def tell(self, event: PushDelivered | CallActionTaken) -> None:
+        """A call's ack or a call action here: every gateway of the site hears it (core
+        NATS, at most once: a lost one leaves the call to its reach timeout, 480); the one
+        whose call it is answers its PBX. Never blocks (nats-py buffers it)."""
+        fields: dict[str, Any] = {"from": self.gateway_id, "token": event.token,
+                                  "at": event.at}
+        if isinstance(event, PushDelivered):
+            fields.update(push_id=event.push_id, push_type=event.push_type)
+        else:
+            fields["action"] = event.action.to_dict()
+        self._spawn(self._tell(json.dumps(fields, separators=(",", ":")).encode()))
+
+    async def _tell(self, data: bytes) -> None:
+        try:
+            await self.nc.publish(self.events_subject, data)
+        except NATS_ERRORS as exc:
+            self.metrics.cluster_errors.labels("device_event").inc()
+            faults.bounded(log, "device_event", "a call event not told to the site: %s", exc)
+
+    async def _on_event(self, msg: Msg) -> None:
+        with faults.contained(self.metrics, "cluster_device_event"):
+            fields = json.loads(msg.data)
+            if fields.get("from") == self.gateway_id:
+                return  # ours: handed to our calls already
+            token, at = str(fields["token"]), float(fields["at"])
+            event: PushDelivered | CallActionTaken
+            if "action" in fields:
+                event = CallActionTaken(token, CallAction.parse(fields["action"]), at)
+            else:
+                event = PushDelivered(token, str(fields["push_id"]), at,
+                                      str(fields.get("push_type", "")))
+            self.pump.device_event(event)
+            self.pump.run()
 
     # --- keeping ---------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ class CallOutcome(enum.Enum):
     BUSY = "busy"
     UNREACHABLE = "unreachable"  # no device took it in time, or the gateway stops
     CANCELLED = "cancelled"  # the caller hung up, or it was answered elsewhere
+    UNAVAILABLE = "unavailable"  # the site could not keep the call's pushes (no quorum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,9 @@ class Call:
     reach_deadline: float
     ring_deadline: float
     pushes: dict[str, str] = field(default_factory=dict)  # push id -> device token
+    # in a site: the call's pushes are being kept by the site (Delivery's KeepPush); the
+    # PBX hears 100 Trying only once one is, and 503 if none could be
+    tickets: list[int] = field(default_factory=list)
     reached: set[str] = field(default_factory=set)  # tokens that acknowledged the call
     ringing: bool = False
     final: CallOutcome | None = None
@@ -115,6 +119,8 @@ class Calls:
                 continue
             call.pushes[accepted.push_id] = token
             self._by_push[accepted.push_id] = call
+            if accepted.ticket is not None:
+                call.tickets.append(accepted.ticket)
         if not call.pushes:
             return None
         self.calls[call.id] = call
@@ -125,6 +131,10 @@ class Calls:
     def cancel(self, call: Call, reason: str, now: float) -> None:
         """The caller hung up, or the call was answered elsewhere (RFC 3326 Reason)."""
         self._finish(call, CallOutcome.CANCELLED, reason or "caller cancelled", now)
+
+    def unavailable(self, call: Call, reason: str, now: float) -> None:
+        """The site kept none of the call's pushes: the PBX is to try another branch."""
+        self._finish(call, CallOutcome.UNAVAILABLE, reason, now)
 
     def shutdown(self, now: float) -> None:
         """The gateway stops: every ringing call ends, so the PBX and the phones know."""

@@ -100,9 +100,9 @@ class _Live:
     since: float
     sent_through: int = 0
     ephemeral: dict[int, tuple[str, float]] = field(default_factory=dict)  # seq -> id, at
-    # in a site: what was sent and not yet acked (seq -> id, accepted at, kept), bounded;
-    # the backlog being read (pushes from the stream meanwhile: read again after)
-    sent: dict[int, tuple[str, float, bool]] = field(default_factory=dict)
+    # in a site: what was sent and not yet acked (seq -> id, accepted at, type, kept),
+    # bounded; the backlog being read (pushes from the stream meanwhile: read again after)
+    sent: dict[int, tuple[str, float, str, bool]] = field(default_factory=dict)
     loading: bool = False
     more: bool = False
 
@@ -344,8 +344,13 @@ class Delivery:
 
     def _ack_at_site(self, token: str, live: _Live, seq: int, now: float) -> None:
         done = [live.sent.pop(s) for s in sorted(live.sent) if s <= seq]
-        self._delivered(token, [(push_id, at) for push_id, at, _ in done], now)
-        if any(kept for _, _, kept in done):
+        counted = token not in self._test_tokens
+        for push_id, accepted_at, push_type, _ in done:
+            if counted:
+                self.metrics.delivered.inc()
+                self.metrics.latency.observe(max(0.0, now - accepted_at))
+            self._out.append(PushDelivered(token, push_id, now, push_type))
+        if any(kept for _, _, _, kept in done):
             self._out.append(AckAtSite(token, seq))
 
     def device_changed(self, token: str) -> None:
@@ -388,6 +393,10 @@ class Delivery:
 
     def is_connected(self, token: str) -> bool:
         return token in self._live
+
+    def reachable(self, token: str) -> bool:
+        """Connected here, or (in a site) to another gateway of the site."""
+        return token in self._live or (self.site is not None and self.site.connected(token))
 
     def connected(self) -> dict[str, str]:
         """token -> transport of every connected device."""
@@ -539,6 +548,8 @@ class Delivery:
         Raises Rejected (ServiceUnavailable) when the group could not be stored: none of
         its pushes may be reported accepted.
         """
+        if self.site is not None:
+            return  # the site's shell keeps each push (KeepPush): nothing is grouped here
         failed = self._lost_group(now)
         if failed is None:
             try:
@@ -819,7 +830,8 @@ class Delivery:
             collapse_id=stored.collapse_id, sent_at=now, payload_json=stored.payload_json)))
         live.sent_through = max(live.sent_through, stored.seq)
         if self.site is not None:
-            live.sent[stored.seq] = (stored.push_id, stored.accepted_at, stored.expiration != 0)
+            live.sent[stored.seq] = (stored.push_id, stored.accepted_at, stored.push_type,
+                                     stored.expiration != 0)
             if len(live.sent) > SENT_BOUND:  # a device that never acks: forget the oldest
                 del live.sent[min(live.sent)]
 
@@ -828,7 +840,7 @@ class Delivery:
         if live.ephemeral:
             self._expired(token, len(live.ephemeral))
             live.ephemeral.clear()
-        lost = sum(1 for _, _, kept in live.sent.values() if not kept)
+        lost = sum(1 for _, _, _, kept in live.sent.values() if not kept)
         if lost:
             self._expired(token, lost)
         live.sent.clear()

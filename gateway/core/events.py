@@ -62,6 +62,7 @@ class PushDelivered:
     token: str
     push_id: str
     at: float
+    push_type: str = ""  # in a site (where a call's gateway may be another): "voip" is a call's
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,8 @@ REASON_CAUSE = re.compile(r"cause\s*=\s*(\d+)", re.I)
 
 # how each outcome of a call is said to the PBX (and to the app, in call_ended.status)
 SIP_STATUS = {CallOutcome.RINGING: 180, CallOutcome.DECLINED: 603, CallOutcome.BUSY: 486,
-              CallOutcome.UNREACHABLE: 480, CallOutcome.CANCELLED: 487}
+              CallOutcome.UNREACHABLE: 480, CallOutcome.CANCELLED: 487,
+              CallOutcome.UNAVAILABLE: 503}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,17 @@ class Ringing:
     seconds: float
 
 
-SipOutput = Send | CallPushed | Ringing
+@dataclass(frozen=True, slots=True)
+class AwaitKeeps:
+    """In a site of gateways: a request's pushes are being kept by the site (tickets of
+    Delivery's KeepPush). Its answer (an INVITE's 100 Trying, a MESSAGE's 200) waits: the
+    shell hands what became of them to `SipBridge.kept(key, ...)`."""
+
+    key: int
+    tickets: tuple[int, ...]
+
+
+SipOutput = Send | CallPushed | Ringing | AwaitKeeps
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,9 @@ class SipBridge:
         self._invite_of: dict[str, ServerTransaction] = {}  # call id -> INVITE transaction
         self._call_of: dict[int, Call] = {}  # id(INVITE transaction) -> call
         self._trying: ServerTransaction | None = None  # an INVITE still owed its 100
+        # in a site: transactions whose answer waits for the site to keep their pushes
+        # (key -> the transaction, and the call of an INVITE)
+        self._keeping: dict[int, tuple[ServerTransaction, Call | None]] = {}
 
     def outputs(self) -> list[SipOutput]:
         """What to send and time since the last call, in order: the shell carries it out
@@ -269,6 +283,7 @@ class SipBridge:
         Its call, if one was offered, ends too (the phone stops ringing)."""
         if self._trying is tx:
             self._trying = None
+        self._keeping.pop(id(tx), None)
         call = self._call_of.pop(id(tx), None)
         if call is not None:
             self._invite_of.pop(call.id, None)
@@ -355,7 +370,36 @@ class SipBridge:
             return "unreachable"
         self._invite_of[call.id] = tx
         self._call_of[id(tx)] = call
+        if call.tickets:  # a site keeps them: the 100 Trying once it has one of them
+            self._trying = None
+            self._hold(tx, call, call.tickets)
         return "invite"
+
+    def _hold(self, tx: ServerTransaction, call: Call | None, tickets: list[int]) -> None:
+        self._keeping[id(tx)] = (tx, call)
+        self._out.append(AwaitKeeps(id(tx), tuple(tickets)))
+
+    def kept(self, key: int, kept: int, failure: str | None, now: float) -> None:
+        """What the site did with a held request's pushes: `kept` of them are kept (else
+        `failure` says why none). An INVITE gets its 100 Trying, or 503 and its call ends
+        (the PBX tries another branch); a MESSAGE gets 200, or 503."""
+        held = self._keeping.pop(key, None)
+        if held is None:
+            return  # answered meanwhile (CANCEL, a failure) or gone
+        tx, call = held
+        with faults.contained(self.metrics, "sip_kept", tx.request.call_id[:40]):
+            if kept and call is not None:
+                if tx.state is TxState.TRYING:
+                    self._reply(tx, 100, now)
+            elif kept:
+                self._reply(tx, 200, now)
+            elif call is not None:
+                self.metrics.sip_errors.labels("site_unavailable").inc()
+                self.calls.unavailable(call, f"the site did not keep the call: {failure}",
+                                       now)
+            else:
+                self.metrics.sip_errors.labels("site_unavailable").inc()
+                self._reply(tx, 503, now, headers=[("retry-after", "5")])
 
     def _cancel(self, event: CancelReceived, now: float) -> str:
         invite = event.invite
@@ -374,21 +418,26 @@ class SipBridge:
             self._reply(tx, 415, now, headers=[("accept", "text/plain")])
             return "refused"
         user, devices = self.router.devices_for(req.request_uri.user or "")
-        if not any(self.delivery.is_connected(t) for t in devices):
+        if not any(self.delivery.reachable(t) for t in devices):
             self._reply(tx, 480, now)
             return "unreachable"
         sender = req.address("from")
         payload = message_payload(str(sender.uri), sender.name,
                                   message_text(req.body, req.get("content-type")), user)
-        accepted, reasons = 0, set()
+        accepted, reasons, tickets = 0, set(), []
         for token in devices:
             try:
-                self.delivery.submit(token, PushRequest("alert", payload), now)
+                result = self.delivery.submit(token, PushRequest("alert", payload), now)
                 accepted += 1
             except Rejected as exc:
                 reasons.add(exc.reason)
                 log.info("MESSAGE for %s not pushed: %s", user, exc.reason)
-        if accepted:
+                continue
+            if result.ticket is not None:
+                tickets.append(result.ticket)
+        if tickets:  # a site keeps them: 200 once it has one of them
+            self._hold(tx, None, tickets)
+        elif accepted:
             self._reply(tx, 200, now)
         elif "PayloadTooLarge" in reasons:  # not "away" (480): the PBX must not retry it
             self._reply(tx, 513, now)

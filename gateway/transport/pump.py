@@ -66,6 +66,9 @@ class SiteOut(Protocol):
     """Where the site's work goes: its stream and registry (cluster.relay.SiteRelay)."""
 
     def carry_out(self, work: SiteWork) -> None: ...
+    def tell(self, event: PushDelivered | CallActionTaken) -> None:
+        """What a device did about a call: the call may be another gateway's."""
+        ...
 
 
 class Keeper(Protocol):
@@ -130,9 +133,18 @@ class Pump:
         elif isinstance(action, KeepPush | LoadBacklog | AckAtSite | DeviceChanged):
             if self.site is not None:
                 self.site.carry_out(action)
-        elif isinstance(action, PushDelivered | CallActionTaken) and self.calls is not None:
-            with faults.contained(self.metrics, "call_event", action.token[:8]):
-                self.calls.device_event(action)
+        elif isinstance(action, PushDelivered | CallActionTaken):
+            if self.site is not None and (isinstance(action, CallActionTaken)
+                                          or action.push_type == "voip"):
+                self.site.tell(action)
+            self.device_event(action)
+
+    def device_event(self, event: PushDelivered | CallActionTaken) -> None:
+        """A device's ack or call action, here or (in a site) at another gateway: to the
+        calls, which know whether the call is this gateway's."""
+        if self.calls is not None:
+            with faults.contained(self.metrics, "call_event", event.token[:8]):
+                self.calls.device_event(event)
 
 
 def _carrier(link: object) -> Carrier:

@@ -27,6 +27,7 @@ from gateway.core.metrics import Metrics
 from gateway.core.storage import Storage
 from gateway.sip.bridge import (
     SIP_STATUS,
+    AwaitKeeps,
     CallPushed,
     Ringing,
     Route,
@@ -43,7 +44,7 @@ from gateway.sip.trust import (
     read_credentials,
     source_policy,
 )
-from gateway.transport.pump import Pump
+from gateway.transport.pump import Keeper, Pump
 
 log = logging.getLogger("lpgw.sip")
 
@@ -55,10 +56,12 @@ TIMER_RETRY = 1.0  # seconds before the timer runs again after a tick that faile
 class SipTransport:
     """Owns the UDP socket, the TCP listener and connections, and the bridge's timer."""
 
-    def __init__(self, bridge: SipBridge, metrics: Metrics, pump: Pump) -> None:
+    def __init__(self, bridge: SipBridge, metrics: Metrics, pump: Pump,
+                 keeper: Keeper | None = None) -> None:
         self.bridge = bridge
         self.metrics = metrics
         self.pump = pump
+        self.keeper = keeper  # in a site of gateways: where pushes are kept
         pump.bridge, pump.calls, pump.sip = bridge, bridge.calls, self
         self._loop = asyncio.get_running_loop()
         self._udp: asyncio.DatagramTransport | None = None
@@ -135,7 +138,24 @@ class SipTransport:
             elif isinstance(out, Ringing):
                 self.metrics.sip_invite_to_ringing.observe(out.seconds)
                 self.ringing_latencies.append(out.seconds)
+            elif isinstance(out, AwaitKeeps):
+                task = self._loop.create_task(self._await_keeps(out))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         self._arm()  # a new transaction, or one ended: its timers
+
+    async def _await_keeps(self, held: AwaitKeeps) -> None:
+        """A request's answer, once the site has kept (or could not keep) its pushes."""
+        if self.keeper is None:
+            results = []
+        else:
+            results = await asyncio.gather(*(self.keeper.claim(t) for t in held.tickets))
+        kept = sum(1 for r in results if r.failure is None)
+        failure = next((r.failure for r in results if r.failure is not None), None)
+        with faults.contained(self.metrics, "sip_kept"):
+            self.bridge.kept(held.key, kept, failure or "no site to keep it", self._now())
+        self.pump.run()
+        self._arm()
 
     def _send_one(self, s: Send) -> None:
         if s.peer.transport == "udp":
@@ -354,7 +374,7 @@ def pbx_link(cfg: SipConfig, port: int, now: float) -> PbxLink | None:
 
 
 async def start_sip(cfg: SipConfig, delivery: Delivery, storage: Storage, metrics: Metrics,
-                    name: str, pump: Pump) -> SipTransport:
+                    name: str, pump: Pump, keeper: Keeper | None = None) -> SipTransport:
     """The SIP bridge as configured, listening."""
     router = UserRouter([Route(*r) for r in routes(cfg)],
                         {b.user: list(b.tokens) for b in cfg.static_bindings}, storage,
@@ -362,7 +382,7 @@ async def start_sip(cfg: SipConfig, delivery: Delivery, storage: Storage, metric
     calls = Calls(delivery, CallSettings(cfg.ring_window, cfg.reach_timeout),
                   end_status=SIP_STATUS)
     bridge = SipBridge(calls, delivery, router, metrics, server_name=name)
-    transport = SipTransport(bridge, metrics, pump)
+    transport = SipTransport(bridge, metrics, pump, keeper)
     # before the first request can come
     bridge.sources, bridge.digest = trust(cfg, _route(cfg)[0] if cfg.pbx_host else None, name)
     await transport.start(cfg.host, cfg.port, cfg.udp, cfg.tcp)
