@@ -238,6 +238,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def _endpoint(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def cmd_device(args: argparse.Namespace) -> int:
     from gateway.client import DeviceClient, DeviceOptions
 
@@ -252,6 +259,15 @@ def cmd_device(args: argparse.Namespace) -> int:
         auto_call=args.auto_call, state_file=Path(args.state) if args.state else None)
     if args.install_id:
         options.install_id = args.install_id
+    if args.gateway:  # a site's gateways: the next attempt after a failure goes to another
+        from gateway.endpoints import SiteLocator
+
+        try:
+            site = [_endpoint(g) for g in [f"{args.host}:{args.port}", *args.gateway]]
+        except ValueError as exc:
+            print(f"lpgw device: --gateway {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        options.locate = SiteLocator(list(dict.fromkeys(site)), options.pin)
 
     def emit(event: dict) -> None:
         print(json.dumps(event), flush=True)
@@ -405,6 +421,9 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=4433)
     dev.add_argument("--pin", help="sha256/<base64> from `lpgw pin`")
+    dev.add_argument("--gateway", action="append", default=[], metavar="HOST:PORT",
+                     help="another gateway of the same site (repeat): used when the one in "
+                          "use fails or goes silent")
     dev.add_argument("--discover", action="store_true",
                      help="find the gateway over Bonjour instead of --host/--port, and again "
                           "after every disconnect")

@@ -25,6 +25,7 @@ from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.certs import pin_of_der
+from gateway.endpoints import Endpoint
 from gateway.internals import connection_of, datagram_transport_of, peer_certificate
 from gateway.protocol import ALPN, VERSIONS
 from gateway.protocol.messages import ByeReason, Hello
@@ -40,6 +41,10 @@ from gateway.transport.tls import TlsStream
 # a gateway that says one of these does not want this device back soon
 FINAL_REASONS = {ByeReason.REPLACED, ByeReason.UNREGISTERED, ByeReason.UNAUTHORIZED,
                  ByeReason.UNSUPPORTED_VERSION, "pin_mismatch"}
+# after these, the next attempt goes to another gateway of the site if there is one: this
+# one could not be reached, went silent, lost the connection, or is stopping or full
+MOVE_ON = {"connect_failed", "lost", ByeReason.HEARTBEAT_TIMEOUT, ByeReason.HELLO_TIMEOUT,
+           ByeReason.SHUTDOWN, ByeReason.UNAVAILABLE, ByeReason.DEVICE_LIMIT}
 
 
 class PinMismatch(Exception):
@@ -69,7 +74,7 @@ class DeviceOptions:
     backoff_max: float = 30.0
     # discovery: before each attempt, where the gateway is now and the pin it advertises;
     # called with an address that just failed (to try another), raises LookupError if none
-    locate: Callable[[str | None], Awaitable[tuple[str, int, str]]] | None = None
+    locate: Callable[[Endpoint | None], Awaitable[tuple[str, int, str]]] | None = None
     remember_pin: bool = False  # keep the pin in state_file (trust on first use)
 
 
@@ -123,7 +128,7 @@ class DeviceClient:
     async def run(self) -> str:
         """Connect and stay connected; returns the reason it gave up."""
         delay = self.o.backoff_min
-        avoid: str | None = None
+        avoid: Endpoint | None = None
         while True:
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -140,7 +145,8 @@ class DeviceClient:
             except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as exc:
                 reason = "connect_failed"
                 self.emit({"event": "connect_failed", "message": str(exc) or type(exc).__name__})
-            avoid = self.o.host if reason == "connect_failed" else None
+            # a gateway that could not be reached, or went silent: try another of the site
+            avoid = ((self.o.host, self.o.port) if reason in MOVE_ON else None)
             if self._stopping or reason in FINAL_REASONS or not self.o.reconnect:
                 return reason
             if loop.time() - started > 10 or self.token is not None:
@@ -170,7 +176,7 @@ class DeviceClient:
         self._save_state()
         self.emit({"event": "trusted", "pin": f"sha256/{normalize_pin(advertised_pin)}"})
 
-    async def _locate(self, avoid: str | None) -> None:
+    async def _locate(self, avoid: Endpoint | None) -> None:
         """Ask discovery where the gateway is now; refuse one advertising another key."""
         if self.o.locate is None:
             raise LookupError("no discovery to ask")

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from gateway.endpoints import Endpoint, Endpoints
 from gateway.net.discovery import PROTOCOL_VERSION, SERVICE_TYPES
 
 # After the first answer, how long to wait for others before calling it "the only one".
@@ -209,11 +210,16 @@ class Locator:
         self.browser = browser
         self.gateway_id = gateway_id
         self.timeout = timeout
+        self.endpoints = Endpoints()
 
-    async def __call__(self, avoid: str | None = None) -> tuple[str, int, str]:
-        """(address, port, advertised pin); `avoid` is an address that just failed."""
-        found = pick(await self.browser.wait(
-            lambda fs: any(f.gateway_id == self.gateway_id for f in fs), self.timeout),
-            gateway_id=self.gateway_id)
-        addresses = [a for a in found.addresses if a != avoid] or list(found.addresses)
-        return addresses[0], found.port, found.pin
+    async def __call__(self, avoid: Endpoint | None = None) -> tuple[str, int, str]:
+        """(address, port, advertised pin); `avoid` just failed. Every gateway of a site
+        advertises the site's id: any of them will do, the one that failed last."""
+        found = [f for f in await self.browser.wait(
+            lambda fs: any(f.gateway_id == self.gateway_id for f in fs), self.timeout)
+            if f.gateway_id == self.gateway_id]
+        if not found:
+            raise NotFound(f"no lpgw gateway with gateway id {self.gateway_id} found")
+        pins = {(a, f.port): f.pin for f in found for a in f.addresses}
+        host, port = self.endpoints.choose(list(pins), avoid)
+        return host, port, pins[(host, port)]
