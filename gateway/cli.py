@@ -151,14 +151,15 @@ def _gateway_answers(path: Path) -> bool:
 
 
 def cmd_cluster_import(args: argparse.Namespace) -> int:
-    """Carry this box's identity into its site (cluster: in the config): the token secret
-    (so no device token changes) and the pin (its key pair, which every gateway of the
-    site must then have). Devices, bindings and queued pushes are not carried yet."""
+    """Carry this box into its site (cluster: in the config), with the box stopped: the
+    token secret (so no device token changes), the pin (its key pair, which every gateway
+    of the site must then have), its devices with their users, and its queued pushes."""
 
     from gateway import certs
     from gateway.cluster import SiteUnavailable
+    from gateway.cluster.migrate import import_state
     from gateway.cluster.site import import_identity
-    from gateway.store import SECRET_FILE, read_secret_file
+    from gateway.store import SECRET_FILE, Store, read_secret_file
 
     cfg = _load_config(args.config)
     if not cfg.cluster.enabled:
@@ -175,13 +176,21 @@ def cmd_cluster_import(args: argparse.Namespace) -> int:
         print(f"lpgw: no token secret in {cfg.state_path}: this is not a box that has run",
               file=sys.stderr)
         return 1
+    store = Store(cfg.store_path, cfg.store.synchronous)
     try:
+        gateway_id = (store.get_meta("gateway_id") or b"").decode()
         outcome = asyncio.run(import_identity(cfg.cluster, secret, pin))
+        carried = asyncio.run(import_state(cfg.cluster, store, gateway_id,
+                                           cfg.delivery.queue_limit))
     except SiteUnavailable as exc:
         print(f"lpgw: {exc}", file=sys.stderr)
         return 1
+    finally:
+        store.close()
     print(json.dumps({"ok": True, "site": cfg.cluster.site, "outcome": outcome, "pin": pin,
-                      "not_carried": ["devices", "bindings", "queued pushes"]}))
+                      "devices": carried.devices, "devices_known": carried.devices_known,
+                      "pushes": carried.pushes, "expired": carried.expired,
+                      "state": "already" if carried.already else "imported"}))
     return 0
 
 

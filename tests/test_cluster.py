@@ -20,7 +20,7 @@ from gateway import certs, config
 from gateway.cluster import SiteUnavailable
 from gateway.cluster.site import connect, join, site_bucket
 from gateway.service import Gateway, free_port
-from tests.conftest import eventually, make_config, new_install
+from tests.conftest import eventually, make_config, new_install, send
 
 
 def site_key(directory) -> dict:
@@ -353,10 +353,11 @@ async def test_a_flapping_phone_costs_few_presence_writes(nats_cluster, gateway_
 
 async def test_a_box_moving_into_a_site_keeps_its_phones_tokens(nats_cluster, gateway_factory,
                                                                 devices, tmp_path):
-    """`lpgw cluster import` makes a box's token secret and pin its site's: a phone that
-    had a token on the box alone gets the same one from a gateway of the site with the
-    box's key. Importing another box into that site is refused: it would change every
-    token. Devices, bindings and queued pushes are not carried yet (said in the output)."""
+    """`lpgw cluster import` carries a box into a site: its token secret and pin (a phone
+    that had a token on the box gets the same one from a gateway of the site), its
+    devices with their users, and the pushes still queued for them (which the phone gets,
+    in order, from the site). A second run does nothing; importing another box into that
+    site is refused: it would change every token."""
     import subprocess
     import sys
 
@@ -368,6 +369,13 @@ async def test_a_box_moving_into_a_site_keeps_its_phones_tokens(nats_cluster, ga
     phone = devices(box, "quic", install_id=install, reconnect=False)
     token = await phone.welcome()
     await phone.stop()
+    await eventually(lambda: not box.delivery.is_connected(token))
+    from gateway.transport import control
+    bound = await control.request(box.config.control_path,
+                                  {"op": "bind", "token": token, "user": "alice"})
+    assert bound["ok"], bound
+    queued = [await send(box, token, {"n": n}) for n in range(3)]
+    assert all(r["ok"] and r["stored"] for r in queued)
     await box.stop(drain=0.1)
 
     def import_site(state, **tls):
@@ -380,12 +388,20 @@ async def test_a_box_moving_into_a_site_keeps_its_phones_tokens(nats_cluster, ga
 
     done = import_site("box", **key)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["outcome"] == "imported"
-    assert json.loads(import_site("box", **key).stdout)["outcome"] == "already"
+    said = json.loads(done.stdout)
+    assert (said["outcome"], said["state"], said["devices"], said["pushes"]) == \
+        ("imported", "imported", 1, 3)
+    said = json.loads(import_site("box", **key).stdout)
+    assert (said["outcome"], said["state"], said["pushes"]) == ("already", "already", 0)
     member = await gateway_factory(tmp_path / "member", tls=key,
                                    cluster=site_config(nats_cluster, "moved"))
+    assert member.store.devices_of_user("alice") == [token]
     again = devices(member, "tls", install_id=install, reconnect=False)
     assert await again.welcome() == token
+    got = [await again.next("push") for _ in queued]
+    assert [p["id"] for p in got] == [r["push_id"] for r in queued]
+    with pytest.raises(TimeoutError):
+        await again.next("push", timeout=0.5)
     other = await gateway_factory(tmp_path / "other", tls=key)  # another box, same key
     await other.stop(drain=0.1)
     refused = import_site("other", **key)

@@ -119,7 +119,7 @@ async def _take(kv: KeyValue, key: str, own: bytes, deadline: float) -> tuple[bo
     return await until_ready(attempt, deadline, "the site's JetStream")
 
 
-async def _site_bucket(cfg: ClusterConfig
+async def site_bucket_of(cfg: ClusterConfig
                        ) -> tuple[Client, JetStreamContext, KeyValue, float]:
     """Connected, with the site's bucket open; the deadline the rest of a start keeps."""
     nc = await connect(cfg)
@@ -138,7 +138,7 @@ async def import_identity(cfg: ClusterConfig, secret: bytes, pin: str) -> str:
     changes when its box joins a site: "imported", or "already" when the site has them.
     Raises SiteUnavailable when the site has other ones (importing would change every
     token, or every phone would refuse the site's gateways)."""
-    nc, _, kv, deadline = await _site_bucket(cfg)
+    nc, _, kv, deadline = await site_bucket_of(cfg)
     try:
         # the secret first: a site that has one has its pin too (join writes the pin first)
         new_secret, site_secret = await _take(kv, SECRET_KEY, secret.hex().encode(), deadline)
@@ -161,7 +161,7 @@ async def join(cfg: ClusterConfig, own_secret: bytes, own_pin: str) -> Site:
     none yet). The site's pin is the first gateway's: a gateway with another key pair is
     refused, since every phone of the site checks that one pin (docs/protocol.md §3).
     Raises SiteUnavailable."""
-    nc, js, kv, deadline = await _site_bucket(cfg)
+    nc, js, kv, deadline = await site_bucket_of(cfg)
     try:
         _, pin = await _take(kv, PIN_KEY, own_pin.encode(), deadline)
         if pin.decode(errors="replace") != own_pin:
