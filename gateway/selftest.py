@@ -226,6 +226,7 @@ async def online_checks(cfg: config.Config, timeout: float = 8.0) -> list[Check]
                                 "`journalctl -u lpgw -b` says why"))
         else:
             checks.extend(result)
+    checks += _site_checks(status)
     checks += _network_checks(cfg, status)
     checks += _pbx_checks(status)
     return checks
@@ -281,10 +282,56 @@ async def _device_check(cfg: config.Config, status: dict, transport: str, host: 
         sip = status.get("sip")
         if transport == "quic" and sip:
             checks.append(await _sip_call(cfg, sip, token, events, timeout))
+        if transport == "quic" and status.get("cluster"):
+            checks.append(await _across_the_site(cfg, status, token, events, timeout))
         return checks
     finally:
         device.stop()
         await asyncio.wait_for(task, 3)
+
+
+def _site_checks(status: dict) -> list[Check]:
+    """The site as this gateway sees it: its NATS connection and the gateways alive."""
+    site = status.get("cluster")
+    if not site:
+        return []
+    others = sorted(set(site.get("gateways", {})) - {status["gateway_id"]})
+    return [
+        _check("site", bool(site.get("connected")),
+               f"site {site['site']} ({site.get('site_id')}) through {site.get('server')}: "
+               f"{len(others)} other gateway(s) alive, {site.get('site_devices', 0)} devices",
+               "the site's NATS is not reachable: pushes get 503 until it is "
+               "(`systemctl status nats-server` on the site's nodes, docs/cluster.md)")]
+
+
+async def _across_the_site(cfg: config.Config, status: dict, token: str,
+                           events: asyncio.Queue, timeout: float) -> Check:
+    """A test push accepted by another gateway of the site reaches the test device here:
+    kept by the site's stream, handed out by this gateway."""
+    from gateway.cluster.remote import control_subject  # NATS: only for a site
+    from gateway.cluster.site import connect
+
+    site = status["cluster"]
+    others = sorted(set(site.get("gateways", {})) - {status["gateway_id"]})
+    if not others:
+        return Check("push across the site", None, "no other gateway of the site is alive")
+    via = others[0]
+    marker = secrets.token_hex(4)
+    nc = await connect(cfg.cluster)
+    try:
+        reply = await nc.request(control_subject(cfg.cluster.site, via), json.dumps({
+            "op": "send", "token": token, "push_type": "alert",
+            "expiration": int(time.time()) + 60,
+            "payload": {"selftest": marker}}).encode(), timeout=timeout)
+    finally:
+        await nc.close()
+    answer = json.loads(reply.data)
+    name = f"push across the site (via {site['gateways'][via].get('name') or via})"
+    if not answer.get("ok"):
+        return Check(name, False, f"refused: {answer}", "see that gateway's journal")
+    push = await _next(events, "push", timeout)
+    return _check(name, push["payload"] == {"selftest": marker},
+                  "accepted there, kept by the site, delivered here", "see the journals")
 
 
 def _assertion(cfg: config.Config) -> str | None:

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from gateway.cluster.devices import SiteDevices
     from gateway.cluster.presence import Presence
     from gateway.cluster.relay import SiteRelay
+    from gateway.cluster.remote import RemoteControl
     from gateway.cluster.site import Site
 
 log = logging.getLogger("lpgw")
@@ -179,6 +180,7 @@ class Gateway:
         self._quic: QuicServer | None = None
         self._quic_config: QuicConfiguration | None = None
         self._control: ControlServer | None = None
+        self._remote: RemoteControl | None = None
         self._api: asyncio.AbstractServer | None = None
         self._api_ctx: ssl.SSLContext | None = None
         self._api_factory: http_server.ApiFactory | None = None
@@ -269,6 +271,12 @@ class Gateway:
             self._control = ControlServer(c.control_path, self.delivery, self.store,
                                           self.pump, self.status, keeper=self.relay)
             await self._control.start()
+            if self.site is not None:
+                from gateway.cluster.remote import RemoteControl  # NATS: only for a site
+
+                self._remote = RemoteControl(self.site.nc, self.site.name, self.gateway_id,
+                                             self._control.answer, self.metrics)
+                await self._remote.start()
             if c.discovery.enabled:
                 await self._advertise()
         except BaseException:
@@ -501,6 +509,8 @@ class Gateway:
             await self._stop_step("sip", sip.stop)
         # no heartbeat into a closed store
         await self._stop_step("timers", self.link_context.timers.close)
+        if self._remote is not None:
+            await self._stop_step("remote control", self._remote.stop)
         if self.relay is not None:
             await self._stop_step("relay", self.relay.stop)
         if self.site_devices is not None:

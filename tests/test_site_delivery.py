@@ -382,3 +382,24 @@ async def test_a_whole_site_blackout_keeps_every_push_answered_200(site, devices
     await eventually(all_back, timeout=30, step=0.2)
     got = [e["payload"]["n"] for e in back.log if e["event"] == "push"]
     assert sorted(set(got)) == list(range(50))
+
+
+# --- operations ------------------------------------------------------------------------
+
+async def test_selftest_sends_a_push_across_the_site(site):
+    """`lpgw selftest` on a gateway of a site: the site's check (NATS connected, the other
+    gateways) and a test push accepted by another gateway that reaches the test device on
+    this one; the test device leaves no record behind, here or in the site's registry."""
+    from gateway import selftest
+
+    a, b = await site(), await site()
+    await eventually(lambda: a.gateway_id in b.status()["cluster"]["gateways"])
+    checks = {c.name: c for c in await selftest.online_checks(b.config)}
+    assert checks["site"].ok, checks["site"]
+    assert "1 other gateway(s) alive" in checks["site"].detail
+    across = next(c for name, c in checks.items() if name.startswith("push across"))
+    assert across.ok and across.name == "push across the site (via gw1)", across
+    assert checks["device over quic"].ok and checks["device over tls"].ok
+    await eventually(lambda: b.store.count_devices() == 0 and a.store.count_devices() == 0)
+    status = b.status()["cluster"]
+    assert status["site_id"] == f"site-{site.name}" and status["keeps_waiting"] == 0

@@ -143,7 +143,9 @@ class SiteDevices:
     async def _write(self, token: str) -> None:
         assert self._kv is not None
         device = self.storage.device(token)
-        if device is None:
+        if device is None:  # forgotten here (a self-test's device): for the site too
+            if self._same.pop(token, None) is not None:
+                await self._kv.delete(token)
             return
         value = encode(device)
         digest = _digest(value)
@@ -167,8 +169,12 @@ class SiteDevices:
 
     def _take(self, entry: KeyValue.Entry) -> None:
         token = entry.key
-        if entry.operation is not None or not entry.value or not is_token(token):
-            return  # a deletion (records are not deleted by gateways), or not a record
+        if not is_token(token):
+            return
+        if entry.operation is not None or not entry.value:  # deleted: forgotten
+            if self._same.pop(token, None) is not None:
+                self._forget(token)
+            return
         digest = _digest(entry.value)
         if self._same.get(token) == digest:
             return  # ours, or known already
@@ -193,6 +199,14 @@ class SiteDevices:
             return
         self._unmirrored.pop(record.token, None)
         self.mirrored += 1
+
+    def _forget(self, token: str) -> None:
+        try:
+            self.storage.forget_device(token)
+        except StorageFailed as exc:
+            self.metrics.cluster_errors.labels("device_mirror").inc()
+            faults.bounded(log, "device_mirror", "%s not forgotten here: %s", short(token),
+                           exc)
 
     def _retry_unmirrored(self) -> None:
         for record in list(self._unmirrored.values()):

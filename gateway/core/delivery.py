@@ -304,8 +304,8 @@ class Delivery:
         self._lose_ephemeral(token, live)
         self._out.append(DeviceLeft(token))
         log.info("device %s disconnected from %s: %s", short(token), link.transport, reason)
-        if self.site is not None and token not in self._test_tokens:
-            self._out.append(DeviceChanged(token))  # its last-seen time, for the site
+        if self.site is not None:  # its last-seen time for the site (a self-test's: gone)
+            self._out.append(DeviceChanged(token))
         if token in self._test_tokens:  # the self-test is done with it: no trace left
             self._forget(token, now)
             return

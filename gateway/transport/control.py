@@ -95,10 +95,7 @@ class ControlServer:
                 if not data:
                     break
                 for body in decoder.feed(data):
-                    answer = self.handle(body)
-                    if isinstance(answer, _Waiting):
-                        answer = await self._kept(answer)
-                    writer.write(encode(answer))
+                    writer.write(encode(await self.answer(body)))
                 await writer.drain()
         except FrameError as exc:
             writer.write(encode({"ok": False, "reason": exc.code, "message": str(exc)}))
@@ -110,6 +107,13 @@ class ControlServer:
             faults.record(self.metrics, "control_connection", exc)
         finally:
             writer.close()
+
+    async def answer(self, body: bytes) -> dict[str, Any]:
+        """One request's answer, once it can be given (a push kept by the site)."""
+        answer = self.handle(body)
+        if isinstance(answer, _Waiting):
+            return await self._kept(answer)
+        return answer
 
     async def _kept(self, waiting: _Waiting) -> dict[str, Any]:
         assert self.keeper is not None
