@@ -403,3 +403,12 @@ async def test_selftest_sends_a_push_across_the_site(site):
     await eventually(lambda: b.store.count_devices() == 0 and a.store.count_devices() == 0)
     status = b.status()["cluster"]
     assert status["site_id"] == f"site-{site.name}" and status["keeps_waiting"] == 0
+
+
+async def test_status_and_metrics_show_the_stream(site):
+    a = await site()
+    health = await eventually(lambda: a.status()["cluster"]["stream"].get("leader"))
+    stream = a.status()["cluster"]["stream"]
+    assert health in {"n1", "n2", "n3"} and stream["current"] == 3
+    assert {r["name"] for r in stream["replicas"]} | {health} == {"n1", "n2", "n3"}
+    assert a.metrics.value("lpgw_cluster_stream_replicas_current") == 3

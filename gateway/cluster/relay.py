@@ -60,6 +60,7 @@ NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 CLAIM_WITHIN = 30.0  # seconds a kept push's result waits for its submitter to claim it
 LOADS = 8  # backlogs read at once, at most (a reconnect storm waits its turn)
 ACK_WORKERS = 4
+HEALTH_EVERY = 5.0  # seconds between looks at the stream's state
 RETRY_AFTER = 0.5  # seconds before a read or purge that failed (NATS away) is tried again
 # the consumer's buffer in this process while the pump is busy: beyond it NATS drops (and
 # the ordered consumer starts again from the last message it handed over)
@@ -95,6 +96,7 @@ class SiteRelay:
         self._workers: list[asyncio.Task] = []
         self._sub: nats.js.JetStreamContext.PushSubscription | None = None
         self._events: Subscription | None = None
+        self.health: dict[str, Any] = {}  # the stream, as last seen
         self.events_subject = f"lpgw.{pushes.site}.device_events"
 
     async def start(self) -> None:
@@ -107,6 +109,7 @@ class SiteRelay:
             self.events_subject, cb=self._on_event, pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=PENDING_BYTES)
         self._workers = [asyncio.create_task(self._purge()) for _ in range(ACK_WORKERS)]
+        self._workers.append(asyncio.create_task(self._health()))
 
     async def stop(self) -> None:
         """Purges still wanted get a moment; then everything here ends."""
@@ -127,8 +130,30 @@ class SiteRelay:
         while self._acks:
             await asyncio.sleep(0.02)
 
-    def status(self) -> dict[str, int]:
-        return {"keeps_waiting": self._keeping, "purges_waiting": len(self._acks)}
+    def status(self) -> dict[str, Any]:
+        return {"keeps_waiting": self._keeping, "purges_waiting": len(self._acks),
+                "stream": self.health}
+
+    async def _health(self) -> None:
+        """The stream's leader, its copies and what it keeps, every HEALTH_EVERY s."""
+        while True:
+            try:
+                info = await self.pushes.js.stream_info(self.pushes.stream)
+            except NATS_ERRORS as exc:
+                self.health = {"name": self.pushes.stream, "error": str(exc)[:160]}
+            else:
+                cluster = info.cluster
+                replicas = [{"name": r.name, "current": bool(r.current), "lag": r.lag}
+                            for r in (cluster.replicas or [])] if cluster else []
+                current = 1 + sum(1 for r in replicas if r["current"]) if cluster and \
+                    cluster.leader else 0
+                self.health = {"name": self.pushes.stream,
+                               "leader": cluster.leader if cluster else None,
+                               "replicas": replicas, "current": current,
+                               "messages": info.state.messages, "bytes": info.state.bytes}
+                self.metrics.cluster_stream_messages.set(info.state.messages)
+                self.metrics.cluster_stream_current.set(current)
+            await asyncio.sleep(HEALTH_EVERY)
 
     # --- from the pump: never blocks -------------------------------------------------
 

@@ -95,6 +95,13 @@ class Metrics:
             "lpgw_cluster_not_kept", "Pushes the site did not keep (answered 503), by why: "
             "busy (cluster.max_keeps), timeout (no quorum within cluster.accept_timeout), "
             "no_quorum (the stream said so at once), error", ["why"], registry=r)
+        self.cluster_stream_messages = Gauge(
+            "lpgw_cluster_stream_messages", "Pushes the site's stream keeps now (all "
+            "devices), as of the last look (every 5 s)", registry=r)
+        self.cluster_stream_current = Gauge(
+            "lpgw_cluster_stream_replicas_current", "Copies of the site's stream that are "
+            "current (the leader's included): below cluster.replicas, a node is behind or "
+            "gone", registry=r)
         self.cluster_relayed = Counter(
             "lpgw_cluster_relayed", "Pushes the site's stream handed to this gateway for a "
             "device connected here", registry=r)
