@@ -170,17 +170,21 @@ async def test_a_gateway_that_cannot_reach_the_quorum_answers_503_never_200(
         site, devices, keys, nats_cluster):
     """With two of the three nats-servers stopped, the stream has no quorum: a push is
     answered 503 with a reason within cluster.accept_timeout (never a 200 it could not
-    keep, never a 500); once they are back, pushes are accepted again and delivered."""
+    keep, never a 500). A 503 means "not known to be kept": the leader may still have it
+    and commit it once its peers are back (Raft), so the app server sends it again with the
+    same apns-id, as with APNs; then it is accepted, and the phone gets it exactly once."""
     a = await site({"accept_timeout": 1.0})
     phone = devices(a, "tls", topic=TOPIC)
     token = await phone.welcome()
     stopped = [n for n in nats_cluster.nodes if n.url != a.site.nc.connected_url.geturl()][:2]
+    apns_id = str(uuid.uuid4())
     for node in stopped:
         nats_cluster.kill(node)
     try:
         async with await h2_client(a) as client:
             started = time.monotonic()
-            response = await push(client, keys, token, {"aps": {"alert": "lost?"}})
+            response = await push(client, keys, token, {"aps": {"alert": "again"}},
+                                  apns_id=apns_id)
             assert response.status_code == 503, response.text
             assert response.json()["reason"] == "ServiceUnavailable"
             assert "quorum" in response.json()["message"]
@@ -191,12 +195,15 @@ async def test_a_gateway_that_cannot_reach_the_quorum_answers_503_never_200(
         await asyncio.to_thread(nats_cluster.wait_ready)
     async with await h2_client(a) as client:
         async def accepted():
-            response = await push(client, keys, token, {"aps": {"alert": "back"}})
+            response = await push(client, keys, token, {"aps": {"alert": "again"}},
+                                  apns_id=apns_id)
             assert response.status_code in (200, 503), response.text
             return response.status_code == 200
         await eventually(accepted, timeout=30, step=0.5)
     got = await phone.next("push", timeout=10)
-    assert got["payload"] == {"aps": {"alert": "back"}}
+    assert got["id"] == apns_id and got["payload"] == {"aps": {"alert": "again"}}
+    with pytest.raises(TimeoutError):
+        await phone.next("push", timeout=1.0)
     assert json.dumps(a.status()["cluster"])  # shown, and serialisable
 
 
