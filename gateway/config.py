@@ -256,6 +256,9 @@ class ClusterConfig:
     servers: tuple[str, ...] = _k(("nats://127.0.0.1:4222",),
                                   "NATS URLs of the site's servers (nats:// or tls://)")
     credentials_file: str = _k("", "NATS credentials (.creds) for this gateway; empty: none")
+    user: str = _k("", "NATS user name (with password_file; the role's nats-server has one "
+                       "for the gateways); empty: none")
+    password_file: str = _k("", "file holding the NATS user's password; empty: none")
     ca_file: str = _k("", "CA certificate to verify the NATS servers over TLS; empty: the "
                           "connection is not TLS unless a URL says tls://")
     replicas: int = _k(3, "copies of every accepted push and record (3 survives one node "
@@ -566,7 +569,10 @@ def _cluster_checks(c: ClusterConfig) -> list[str]:
         if not re.fullmatch(r"(nats|tls)://[^\s/]+:\d{1,5}", url):
             problems.append(f"cluster.servers: {url[:60]!r} is not nats://host:port or "
                             "tls://host:port")
+    if bool(c.user) != bool(c.password_file):
+        problems.append("cluster: set both user and password_file, or neither")
     for key, value in (("cluster.credentials_file", c.credentials_file),
+                       ("cluster.password_file", c.password_file),
                        ("cluster.ca_file", c.ca_file)):
         if value and not os.access(value, os.R_OK):
             problems.append(f"{key}: cannot read {value}")

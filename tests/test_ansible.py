@@ -692,3 +692,97 @@ def test_slow_rollout_under_systemd_restarts_reloads_and_selftests(machine, whee
     changed = _changed_tasks(out)
     assert "Restart lpgw" in changed and "Reload lpgw" not in changed, changed
     assert m.show("MainPID") != pid and m.show("ActiveState") == "active"
+
+
+@needs_ansible
+def test_nats_role_renders_a_site_that_nats_server_accepts_and_runs(tmp_path):
+    """The nats role's configuration for a 3-node site, rendered by Ansible for each host of
+    a small inventory, is accepted by the pinned nats-server (-t) and, started (loopback,
+    this test's ports), forms a JetStream cluster that a gateway joins with the role's
+    user and password (cluster.user, cluster.password_file)."""
+    import asyncio
+    import time as _time
+
+    from bench.lib.natscluster import NATS_SERVER
+    from gateway import config as config_mod
+    from gateway.cluster.site import connect
+    from gateway.service import free_port
+
+    role = ANSIBLE / "roles" / "nats"
+    hosts = {f"n{i}": {"nats_address": "127.0.0.1", "nats_client_port": free_port("127.0.0.1"),
+                       "nats_cluster_port": free_port("127.0.0.1"),
+                       "nats_monitor_port": free_port("127.0.0.1"),
+                       "nats_store_dir": str(tmp_path / f"store-n{i}")} for i in (1, 2, 3)}
+    # the role's defaults as the lowest precedence there is (inventory group `all`), so that
+    # the hosts' own variables win as they do in the role
+    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump({
+        "all": {"vars": {**defaults, "lpgw_cluster_site": "ward9",
+                         "nats_gateway_password": "g" * 24,
+                         "nats_route_password": "r/o:u@te" + "x" * 16}},
+        "nats": {"hosts": hosts}}))
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(yaml.safe_dump([{
+        "name": "Render the nats role's configuration", "hosts": "nats",
+        "connection": "local", "gather_facts": False,
+        "tasks": [{"name": "Render", "ansible.builtin.template": {
+            "src": str(role / "templates" / "nats-server.conf.j2"),
+            "dest": str(tmp_path) + "/{{ inventory_hostname }}.conf", "mode": "0600"}}],
+    }]))
+    proc = _run([_which("ansible-playbook"), "-i", str(inventory), "-e",
+                 f"ansible_python_interpreter={sys.executable}", str(playbook)],
+                env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in hosts:
+        text = (tmp_path / f"{name}.conf").read_text()
+        assert "sync_interval: always" in text and 'name: "ward9"' in text
+        checked = subprocess.run([NATS_SERVER, "-t", "-c", str(tmp_path / f"{name}.conf")],
+                                 capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    procs = [subprocess.Popen([NATS_SERVER, "-c", str(tmp_path / f"{name}.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name in hosts]
+    try:
+        password = tmp_path / "nats.password"
+        password.write_text("g" * 24 + "\n")
+        urls = [f"nats://127.0.0.1:{h['nats_client_port']}" for h in hosts.values()]
+        import socket
+        deadline = _time.monotonic() + 20
+        for h in hosts.values():  # listening
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(
+                        ("127.0.0.1", h["nats_client_port"]), 0.5):
+                    break
+                assert _time.monotonic() < deadline and all(p.poll() is None for p in procs)
+                _time.sleep(0.1)
+
+        async def joined(user: str, secret) -> int:
+            cfg = config_mod.from_dict({"sip": {"enabled": False}, "cluster": {
+                "enabled": True, "site": "ward9", "servers": urls, "user": user,
+                "password_file": str(secret), "connect_timeout": 2.0}}).cluster
+            nc = await connect(cfg)
+            try:
+                deadline = _time.monotonic() + 30
+                while True:  # the meta leader elected: a replicated stream can be made
+                    try:
+                        js = nc.jetstream(timeout=2)
+                        await js.add_stream(name="PROBE", subjects=["probe"], num_replicas=3)
+                        return (await js.stream_info("PROBE")).config.num_replicas
+                    except Exception:
+                        if _time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.5)
+            finally:
+                await nc.close()
+
+        assert asyncio.run(joined("lpgw", password)) == 3
+        wrong = tmp_path / "wrong.password"
+        wrong.write_text("nope\n")
+        with pytest.raises(Exception, match=r"(?i)authoriz|cannot reach"):
+            asyncio.run(joined("lpgw", wrong))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
@@ -73,6 +74,12 @@ async def connect(cfg: ClusterConfig) -> Client:
         "name": f"lpgw {cfg.site}"}
     if cfg.credentials_file:
         options["user_credentials"] = cfg.credentials_file
+    if cfg.user:
+        try:
+            password = Path(cfg.password_file).read_text().strip()
+        except OSError as exc:
+            raise SiteUnavailable(f"cannot read cluster.password_file: {exc}") from None
+        options["user"], options["password"] = cfg.user, password
     if (ctx := _tls(cfg)) is not None:
         options["tls"] = ctx
     try:
