@@ -65,12 +65,12 @@ class SiteTarget(ApiTarget):
         self.nats = NatsCluster(tmp / "nats")
         self.others: list[subprocess.Popen] = []
         self.runtimes: list[dict[str, Any]] = []
-        self.key = {"cert": str(tmp / "site-cert.pem"), "key": str(tmp / "site-key.pem")}
-        certs.ensure_self_signed(Path(self.key["cert"]), Path(self.key["key"]), "site")
+        self.site_key = {"cert": str(tmp / "site-cert.pem"), "key": str(tmp / "site-key.pem")}
+        certs.ensure_self_signed(Path(self.site_key["cert"]), Path(self.site_key["key"]), "site")
 
     def make_config(self, state: Path) -> dict[str, Any]:
         config = super().make_config(state)
-        config["tls"] = self.key
+        config["tls"] = self.site_key
         config["listen"].update(tls=True, quic=True)  # the failover's phones use both
         config["cluster"] = {"enabled": True, "site": SITE, "servers": self.nats.urls,
                              "replicas": 3}
