@@ -187,12 +187,15 @@ async def failover(target: SiteTarget, phones: int, queued_per_phone: int,
         target.proc.kill()  # SIGKILL of gateway A
         killed = time.monotonic()
         answered: dict[str, int] = {}
+        refused: dict[str, int] = {}
         for n in range(queued_per_phone):  # pushes for A's phones, through B, while away
             for i in victims:
                 reply = await control.request(controls[1 + n % 2], {
                     "op": "send", "token": tokens[i], "payload": {"n": n}})
                 if reply.get("ok"):
                     answered[reply["push_id"]] = i
+                else:
+                    refused[reply.get("reason", "?")] = refused.get(reply.get("reason", "?"), 0) + 1
         queued_s = time.monotonic() - killed
         back_at: float | None = None
         delivered_at: float | None = None
@@ -207,7 +210,8 @@ async def failover(target: SiteTarget, phones: int, queued_per_phone: int,
             await asyncio.sleep(0.1)
         welcomes = [i for i in victims if _second_welcome(events[i]) is not None]
         return {"phones": phones, "victims": len(victims), "connect_s": round(connect_s, 1),
-                "pushes_answered_200": len(answered), "queued_in_s": round(queued_s, 1),
+                "pushes_answered_200": len(answered), "refused": refused,
+                "queued_in_s": round(queued_s, 1),
                 "all_back_s": None if back_at is None else round(back_at - killed, 1),
                 "all_delivered_s": None if delivered_at is None
                 else round(delivered_at - killed, 1),

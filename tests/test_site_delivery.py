@@ -419,3 +419,27 @@ async def test_status_and_metrics_show_the_stream(site):
     assert health in {"n1", "n2", "n3"} and stream["current"] == 3
     assert {r["name"] for r in stream["replicas"]} | {health} == {"n1", "n2", "n3"}
     assert a.metrics.value("lpgw_cluster_stream_replicas_current") == 3
+
+
+async def test_a_token_this_gateway_has_not_heard_of_yet_is_asked_of_the_site(
+        site, devices, keys):
+    """A push reaching B for a phone recorded on A an instant ago (B's copy of the registry
+    has not caught up: here it never does, its watch stopped) is not BadDeviceToken, which
+    makes app servers delete the token: B asks the site, takes the record, and accepts the
+    push (and `lpgw send` too). A token the site does not know is BadDeviceToken."""
+    a, b = await site(), await site()
+    watch = b.site_devices._tasks[0]  # the watch: stands in for a copy that lags a storm
+    watch.cancel()
+    phone = devices(a, "tls", topic=TOPIC)
+    token = await phone.welcome()
+    await eventually(lambda: a.site_devices.status()["records_waiting"] == 0)
+    assert b.store.device(token) is None
+    async with await h2_client(b) as client:
+        response = await push(client, keys, token, {"aps": {"alert": "found"}})
+        assert response.status_code == 200, response.text
+        assert (await phone.next("push"))["payload"] == {"aps": {"alert": "found"}}
+        assert b.store.device(token) is not None
+        response = await push(client, keys, "cd" * 32)
+        assert (response.status_code, response.json()["reason"]) == (400, "BadDeviceToken")
+    reply = await send(b, "ef" * 32)
+    assert (reply["ok"], reply["reason"]) == (False, "BadDeviceToken")

@@ -52,6 +52,17 @@ class Response:
                    json.dumps(value).encode())
 
 
+def error_response(exc: ApiError, metrics: Metrics) -> Response:
+    """An API failure as APNs answers it (status, reason, timestamp), counted."""
+    metrics.api_errors.labels(exc.reason).inc()
+    body: dict[str, Any] = {"reason": exc.reason}
+    if exc.timestamp is not None:
+        body["timestamp"] = int(exc.timestamp * 1000)
+    if exc.reason not in ("Unregistered",) and str(exc) != exc.reason:
+        body["message"] = str(exc)  # lpgw's addition: what exactly was wrong
+    return Response.json(exc.status, body)
+
+
 class RateLimiter:
     """A token bucket per provider key; `now` is monotonic time (see Request.mono)."""
 
@@ -91,13 +102,7 @@ class Router:
             return response
         except ApiError as exc:
             log.debug("%s: %d %s", loggable(req.method, req.path), exc.status, exc.reason)
-            self.metrics.api_errors.labels(exc.reason).inc()
-            body: dict[str, Any] = {"reason": exc.reason}
-            if exc.timestamp is not None:
-                body["timestamp"] = int(exc.timestamp * 1000)
-            if exc.reason not in ("Unregistered",) and str(exc) != exc.reason:
-                body["message"] = str(exc)  # lpgw's addition: what exactly was wrong
-            return Response.json(exc.status, body)
+            return error_response(exc, self.metrics)
         except Exception as exc:  # a bug: this request alone gets 500, the rest go on
             faults.record(self.metrics, "api_request", exc, loggable(req.method, req.path))
             return internal_error(self.metrics)

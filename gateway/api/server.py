@@ -25,8 +25,9 @@ import hpack
 
 from gateway import faults
 from gateway.api.apns import MAX_BODY
+from gateway.api.errors import ApiError
 from gateway.api.limits import ApiLimits, ConnectionGate, TokenBucket
-from gateway.api.router import Request, Response, Router, internal_error
+from gateway.api.router import Request, Response, Router, error_response, internal_error
 from gateway.core.delivery import Rejected
 from gateway.core.events import Kept
 from gateway.core.metrics import Metrics
@@ -75,14 +76,13 @@ def with_apns_id(headers: list[tuple[str, str]], apns_id: str | None) -> list[tu
     return [("apns-id", apns_id), *headers]
 
 
-def not_stored(metrics: Metrics, message: str) -> Response:
-    """The answer to a push whose group commit failed: storage is full or failing. 503, as
+def not_stored(message: str) -> ApiError:
+    """Why a push whose group commit failed is refused: storage is full or failing. 503, as
     APNs answers when it cannot take a push now; not 500: nothing is wrong with the push."""
-    metrics.api_errors.labels("ServiceUnavailable").inc()
-    return Response.json(503, {"reason": "ServiceUnavailable", "message": message})
+    return ApiError("ServiceUnavailable", message)
 
 
-Committed = Callable[[str | None], None]  # told why the group was not stored, or None
+Committed = Callable[[ApiError | None], None]  # told why the push was not kept, or None
 
 
 class GroupCommit:
@@ -121,9 +121,10 @@ class GroupCommit:
                 delivery.rollback()
         with faults.contained(metrics, "api_commit", "sending"):
             self.pump.run()  # the group's pushes to the devices that are connected
+        refused = not_stored(failure) if failure is not None else None
         for callback in waiting:  # every waiting stream is answered, whatever one does
             with faults.contained(metrics, "api_commit", "an answer"):
-                callback(failure)
+                callback(refused)
 
 
 class SiteCommit:
@@ -144,7 +145,9 @@ class SiteCommit:
 
     def _kept(self, kept: asyncio.Future[Kept], callback: Committed) -> None:
         with faults.contained(self.metrics, "api_commit", "an answer"):
-            callback(kept.result().failure)
+            result = kept.result()
+            callback(None if result.failure is None else
+                     ApiError(result.reason, result.failure, result.timestamp))
 
 
 class HttpConnection:
@@ -506,11 +509,12 @@ class HttpConnection:
         else:
             self._h2_send(stream_id, response)
 
-    def _committed(self, stream_id: int, response: Response, failure: str | None) -> None:
+    def _committed(self, stream_id: int, response: Response,
+                   failure: ApiError | None) -> None:
         if self._closed or self._h2 is None:
             return  # the client left; the push is stored all the same (unless failure)
         if failure is not None:
-            response = not_stored(self.metrics, failure)
+            response = error_response(failure, self.metrics)
         try:
             self._h2_send(stream_id, response)
         except Exception as exc:

@@ -21,6 +21,7 @@ import logging
 import time
 
 import nats
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from gateway import faults
@@ -199,6 +200,19 @@ class SiteDevices:
             return
         self._unmirrored.pop(record.token, None)
         self.mirrored += 1
+
+    async def look_up(self, token: str) -> bool:
+        """Ask the site for a device this gateway has no record of (yet): True, and its
+        record kept here, if the site has it. Raises nats errors (the caller: 503)."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(token)
+        except KeyNotFoundError:
+            return False
+        if not entry.value:
+            return False
+        self._take(entry)
+        return self.storage.device(token) is not None
 
     def _forget(self, token: str) -> None:
         try:

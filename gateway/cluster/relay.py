@@ -38,7 +38,7 @@ from nats.js import api
 from gateway import faults
 from gateway.cluster.devices import SiteDevices
 from gateway.cluster.pushes import SitePushes, site_push, token_of
-from gateway.core.delivery import Delivery
+from gateway.core.delivery import Delivery, Rejected
 from gateway.core.events import (
     AckAtSite,
     CallActionTaken,
@@ -46,6 +46,7 @@ from gateway.core.events import (
     KeepPush,
     Kept,
     LoadBacklog,
+    LookUpDevice,
     PushDelivered,
     SiteWork,
 )
@@ -160,6 +161,8 @@ class SiteRelay:
     def carry_out(self, work: SiteWork) -> None:
         if isinstance(work, KeepPush):
             self._keep(work)
+        elif isinstance(work, LookUpDevice):
+            self._spawn(self._look_up(work, self._future(work.ticket)))
         elif isinstance(work, LoadBacklog):
             self._spawn(self._load(work))
         elif isinstance(work, AckAtSite):
@@ -221,10 +224,41 @@ class SiteRelay:
 
     # --- keeping ---------------------------------------------------------------------
 
-    def _keep(self, work: KeepPush) -> None:
+    def _future(self, ticket: int) -> asyncio.Future[Kept]:
         future: asyncio.Future[Kept] = self._loop.create_future()
-        self._results[work.ticket] = future
-        self._loop.call_later(CLAIM_WITHIN, self._results.pop, work.ticket, None)
+        self._results[ticket] = future
+        self._loop.call_later(CLAIM_WITHIN, self._results.pop, ticket, None)
+        return future
+
+    async def _look_up(self, work: LookUpDevice, future: asyncio.Future[Kept]) -> None:
+        """The site's registry, asked about a token this gateway does not know (yet); if it
+        knows it, the push is submitted again, and its answer is this ticket's."""
+        try:
+            known = await asyncio.wait_for(self.devices.look_up(work.token),
+                                           self.accept_timeout)
+        except (*NATS_ERRORS, nats.errors.TimeoutError) as exc:
+            self.metrics.cluster_not_kept.labels("lookup").inc()
+            result = Kept(None, f"the site's registry did not answer ({type(exc).__name__}); "
+                                "send it again")
+        else:
+            result = await self._submit_again(work) if known else Kept(
+                None, "no device has this token", reason="BadDeviceToken")
+        if not future.done():
+            future.set_result(result)
+
+    async def _submit_again(self, work: LookUpDevice) -> Kept:
+        try:
+            accepted = self.delivery.submit(work.token, work.request, work.at, group=True)
+        except Rejected as exc:
+            return Kept(None, str(exc), reason=exc.reason, timestamp=exc.timestamp)
+        finally:
+            self.pump.run()
+        if accepted.ticket is None:  # expired on arrival: answered 200 as on one box
+            return Kept(None)
+        return await self.claim(accepted.ticket)
+
+    def _keep(self, work: KeepPush) -> None:
+        future = self._future(work.ticket)
         if self._keeping >= self.max_keeps:
             self.metrics.cluster_not_kept.labels("busy").inc()
             future.set_result(Kept(None, f"the site has {self._keeping} pushes waiting for "

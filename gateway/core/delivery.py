@@ -7,6 +7,7 @@ module decides what is stored, sent, re-sent, collapsed and dropped, and returns
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
@@ -26,6 +27,7 @@ from gateway.core.events import (
     DeviceLink,
     KeepPush,
     LoadBacklog,
+    LookUpDevice,
     PushDelivered,
     SendPush,
     WelcomeDevice,
@@ -46,6 +48,10 @@ log = logging.getLogger("lpgw.delivery")
 # callers to commit nothing and answer 200 for pushes rolled back.
 GROUP_FAILURE_HOLD = 2.0
 STORAGE_LOG_EVERY = 60.0  # seconds between "the store cannot write" lines
+
+
+class _NotHere(Exception):
+    """The device is not in this gateway's copy of the site's registry."""
 
 
 class Refused(Exception):
@@ -521,6 +527,8 @@ class Delivery:
                                f"{self._why(lost)}; try again later")
             try:
                 result = self._submit(token, req, now, group, send_first)
+            except _NotHere:
+                return self._look_up(token, req, now)
             except StorageFailed as exc:
                 if in_group:  # SQLite may have ended the group's transaction: none of it lands
                     self._lose_group(exc, now)
@@ -593,6 +601,8 @@ class Delivery:
         if not is_token(token):
             raise Rejected("BadDeviceToken", "a device token is 64 lowercase hex characters")
         device = self._storage.device(token)
+        if device is None and self.site is not None:
+            raise _NotHere  # recorded on another gateway a moment ago? the site says
         if device is None:
             raise Rejected("BadDeviceToken", "no device has this token")
         if device.unregistered_at is not None:
@@ -679,6 +689,15 @@ class Delivery:
             else:
                 self._flush(token, live, now)
         return Accepted(push_id, stored.seq, sent=live is not None, stored=True)
+
+    def _look_up(self, token: str, req: PushRequest, now: float) -> Accepted:
+        """In a site: a token this gateway's copy of the registry lacks is looked up in the
+        site's before it is called bad (an app server deletes a token on BadDeviceToken)."""
+        push_id = req.push_id.lower() if req.push_id else str(uuid.uuid4())
+        self._tickets += 1
+        self._out.append(LookUpDevice(self._tickets, token,
+                                      dataclasses.replace(req, push_id=push_id), now))
+        return Accepted(push_id, None, sent=False, stored=False, ticket=self._tickets)
 
     def _keep_at_site(self, token: str, live: _Live | None, push_id: str, req: PushRequest,
                       priority: int, expiration: int, payload_json: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.core.model import PushRequest
 from gateway.protocol.messages import CallAction, Push
 
 
@@ -95,6 +96,18 @@ class KeepPush:
 
 
 @dataclass(frozen=True, slots=True)
+class LookUpDevice:
+    """A push for a token this gateway's copy of the site's registry does not have (yet):
+    ask the site; if it knows the device, the shell takes its record and submits the push
+    again, else it is BadDeviceToken. Whoever submitted it waits for `ticket`."""
+
+    ticket: int
+    token: str
+    request: PushRequest
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class LoadBacklog:
     """Read the device's kept pushes after `after` from the site (its stream's leader) and
     hand them to `Delivery.backlog`."""
@@ -128,9 +141,13 @@ class Kept:
     seq: int | None
     failure: str | None = None
     duplicate: bool = False  # its apns-id was kept already: kept once
+    # APNs' reason when `failure` is set: ServiceUnavailable (503), or what checking the
+    # push against the site's registry found (BadDeviceToken, Unregistered, ...)
+    reason: str = "ServiceUnavailable"
+    timestamp: float | None = None  # with Unregistered: when
 
 
 DeviceAction = WelcomeDevice | SendPush | CloseLink
 DeliveryEvent = PushDelivered | CallActionTaken | DeviceLeft
-SiteWork = KeepPush | LoadBacklog | AckAtSite | DeviceChanged
+SiteWork = KeepPush | LookUpDevice | LoadBacklog | AckAtSite | DeviceChanged
 DeliveryOutput = DeviceAction | DeliveryEvent | SiteWork

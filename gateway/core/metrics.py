@@ -94,7 +94,8 @@ class Metrics:
         self.cluster_not_kept = Counter(
             "lpgw_cluster_not_kept", "Pushes the site did not keep (answered 503), by why: "
             "busy (cluster.max_keeps), timeout (no quorum within cluster.accept_timeout), "
-            "no_quorum (the stream said so at once), error", ["why"], registry=r)
+            "no_quorum (the stream said so at once), lookup (the site's registry did not "
+            "answer about a token this gateway did not know), error", ["why"], registry=r)
         self.cluster_stream_messages = Gauge(
             "lpgw_cluster_stream_messages", "Pushes the site's stream keeps now (all "
             "devices), as of the last look (every 5 s)", registry=r)

@@ -119,7 +119,11 @@ class ControlServer:
         assert self.keeper is not None
         kept = await self.keeper.claim(waiting.ticket)
         if kept.failure is not None:
-            return {"ok": False, "reason": "ServiceUnavailable", "message": kept.failure}
+            reply: dict[str, Any] = {"ok": False, "reason": kept.reason,
+                                     "message": kept.failure}
+            if kept.timestamp is not None:
+                reply["timestamp"] = int(kept.timestamp * 1000)
+            return reply
         return {**waiting.reply, "seq": kept.seq, "duplicate": kept.duplicate}
 
     def handle(self, body: bytes) -> dict[str, Any] | _Waiting:

@@ -16,15 +16,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from gateway import faults
 from gateway.core.events import (
-    AckAtSite,
     CallActionTaken,
     CloseLink,
     DeliveryOutput,
-    DeviceChanged,
     DeviceLeft,
-    KeepPush,
     Kept,
-    LoadBacklog,
     PushDelivered,
     SendPush,
     SiteWork,
@@ -130,7 +126,7 @@ class Pump:
                 self.presence.left(action.token)
         elif isinstance(action, CloseLink):
             _carrier(action.link).close(action.reason, action.code, action.message)
-        elif isinstance(action, KeepPush | LoadBacklog | AckAtSite | DeviceChanged):
+        elif isinstance(action, SiteWork):
             if self.site is not None:
                 self.site.carry_out(action)
         elif isinstance(action, PushDelivered | CallActionTaken):
