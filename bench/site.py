@@ -195,7 +195,8 @@ async def failover(target: SiteTarget, phones: int, queued_per_phone: int,
                 if reply.get("ok"):
                     answered[reply["push_id"]] = i
                 else:
-                    refused[reply.get("reason", "?")] = refused.get(reply.get("reason", "?"), 0) + 1
+                    why = f"{reply.get('reason', '?')} from {'BC'[n % 2]}"
+                    refused[why] = refused.get(why, 0) + 1
         queued_s = time.monotonic() - killed
         back_at: float | None = None
         delivered_at: float | None = None

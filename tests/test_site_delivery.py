@@ -443,3 +443,15 @@ async def test_a_token_this_gateway_has_not_heard_of_yet_is_asked_of_the_site(
         assert (response.status_code, response.json()["reason"]) == (400, "BadDeviceToken")
     reply = await send(b, "ef" * 32)
     assert (reply["ok"], reply["reason"]) == (False, "BadDeviceToken")
+
+
+async def test_a_phone_is_welcomed_only_once_the_site_has_its_record(site, devices):
+    """The welcome carries the token the app hands its server: by then the site has the
+    device's record, so a push for it is known on every gateway even if the welcoming
+    gateway dies the next moment (bench/site.py found pushes refused BadDeviceToken after
+    a SIGKILL when the record was written after the welcome)."""
+    a, b = await site(), await site()
+    for n in range(5):
+        phone = devices(a, "quic" if n % 2 else "tls", reconnect=False)
+        token = await phone.welcome()
+        assert await b.site_devices.look_up(token)  # at once: no waiting

@@ -41,14 +41,15 @@ def devices_bucket(site: str) -> str:
     return f"lpgw_{site}_devices"
 
 
-def encode(device: DeviceRecord) -> bytes:
-    """The record as the site keeps it (not this gateway's seqs: they are the stream's)."""
-    return json.dumps({"topic": device.topic, "push_types": list(device.push_types),
-                       "user": device.user, "created_at": device.created_at,
-                       "last_seen": device.last_seen,
-                       "unregistered_at": device.unregistered_at,
-                       "user_expires": device.user_expires},
-                      separators=(",", ":")).encode()
+def encode(device: DeviceRecord, last_seen: bool = True) -> bytes:
+    """The record as the site keeps it (not this gateway's seqs: they are the stream's);
+    without `last_seen`, what a push is checked against."""
+    fields = {"topic": device.topic, "push_types": list(device.push_types),
+              "user": device.user, "created_at": device.created_at,
+              "unregistered_at": device.unregistered_at, "user_expires": device.user_expires}
+    if last_seen:
+        fields["last_seen"] = device.last_seen
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def decode(token: str, value: bytes) -> DeviceRecord:
@@ -81,6 +82,7 @@ class SiteDevices:
         self._kv: KeyValue | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
         self._same: dict[str, bytes] = {}  # token -> digest of the site's record as known
+        self._known: dict[str, bytes] = {}  # the same, but for the last-seen time
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._unmirrored: dict[str, DeviceRecord] = {}  # the local store failed: again later
@@ -141,10 +143,19 @@ class SiteDevices:
                 faults.record(self.metrics, "cluster_device", exc, short(token))
             self._queued.discard(token)
 
+    async def record(self, token: str) -> None:
+        """Write the device's record now (a hello waits for it), unless the site has it
+        as it is but for its last-seen time (written when it leaves); raises nats errors."""
+        device = self.storage.device(token)
+        if device is not None and self._known.get(token) == _digest(encode(device, False)):
+            return
+        await self._write(token)
+
     async def _write(self, token: str) -> None:
         assert self._kv is not None
         device = self.storage.device(token)
         if device is None:  # forgotten here (a self-test's device): for the site too
+            self._known.pop(token, None)
             if self._same.pop(token, None) is not None:
                 await self._kv.delete(token)
             return
@@ -154,6 +165,7 @@ class SiteDevices:
             return
         await self._kv.put(token, value)
         self._same[token] = digest
+        self._known[token] = _digest(encode(device, False))
 
     # --- the site's records, here ----------------------------------------------------
 
@@ -173,6 +185,7 @@ class SiteDevices:
         if not is_token(token):
             return
         if entry.operation is not None or not entry.value:  # deleted: forgotten
+            self._known.pop(token, None)
             if self._same.pop(token, None) is not None:
                 self._forget(token)
             return
@@ -187,6 +200,7 @@ class SiteDevices:
                            "registry: %s", short(token), exc)
             return
         self._same[token] = digest
+        self._known[token] = _digest(encode(record, False))
         self._mirror(record)
 
     def _mirror(self, record: DeviceRecord) -> None:

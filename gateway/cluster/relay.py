@@ -48,6 +48,7 @@ from gateway.core.events import (
     LoadBacklog,
     LookUpDevice,
     PushDelivered,
+    RecordDevice,
     SiteWork,
 )
 from gateway.core.metrics import Metrics
@@ -161,6 +162,8 @@ class SiteRelay:
     def carry_out(self, work: SiteWork) -> None:
         if isinstance(work, KeepPush):
             self._keep(work)
+        elif isinstance(work, RecordDevice):
+            self._spawn(self._record(work))
         elif isinstance(work, LookUpDevice):
             self._spawn(self._look_up(work, self._future(work.ticket)))
         elif isinstance(work, LoadBacklog):
@@ -223,6 +226,23 @@ class SiteRelay:
             self.pump.run()
 
     # --- keeping ---------------------------------------------------------------------
+
+    async def _record(self, work: RecordDevice) -> None:
+        """The device's record to the site, then its welcome; if the site does not take it
+        within accept_timeout, the welcome goes all the same and the record is written
+        when the site can (the phone gets nothing meanwhile anyway: no push is kept)."""
+        try:
+            await asyncio.wait_for(self.devices.record(work.token), self.accept_timeout)
+        except (*NATS_ERRORS, nats.errors.TimeoutError) as exc:
+            self.metrics.cluster_errors.labels("device").inc()
+            faults.bounded(log, "device", "record of %s not written before its welcome: %s",
+                           short(work.token), exc)
+            self.devices.changed(work.token)
+        except Exception as exc:  # a bug (or the local store): this device only
+            faults.record(self.metrics, "cluster_device", exc, short(work.token))
+        with faults.contained(self.metrics, "cluster_device", short(work.token)):
+            self.delivery.recorded(work.token, work.link)
+            self.pump.run()
 
     def _future(self, ticket: int) -> asyncio.Future[Kept]:
         future: asyncio.Future[Kept] = self._loop.create_future()

@@ -29,6 +29,7 @@ from gateway.core.events import (
     LoadBacklog,
     LookUpDevice,
     PushDelivered,
+    RecordDevice,
     SendPush,
     WelcomeDevice,
 )
@@ -111,6 +112,9 @@ class _Live:
     sent: dict[int, tuple[str, float, str, bool]] = field(default_factory=dict)
     loading: bool = False
     more: bool = False
+    # in a site: welcomed only once the site has its record (RecordDevice -> recorded)
+    welcomed: bool = True
+    user: str | None = None
 
 
 class Delivery:
@@ -224,16 +228,28 @@ class Delivery:
         if hello.last_ack and hello.gateway_id == self.welcome_id:
             after = hello.last_ack
             self._out.append(AckAtSite(token, after))
-        live = _Live(link=link, since=now, sent_through=after, loading=True)
+        live = _Live(link=link, since=now, sent_through=after, loading=True, welcomed=False,
+                     user=user)
         self._live[token] = live
         self._count_connected(link, +1)
-        self._handshake(token, link, "welcome")
-        self._out.append(WelcomeDevice(link, token, user))
-        self._out.append(DeviceChanged(token))
-        self._out.append(LoadBacklog(token, link, after))
+        # the welcome (with the token the app hands its server) waits until the site has
+        # the device's record: a push for it is then known on every gateway, even one
+        # whose copy lags, and even if this gateway dies the next moment
+        self._out.append(RecordDevice(token, link))
         log.info("device %s connected over %s (topic %s%s)", short(token), link.transport,
                  hello.topic, f", user {user}" if user else "")
         return token
+
+    def recorded(self, token: str, link: DeviceLink) -> None:
+        """The site has the device's record (or could not take it in time: then it is
+        written later): welcome it, and read its backlog."""
+        live = self._live.get(token)
+        if live is None or live.link is not link or live.welcomed:
+            return
+        live.welcomed = True
+        self._handshake(token, link, "welcome")
+        self._out.append(WelcomeDevice(link, token, live.user))
+        self._out.append(LoadBacklog(token, link, live.sent_through))
 
     def _admit_install(self, token: str, link: DeviceLink, source: str | None,
                        now: float) -> None:

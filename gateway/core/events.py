@@ -126,6 +126,15 @@ class AckAtSite:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordDevice:
+    """A device said hello: write its record to the site now, then hand back
+    `Delivery.recorded(token, link)` (its welcome waits for that)."""
+
+    token: str
+    link: DeviceLink
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceChanged:
     """The device's record changed here (a hello, a departure, an unregistration, a
     binding): the site's other gateways are to know it."""
@@ -149,5 +158,6 @@ class Kept:
 
 DeviceAction = WelcomeDevice | SendPush | CloseLink
 DeliveryEvent = PushDelivered | CallActionTaken | DeviceLeft
-SiteWork = KeepPush | LookUpDevice | LoadBacklog | AckAtSite | DeviceChanged
+SiteWork = (KeepPush | LookUpDevice | RecordDevice | LoadBacklog | AckAtSite
+            | DeviceChanged)
 DeliveryOutput = DeviceAction | DeliveryEvent | SiteWork
