@@ -455,3 +455,41 @@ async def test_a_phone_is_welcomed_only_once_the_site_has_its_record(site, devic
         phone = devices(a, "quic" if n % 2 else "tls", reconnect=False)
         token = await phone.welcome()
         assert await b.site_devices.look_up(token)  # at once: no waiting
+
+
+async def test_a_sip_message_into_one_gateway_reaches_a_phone_on_another(call_site, devices,
+                                                                       nats_cluster):
+    """A MESSAGE at B for the nurse whose phone is on A: B's 200 goes once the site keeps
+    the push, and A hands it to her phone; with no quorum at B, 503 (never a 200 it could
+    not keep); for a user with no phone anywhere, 480."""
+    from tests.test_sip import RawUdp
+
+    a, b = await call_site(), await call_site({"accept_timeout": 1.0})
+    phone = devices(a, "tls", assertion=assertion("nurse"))
+    token = await phone.welcome()
+    await bound_everywhere([b], "nurse", token)
+    await eventually(lambda: b.site_view.connected(token))
+    raw = RawUdp(b)
+    try:
+        raw.send(raw.request("MESSAGE", branch="z9hG4bK-sm1", body="Bed 12 needs you",
+                             extra="Content-Type: text/plain\r\n"))
+        assert [s for _, s, _ in await raw.responses(1.0)] == [200]
+        push = await phone.next("push")
+        assert push["payload"]["aps"]["alert"]["body"] == "Bed 12 needs you"
+        raw.send(raw.request("MESSAGE", user="nobody", branch="z9hG4bK-sm2", body="hi",
+                             extra="Content-Type: text/plain\r\n"))
+        assert [s for _, s, _ in await raw.responses(1.0)] == [480]
+        stopped = [n for n in nats_cluster.nodes
+                   if n.url != b.site.nc.connected_url.geturl()][:2]
+        for node in stopped:
+            nats_cluster.kill(node)
+        try:
+            raw.send(raw.request("MESSAGE", branch="z9hG4bK-sm3", body="lost?",
+                                 extra="Content-Type: text/plain\r\n"))
+            assert [s for _, s, _ in await raw.responses(2.5)] == [503]
+        finally:
+            for node in stopped:
+                nats_cluster.launch(node)
+            await asyncio.to_thread(nats_cluster.wait_ready)
+    finally:
+        raw.sock.close()
