@@ -33,6 +33,12 @@ T = TypeVar("T")
 SECRET_KEY = "token_secret"
 PIN_KEY = "pin"  # sha256/<base64> of the site's key pair: every gateway must have it
 RETRY_EVERY = 0.25  # seconds between tries while the JetStream meta leader is elected
+# A server cut off silently (a link down, a partition: no RST) is noticed only by missed
+# pings: nats-py's default (2 min x 2) would leave a gateway publishing into a dead
+# connection, 503 for every push, for minutes. Here: gone after ~6-9 s, then the client
+# moves to another server of the site.
+PING_EVERY = 3.0
+PINGS_MISSED = 2
 
 
 def site_bucket(site: str) -> str:
@@ -71,6 +77,7 @@ async def connect(cfg: ClusterConfig) -> Client:
     options: dict[str, Any] = {
         "servers": list(cfg.servers), "connect_timeout": cfg.connect_timeout,
         "allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
+        "ping_interval": PING_EVERY, "max_outstanding_pings": PINGS_MISSED,
         "name": f"lpgw {cfg.site}"}
     if cfg.credentials_file:
         options["user_credentials"] = cfg.credentials_file
