@@ -493,3 +493,21 @@ async def test_a_sip_message_into_one_gateway_reaches_a_phone_on_another(call_si
             await asyncio.to_thread(nats_cluster.wait_ready)
     finally:
         raw.sock.close()
+
+
+async def test_a_consumer_that_died_is_made_again(site, devices):
+    """nats-py does not make an ordered consumer again when its own attempt fails (a
+    timeout during an election: the full suite saw pushes answered 200 never reach a
+    phone). Here the consumer is simply gone: the relay notices pushes it has not been
+    handed and makes it anew from the last one it had; nothing is lost."""
+    a = await site()
+    phone = devices(a, "tls", reconnect=False)
+    token = await phone.welcome()
+    assert (await send(a, token, {"n": 1}))["ok"]
+    await phone.next("push")
+    await a.relay._sub.unsubscribe()  # stands in for the consumer nats-py gave up on
+    answered = [await send(a, token, {"n": n}) for n in (2, 3)]
+    assert all(r["ok"] for r in answered)
+    got = [await phone.next("push", timeout=15) for _ in answered]
+    assert [p["payload"]["n"] for p in got] == [2, 3]
+    assert a.relay.resubscribed >= 1

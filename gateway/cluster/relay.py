@@ -63,6 +63,11 @@ CLAIM_WITHIN = 30.0  # seconds a kept push's result waits for its submitter to c
 LOADS = 8  # backlogs read at once, at most (a reconnect storm waits its turn)
 ACK_WORKERS = 4
 HEALTH_EVERY = 5.0  # seconds between looks at the stream's state
+# nats-py's ordered consumer re-creates itself after a gap, but not again if that fails (a
+# timeout while JetStream elects a leader): then nothing reaches this gateway's phones. If
+# the stream has pushes past the last one handed to us and none came for this long, the
+# consumer is made anew from there.
+STALLED_AFTER = 3.0
 RETRY_AFTER = 0.5  # seconds before a read or purge that failed (NATS away) is tried again
 # the consumer's buffer in this process while the pump is busy: beyond it NATS drops (and
 # the ordered consumer starts again from the last message it handed over)
@@ -98,20 +103,35 @@ class SiteRelay:
         self._workers: list[asyncio.Task] = []
         self._sub: nats.js.JetStreamContext.PushSubscription | None = None
         self._events: Subscription | None = None
+        self._seen = 0  # the last stream sequence handed to us
+        self._heard = 0.0  # when (monotonic)
+        self.resubscribed = 0
         self.health: dict[str, Any] = {}  # the stream, as last seen
         self.events_subject = f"lpgw.{pushes.site}.device_events"
 
     async def start(self) -> None:
-        self._sub = await self.pushes.js.subscribe(
-            f"lpgw.{self.pushes.site}.push.>", stream=self.pushes.stream, cb=self._on_msg,
-            ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW,
-            idle_heartbeat=2.0, flow_control=True,
-            pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES)
+        info = await self.pushes.js.stream_info(self.pushes.stream)
+        self._seen = info.state.last_seq
+        await self._subscribe()
         self._events = await self.nc.subscribe(
             self.events_subject, cb=self._on_event, pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=PENDING_BYTES)
         self._workers = [asyncio.create_task(self._purge()) for _ in range(ACK_WORKERS)]
         self._workers.append(asyncio.create_task(self._health()))
+
+    async def _subscribe(self) -> None:
+        """One ordered consumer, from the push after the last one handed to us."""
+        old, self._sub = self._sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        self._heard = time.monotonic()
+        self._sub = await self.pushes.js.subscribe(
+            f"lpgw.{self.pushes.site}.push.>", stream=self.pushes.stream, cb=self._on_msg,
+            ordered_consumer=True, idle_heartbeat=2.0, flow_control=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=self._seen + 1),
+            pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES)
 
     async def stop(self) -> None:
         """Purges still wanted get a moment; then everything here ends."""
@@ -155,6 +175,10 @@ class SiteRelay:
                                "messages": info.state.messages, "bytes": info.state.bytes}
                 self.metrics.cluster_stream_messages.set(info.state.messages)
                 self.metrics.cluster_stream_current.set(current)
+                if (info.state.last_seq > self._seen
+                        and time.monotonic() - self._heard > STALLED_AFTER):
+                    with faults.contained(self.metrics, "cluster_consumer"):
+                        await self._restart_consumer()
             await asyncio.sleep(HEALTH_EVERY)
 
     # --- from the pump: never blocks -------------------------------------------------
@@ -319,7 +343,19 @@ class SiteRelay:
 
     # --- the stream, handed out -----------------------------------------------------
 
+    async def _restart_consumer(self) -> None:
+        self.metrics.cluster_errors.labels("consumer").inc()
+        log.warning("the site's pushes stopped coming (the consumer after %d); starting it "
+                    "again from there", self._seen)
+        try:
+            await self._subscribe()
+            self.resubscribed += 1
+        except NATS_ERRORS as exc:  # the next look tries again
+            faults.bounded(log, "consumer", "the consumer was not made again: %s", exc)
+
     async def _on_msg(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        self._seen = max(self._seen, msg.metadata.sequence.stream)
         token = token_of(msg.subject)
         if not self.delivery.is_connected(token):
             return  # another gateway's device (or none): nothing to parse
