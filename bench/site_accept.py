@@ -39,6 +39,7 @@ from loadgen import pct
 from gateway import config
 from gateway.cluster.pushes import SitePushes
 from gateway.cluster.site import join
+from gateway.records import StoredPush
 from gateway.store import Store
 
 TOPIC = "com.example.bench"
@@ -96,14 +97,16 @@ async def stream_run(tmp: Path, sync: str | None, args: argparse.Namespace) -> d
                                 "cluster": {"enabled": True, "site": "bench",
                                             "servers": cluster.urls}}).cluster
         site = await join(cfg, b"k" * 32, "sha256/bench")
-        pushes = SitePushes(site.js, "bench", replicas=3, queue_limit=256)
+        pushes = SitePushes(site.nc, site.js, "bench", replicas=3, queue_limit=256)
         await pushes.open(20)
         tokens = [uuid.uuid4().hex * 2 for _ in range(args.devices)]
         payload = json.dumps({"aps": {"alert": "x" * max(0, args.size - 20)}})
 
         async def accept(n: int) -> None:
-            await pushes.accept(tokens[n % len(tokens)], str(uuid.uuid4()), "alert", 10,
-                                int(time.time()) + 3600, None, payload, time.time())
+            now = time.time()
+            await pushes.accept(StoredPush(tokens[n % len(tokens)], 0, str(uuid.uuid4()),
+                                           "alert", 10, int(now) + 3600, payload, None, now),
+                                now)
 
         result = await offer(accept, args.rate, args.seconds, args.in_flight)
         await site.close()

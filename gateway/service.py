@@ -244,7 +244,7 @@ class Gateway:
             await presence.start(timeout)
             self.presence = presence
             self.pump.presence = presence
-            pushes = SitePushes(self.site.js, self.site.name, c.replicas,
+            pushes = SitePushes(self.site.nc, self.site.js, self.site.name, c.replicas,
                                 self.config.delivery.queue_limit)
             await pushes.open(timeout)
             self.relay = SiteRelay(self.site.nc, pushes, self.site_devices, self.delivery,

@@ -191,7 +191,7 @@ async def streams(nats_cluster):
         cfg = config.from_dict({**NO_SIP, "cluster": site_config(nats_cluster,
                                                        "s" + new_install()[:8])})
         site = await join(cfg.cluster, b"k" * 32, "sha256/x")
-        pushes = SitePushes(site.js, cfg.cluster.site, replicas=3, queue_limit=queue_limit)
+        pushes = SitePushes(site.nc, site.js, cfg.cluster.site, replicas=3, queue_limit=queue_limit)
         await pushes.open(10.0)
         made.append((site, pushes))
         return pushes
@@ -211,38 +211,49 @@ async def stream(streams):
 TOKEN_A, TOKEN_B = "a" * 64, "b" * 64
 
 
-async def accept(stream, token: str, n: int, now: float, **kw) -> tuple[int, bool]:
+async def accept(stream, token: str, n: int, now: float, **kw):
+    from gateway.records import StoredPush
+
     fields = {"push_id": kw.pop("push_id", new_install()), "push_type": "alert",
-              "priority": 10, "expiration": 0 if kw.get("ephemeral") else int(now) + 3600,
+              "priority": 10, "expiration": int(now) + 3600,
               "collapse_id": kw.pop("collapse_id", None)}
-    fields.update({k: v for k, v in kw.items() if k != "ephemeral"})
-    return await stream.accept(token, payload_json=json.dumps({"n": n}), now=now, **fields)
+    fields.update(kw)
+    return await stream.accept(StoredPush(token=token, seq=0, payload_json=json.dumps(
+        {"n": n}), accepted_at=now, **fields), now)
 
 
 async def test_the_stream_keeps_pushes_as_apns_would(stream):
     """R3, acknowledged after a quorum; seq per device rises (with gaps); an apns-id sent
-    again is kept once; the queue bound drops the oldest; a collapse id keeps the newest;
-    an ack forgets what it covers for the whole site, and only for that device."""
+    again is kept once; the queue bound drops the oldest, over all the device's subjects,
+    and says how many; a collapse id keeps the newest and says it replaced one; pushes
+    with expiration 0 are outside the queue; an ack forgets what it covers for the whole
+    site, and only for that device."""
     now = time.time()
     info = await stream.js.stream_info(stream.stream)
     assert info.config.num_replicas == 3 and info.cluster.leader
-    first, dup = await accept(stream, TOKEN_A, 1, now, push_id="9dbd5258-3151-4386-a404-"
-                                                              "6870860f1cf0")
-    again, dup2 = await accept(stream, TOKEN_A, 1, now, push_id="9dbd5258-3151-4386-a404-"
-                                                                "6870860f1cf0")
-    assert (again, dup, dup2) == (first, False, True)
+    first = await accept(stream, TOKEN_A, 1, now, push_id="9dbd5258-3151-4386-a404-"
+                                                          "6870860f1cf0")
+    again = await accept(stream, TOKEN_A, 1, now, push_id="9dbd5258-3151-4386-a404-"
+                                                          "6870860f1cf0")
+    assert (again.seq, first.duplicate, again.duplicate) == (first.seq, False, True)
+    evicted = []
     for n in range(2, 6):  # 5 kept pushes in all: the bound (3) drops the two oldest
-        await accept(stream, TOKEN_A, n, now)
+        evicted.append((await accept(stream, TOKEN_A, n, now)).evicted)
+    assert evicted == [0, 0, 1, 1]
+    for n in range(3):  # now or never: not in the queue, never backlog
+        assert (await accept(stream, TOKEN_A, 50 + n, now, expiration=0)).evicted == 0
     await accept(stream, TOKEN_B, 100, now)
-    for n in (6, 7):  # the same collapse id: only the newest stays
-        await accept(stream, TOKEN_A, n, now, collapse_id="bed-12")
+    # a new collapse id: its own subject, but the device's bound takes it in (3 drops)
+    six = await accept(stream, TOKEN_A, 6, now, collapse_id="bed-12")
+    seven = await accept(stream, TOKEN_A, 7, now, collapse_id="bed-12")  # replaces 6
+    assert (six.evicted, six.collapsed, seven.evicted, seven.collapsed) == (1, 0, 0, 1)
     pending = await stream.pending_after(TOKEN_A, 0, now)
-    assert [json.loads(p.payload_json)["n"] for p in pending] == [3, 4, 5, 7]
+    assert [json.loads(p.payload_json)["n"] for p in pending] == [4, 5, 7]
     assert [p.seq for p in pending] == sorted(p.seq for p in pending)
     assert pending[-1].collapse_id == "bed-12"
     await stream.ack_through(TOKEN_A, pending[1].seq)
     assert [json.loads(p.payload_json)["n"]
-            for p in await stream.pending_after(TOKEN_A, 0, now)] == [5, 7]
+            for p in await stream.pending_after(TOKEN_A, 0, now)] == [7]
     assert [json.loads(p.payload_json)["n"]
             for p in await stream.pending_after(TOKEN_B, 0, now)] == [100]
 

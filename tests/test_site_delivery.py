@@ -140,6 +140,31 @@ async def test_now_or_never_pushes_go_only_to_a_phone_connected_somewhere(site, 
         await back.next("push", timeout=0.5)
 
 
+async def test_the_queue_bound_and_collapse_are_counted_once_for_the_site(site, devices):
+    """A phone away, pushes to it through B (queue bound 2): the oldest go, a collapse id
+    replaces its older push, and B (which kept them) counts each drop once for the site,
+    as one box does; the phone back on A gets what is left, in order."""
+    a, b = (await site(delivery={"queue_limit": 2}), await site(delivery={"queue_limit": 2}))
+    install = new_install()
+    phone = devices(a, "tls", install_id=install, reconnect=False)
+    token = await phone.welcome()
+    await phone.stop()
+    await eventually(lambda: not b.site_view.connected(token))
+    for n in (1, 2, 3):
+        assert (await send(b, token, {"n": n}))["ok"]
+    assert b.metrics.value("lpgw_pushes_dropped_total", reason="queue_full") == 1
+    for n in (4, 5):  # a new collapse id: over the bound again (2 drops in all), then 4
+        assert (await send(b, token, {"n": n}, collapse_id="bed-12"))["ok"]  # replaced
+    assert b.metrics.value("lpgw_pushes_dropped_total", reason="queue_full") == 2
+    assert b.metrics.value("lpgw_pushes_dropped_total", reason="collapsed") == 1
+    assert a.metrics.value("lpgw_pushes_dropped_total", reason="queue_full") == 0
+    back = devices(a, "tls", install_id=install, reconnect=False)
+    await back.welcome()
+    assert [(await back.next("push"))["payload"]["n"] for _ in range(2)] == [3, 5]
+    with pytest.raises(TimeoutError):
+        await back.next("push", timeout=0.5)
+
+
 async def test_every_gateway_checks_a_push_against_the_site_registry(site, devices, keys):
     """A token no gateway of the site issued is 400 BadDeviceToken on every gateway; one
     issued on A is known on B within moments; an unregistration on A is 410 on B; an

@@ -53,7 +53,7 @@ async def import_state(cfg: ClusterConfig, store: Store, gateway_id: str, queue_
         if not await until_ready(mark, deadline, "the site's JetStream"):
             return Imported(0, 0, 0, 0, already=True)
         registry = await open_bucket(js, devices_bucket(cfg.site), cfg.replicas, deadline)
-        pushes = SitePushes(js, cfg.site, cfg.replicas, queue_limit)
+        pushes = SitePushes(nc, js, cfg.site, cfg.replicas, queue_limit)
         await pushes.open(cfg.connect_timeout * 2)
         written = known = carried = expired = 0
         for device in store.devices():
@@ -66,9 +66,7 @@ async def import_state(cfg: ClusterConfig, store: Store, gateway_id: str, queue_
                 if 0 < push.expiration < now:
                     expired += 1
                     continue
-                await pushes.accept(device.token, push.push_id, push.push_type,
-                                    push.priority, push.expiration, push.collapse_id,
-                                    push.payload_json, now)
+                await pushes.accept(push, now)
                 carried += 1
         await site_kv.put(marker, b"done")
         return Imported(written, known, carried, expired)

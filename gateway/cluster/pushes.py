@@ -1,4 +1,4 @@
-"""The site's accepted pushes: one replicated JetStream stream, a subject per device.
+"""The site's accepted pushes: one replicated JetStream stream, subjects per device.
 
 A push is accepted when JetStream acknowledges it, and JetStream acknowledges only after a
 quorum of the site's nodes has it (R3: two of three). APNs' semantics map onto the stream:
@@ -6,10 +6,16 @@ quorum of the site's nodes has it (R3: two of three). APNs' semantics map onto t
 - the device's `seq` is the stream sequence: it increases per device, with gaps (the
   protocol allows them), and means the same on every gateway of the site;
 - `apns-id` is `Nats-Msg-Id`: a push sent again within DUPLICATE_WINDOW is kept once;
-- the per-device queue bound is `max_msgs_per_subject` on the device's subject (the oldest
-  go first, as on one box);
-- a collapse id is a subject of its own, published with `Nats-Rollup: sub`: the newest
-  push of that id replaces the older one;
+- a device's kept pushes are under `push.<token>.k.>`: `.k.p`, and a subject of its own
+  per collapse id, `.k.c.<digest>`; a push with expiration 0 goes to `.n` (never read as
+  backlog, outside the queue as on one box);
+- the per-device queue bound: the stream refuses a push to a full subject
+  (`max_msgs_per_subject`, discard new per subject), the gateway then purges the device's
+  oldest kept pushes (over all its subjects) and publishes again, counting what went; a
+  new collapse id's subject makes the gateway look at the device's total too;
+- a collapse id's first push is published expecting its subject empty; if it is not, it
+  is published again with `Nats-Rollup: sub` (the newest replaces the older one), counted
+  as collapsed;
 - an expiration is the message's own TTL (`Nats-TTL`), and nothing past its expiration is
   handed out even before the server drops it;
 - an ack is a purge of the device's subjects up to that `seq`, recorded once for the site.
@@ -21,12 +27,15 @@ push). Per-device consumers are not used: each R3 consumer is a Raft group of it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext, api
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from gateway.cluster.site import until_ready
 from gateway.records import StoredPush
@@ -36,6 +45,28 @@ DUPLICATE_WINDOW = 120.0  # seconds: an apns-id sent again within it is kept onc
 # now) but is never handed out later: the stream drops it after this many seconds
 NOW_OR_NEVER_TTL = 5.0
 HEADER = "lpgw-push"  # the push's fields (not the payload) as JSON
+# JetStream's error codes for a refused publish: the device's subject holds
+# max_msgs_per_subject already (discard new per subject), and a collapse id's subject
+# holds a push already (Nats-Expected-Last-Subject-Sequence: 0)
+SUBJECT_FULL = 10077
+WRONG_LAST_SEQUENCE = 10071
+ROOM_ATTEMPTS = 4
+PURGE_TIMEOUT = 2.0
+
+
+class QueueContended(Exception):
+    """Several gateways filled one device's queue at once, past ROOM_ATTEMPTS."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A push the site kept: its seq, whether it was a duplicate (kept before), and how
+    many older pushes of its device went for it (collapsed, evicted from a full queue)."""
+
+    seq: int
+    duplicate: bool
+    collapsed: int = 0
+    evicted: int = 0
 
 
 def stream_name(site: str) -> str:
@@ -43,8 +74,9 @@ def stream_name(site: str) -> str:
 
 
 class SitePushes:
-    def __init__(self, js: JetStreamContext, site: str, replicas: int,
+    def __init__(self, nc: Client, js: JetStreamContext, site: str, replicas: int,
                  queue_limit: int) -> None:
+        self.nc = nc  # for the purge request, whose answer (how many went) nats-py drops
         self.js = js
         self.site = site
         self.stream = stream_name(site)
@@ -52,46 +84,103 @@ class SitePushes:
         self.queue_limit = queue_limit
 
     def device_subjects(self, token: str) -> str:
+        """All of a device's pushes (what an ack purges)."""
         return f"lpgw.{self.site}.push.{token}.>"
 
-    def _subject(self, token: str, collapse_id: str | None) -> str:
-        if collapse_id is None:
-            return f"lpgw.{self.site}.push.{token}.p"
-        digest = hashlib.sha256(collapse_id.encode()).hexdigest()[:32]
-        return f"lpgw.{self.site}.push.{token}.c.{digest}"
+    def kept_subjects(self, token: str) -> str:
+        """The device's kept pushes (its queue, bounded; its backlog)."""
+        return f"lpgw.{self.site}.push.{token}.k.>"
+
+    def _subject(self, push: StoredPush) -> str:
+        if push.expiration == 0:  # now or never: outside the queue, as on one box
+            return f"lpgw.{self.site}.push.{push.token}.n"
+        if push.collapse_id is None:
+            return f"lpgw.{self.site}.push.{push.token}.k.p"
+        digest = hashlib.sha256(push.collapse_id.encode()).hexdigest()[:32]
+        return f"lpgw.{self.site}.push.{push.token}.k.c.{digest}"
 
     async def open(self, timeout: float) -> None:
         """Make the stream if the site has none yet (retried while JetStream elects)."""
         config = api.StreamConfig(
             name=self.stream, subjects=[f"lpgw.{self.site}.push.>"],
             num_replicas=self.replicas, storage=api.StorageType.FILE,
-            max_msgs_per_subject=self.queue_limit, discard=api.DiscardPolicy.OLD,
-            duplicate_window=DUPLICATE_WINDOW, allow_rollup_hdrs=True, allow_msg_ttl=True)
+            max_msgs_per_subject=self.queue_limit, discard=api.DiscardPolicy.NEW,
+            discard_new_per_subject=True, duplicate_window=DUPLICATE_WINDOW,
+            allow_rollup_hdrs=True, allow_msg_ttl=True)
         async def attempt() -> None:
             try:
-                await self.js.stream_info(self.stream)
+                info = await self.js.stream_info(self.stream)
             except NotFoundError:
                 await self.js.add_stream(config)
+                return
+            was = info.config
+            if (was.discard, was.discard_new_per_subject) != (config.discard, True):
+                # a site made by an older lpgw (which dropped the oldest silently); the
+                # bound itself is the first gateway's delivery.queue_limit (one per site)
+                await self.js.update_stream(dataclasses.replace(
+                    config, max_msgs_per_subject=was.max_msgs_per_subject))
         await until_ready(attempt, time.monotonic() + timeout, "the site's push stream")
 
-    async def accept(self, token: str, push_id: str, push_type: str, priority: int,
-                     expiration: int, collapse_id: str | None, payload_json: str,
-                     now: float) -> tuple[int, bool]:
-        """Keep a push for the site; (its seq, whether it was a duplicate of one already
-        kept). Returns only once a quorum has it; raises nats errors otherwise (the
-        caller answers 503: nothing acknowledged is ever lost, nothing unkept is 200)."""
-        fields = {"id": push_id, "type": push_type, "priority": priority,
-                  "expiration": expiration, "collapse_id": collapse_id,
-                  "accepted_at": round(now, 6)}
-        headers = {"Nats-Msg-Id": push_id, HEADER: json.dumps(fields, separators=(",", ":"))}
-        if collapse_id is not None:
-            headers["Nats-Rollup"] = "sub"
+    async def accept(self, push: StoredPush, now: float) -> Stored:
+        """Keep a push for the site. Returns only once a quorum has it; raises nats errors
+        otherwise (the caller answers 503: nothing acknowledged is ever lost, nothing
+        unkept is 200). What it displaced is counted in the result (see `_make_room`)."""
+        fields = {"id": push.push_id, "type": push.push_type, "priority": push.priority,
+                  "expiration": push.expiration, "collapse_id": push.collapse_id,
+                  "accepted_at": round(push.accepted_at, 6)}
+        headers = {"Nats-Msg-Id": push.push_id,
+                   HEADER: json.dumps(fields, separators=(",", ":"))}
         ttl = NOW_OR_NEVER_TTL
-        if expiration > 0:
-            ttl = max(1.0, float(int(expiration - now) + 1))
-        ack = await self.js.publish(self._subject(token, collapse_id), payload_json.encode(),
-                                    stream=self.stream, headers=headers, msg_ttl=ttl)
-        return ack.seq, bool(ack.duplicate)
+        if push.expiration > 0:
+            ttl = max(1.0, float(int(push.expiration - now) + 1))
+        subject = self._subject(push)
+        kept = push.expiration != 0
+        collapsed = evicted = 0
+        if kept and push.collapse_id is not None:
+            # the first of its collapse id (none kept): a subject of its own, which the
+            # device's bound must then take in; else it replaces the one kept
+            headers["Nats-Expected-Last-Subject-Sequence"] = "0"
+        for _ in range(ROOM_ATTEMPTS):
+            try:
+                ack = await self.js.publish(subject, push.payload_json.encode(),
+                                            stream=self.stream, headers=headers, msg_ttl=ttl)
+            except APIError as exc:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
+                    del headers["Nats-Expected-Last-Subject-Sequence"]
+                    headers["Nats-Rollup"] = "sub"
+                    collapsed += 1
+                elif exc.err_code == SUBJECT_FULL and kept:
+                    evicted += await self._make_room(self.kept_subjects(push.token),
+                                                     self.queue_limit - 1)
+                elif exc.err_code == SUBJECT_FULL:  # now-or-never ones, of seconds
+                    await self._make_room(subject, self.queue_limit - 1)
+                else:
+                    raise
+                continue
+            if kept and push.collapse_id is not None and not collapsed and not ack.duplicate:
+                evicted += await self._make_room(self.kept_subjects(push.token),
+                                                 self.queue_limit, look=True)
+            return Stored(ack.seq, bool(ack.duplicate), collapsed, evicted)
+        raise QueueContended(f"the device's queue stayed full through {ROOM_ATTEMPTS} "
+                             "attempts (other gateways filling it at once)")
+
+    async def _make_room(self, subjects: str, keep: int, look: bool = False) -> int:
+        """Keep only the newest `keep` pushes of `subjects` (a device's queue: the bound as
+        on one box, the oldest go first); how many went. The stream itself bounds only
+        each subject (`max_msgs_per_subject`, refusing the next: counted here); a new
+        collapse id adds a subject, so then the device's total is looked at (on the
+        leader, not replicated) and purged only when over."""
+        if look:
+            info = await self.js.stream_info(self.stream, subjects_filter=subjects)
+            if sum((info.state.subjects or {}).values()) <= keep:
+                return 0
+        reply = await self.nc.request(
+            f"$JS.API.STREAM.PURGE.{self.stream}",
+            json.dumps({"filter": subjects, "keep": keep}).encode(), timeout=PURGE_TIMEOUT)
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            raise APIError.from_error(answer["error"])
+        return int(answer.get("purged", 0))
 
     async def pending_after(self, token: str, after: int, now: float,
                             limit: int | None = None) -> list[StoredPush]:
@@ -103,7 +192,7 @@ class SitePushes:
         while len(out) < most:
             try:
                 msg = await self.js.get_msg(self.stream, seq=seq,
-                                            subject=self.device_subjects(token), next=True)
+                                            subject=self.kept_subjects(token), next=True)
             except NotFoundError:
                 break
             push = site_push(token, msg.seq or 0, msg.headers, msg.data)

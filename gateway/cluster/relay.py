@@ -37,7 +37,7 @@ from nats.js import api
 
 from gateway import faults
 from gateway.cluster.devices import SiteDevices
-from gateway.cluster.pushes import SitePushes, site_push, token_of
+from gateway.cluster.pushes import QueueContended, SitePushes, Stored, site_push, token_of
 from gateway.core.delivery import Delivery, Rejected
 from gateway.core.events import (
     AckAtSite,
@@ -315,14 +315,16 @@ class SiteRelay:
 
     async def _publish(self, work: KeepPush, future: asyncio.Future[Kept]) -> None:
         try:
-            seq, duplicate = await asyncio.wait_for(self.pushes.accept(
-                work.token, work.push_id, work.push_type, work.priority, work.expiration,
-                work.collapse_id, work.payload_json, work.accepted_at), self.accept_timeout)
-            result = Kept(seq, None, duplicate)
+            stored = await asyncio.wait_for(self.pushes.accept(work.push, time.time()),
+                                            self.accept_timeout)
+            result = Kept(stored.seq, None, stored.duplicate)
         except (TimeoutError, nats.errors.TimeoutError):
             self.metrics.cluster_not_kept.labels("timeout").inc()
             result = Kept(None, f"the site's quorum did not keep the push within "
                                 f"{self.accept_timeout:g} s ({NO_QUORUM}); send it again")
+        except QueueContended as exc:
+            self.metrics.cluster_not_kept.labels("contended").inc()
+            result = Kept(None, f"{exc}; send it again")
         except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
             self.metrics.cluster_not_kept.labels("no_quorum").inc()
             result = Kept(None, f"the site's stream has no quorum now ({NO_QUORUM}); send "
@@ -332,7 +334,7 @@ class SiteRelay:
             result = Kept(None, f"the site did not keep the push ({type(exc).__name__}: "
                                 f"{str(exc)[:120]}); send it again")
         except Exception as exc:  # a bug: this push only
-            faults.record(self.metrics, "cluster_keep", exc, short(work.token))
+            faults.record(self.metrics, "cluster_keep", exc, short(work.push.token))
             result = Kept(None, "the site did not keep the push (an internal error); "
                                 "send it again")
         finally:
@@ -340,6 +342,21 @@ class SiteRelay:
             self.metrics.cluster_keeps.set(self._keeping)
         if not future.done():
             future.set_result(result)
+        if result.seq is not None:
+            self._count_displaced(work, stored)
+
+    def _count_displaced(self, work: KeepPush, stored: Stored) -> None:
+        """What the site dropped for this push, counted as one box counts it, by the
+        gateway that kept it (once for the site)."""
+        if not work.counted:
+            return
+        if stored.collapsed:
+            self.metrics.dropped.labels("collapsed").inc(stored.collapsed)
+        if stored.evicted:
+            self.metrics.dropped.labels("queue_full").inc(stored.evicted)
+            faults.bounded(log, "queue_full", "device %s queue full (%d): dropped the %d "
+                           "oldest pushes", short(work.push.token), self.pushes.queue_limit,
+                           stored.evicted)
 
     # --- the stream, handed out -----------------------------------------------------
 

@@ -727,8 +727,9 @@ class Delivery:
                      short(token))
             return Accepted(push_id, None, sent=False, stored=False)
         self._tickets += 1
-        self._out.append(KeepPush(self._tickets, token, push_id, req.push_type, priority,
-                                  expiration, req.collapse_id, payload_json, now))
+        push = StoredPush(token, 0, push_id, req.push_type, priority, expiration,
+                          payload_json, req.collapse_id, now)
+        self._out.append(KeepPush(self._tickets, push, token not in self._test_tokens))
         return Accepted(push_id, None, sent=False, stored=expiration != 0,
                         ticket=self._tickets)
 

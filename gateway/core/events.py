@@ -12,6 +12,7 @@ from typing import Protocol
 
 from gateway.core.model import PushRequest
 from gateway.protocol.messages import CallAction, Push
+from gateway.records import StoredPush
 
 
 class DeviceLink(Protocol):
@@ -82,17 +83,14 @@ class CallActionTaken:
 class KeepPush:
     """Keep this push for the site (the site's push stream). Whoever submitted it waits for
     `ticket` before answering: accepted only once a quorum has it. The device gets it back
-    from the stream on whichever gateway holds it (`Delivery.site_push`)."""
+    from the stream on whichever gateway holds it (`Delivery.site_push`). `push.seq` is 0:
+    the stream gives it one. `counted`: whether what the site drops for it (an older push
+    it collapses, the oldest of a full queue) goes into the drop counters (not for the
+    self-test's devices)."""
 
     ticket: int
-    token: str
-    push_id: str
-    push_type: str
-    priority: int
-    expiration: int  # 0: only to a device connected somewhere now, never kept for later
-    collapse_id: str | None
-    payload_json: str
-    accepted_at: float
+    push: StoredPush
+    counted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
