@@ -110,6 +110,35 @@ async def test_a_phone_that_moves_gets_exactly_its_unacked_backlog(site, devices
         await back.next("push", timeout=0.5)
 
 
+async def test_what_a_phone_had_but_the_site_never_heard_it_ack_is_reported(site, devices,
+                                                                           tmp_path):
+    """A gateway that dies between its phone's ack and the site's hearing of it leaves the
+    push kept. The phone's next gateway reads it (the phone's last_ack covers it):
+    reported delivered there (a ringing call learns of it from that), forgotten for the
+    site, and not sent again. Made here by the phone's own state: it says it had the push
+    (last_ack) that was kept while it was away."""
+    a, b = await site(), await site()
+    install, state = new_install(), tmp_path / "phone.json"
+    phone = devices(a, "tls", install_id=install, state_file=state, reconnect=False)
+    token = await phone.welcome()
+    await phone.stop()
+    await eventually(lambda: not a.delivery.is_connected(token))
+    had = await send(a, token, {"n": 1})
+    later = await send(a, token, {"n": 2})
+    assert had["ok"] and later["ok"]
+    saved = json.loads(state.read_text())
+    state.write_text(json.dumps({**saved, "last_ack": had["seq"]}))
+    delivered = b.metrics.value("lpgw_pushes_delivered_total")
+    back = devices(b, "tls", install_id=install, state_file=state, reconnect=False)
+    assert await back.welcome() == token
+    assert (await back.next("push"))["payload"] == {"n": 2}
+    with pytest.raises(TimeoutError):
+        await back.next("push", timeout=0.5)
+    assert await eventually(lambda: b.metrics.value("lpgw_pushes_delivered_total")
+                            == delivered + 2)  # the one it had, and the one it got
+    assert await eventually(lambda: _empty(kept(b, token)))
+
+
 async def test_now_or_never_pushes_go_only_to_a_phone_connected_somewhere(site, devices,
                                                                         keys):
     """apns-expiration 0: delivered to a phone connected to another gateway now; for a

@@ -115,6 +115,9 @@ class _Live:
     # in a site: welcomed only once the site has its record (RecordDevice -> recorded)
     welcomed: bool = True
     user: str | None = None
+    # in a site: the device's last_ack at its hello; pushes through it that the site still
+    # keeps were delivered (by a gateway that died before the site heard the ack)
+    had_through: int = 0
 
 
 class Delivery:
@@ -223,13 +226,13 @@ class Delivery:
     def _admit_at_site(self, token: str, hello: Hello, user: str | None, link: DeviceLink,
                        now: float) -> str:
         """The device's pushes are the site's: what it has (its `last_ack`, counted in the
-        site's seqs) is forgotten for the site, and the rest is read from the stream."""
+        site's seqs) and the site still keeps is reported delivered and forgotten for the
+        site (see `backlog`), and the rest is read from the stream."""
         after = 0
         if hello.last_ack and hello.gateway_id == self.welcome_id:
             after = hello.last_ack
-            self._out.append(AckAtSite(token, after))
         live = _Live(link=link, since=now, sent_through=after, loading=True, welcomed=False,
-                     user=user)
+                     user=user, had_through=after)
         self._live[token] = live
         self._count_connected(link, +1)
         # the welcome (with the token the app hands its server) waits until the site has
@@ -249,7 +252,9 @@ class Delivery:
         live.welcomed = True
         self._handshake(token, link, "welcome")
         self._out.append(WelcomeDevice(link, token, live.user))
-        self._out.append(LoadBacklog(token, link, live.sent_through))
+        # from the start when it has had some: what the site kept of those is reported
+        self._out.append(LoadBacklog(token, link, 0 if live.had_through else
+                                     live.sent_through))
 
     def _admit_install(self, token: str, link: DeviceLink, source: str | None,
                        now: float) -> None:
@@ -761,6 +766,16 @@ class Delivery:
         live = self._live.get(token)
         if live is None or live.link is not link:
             return
+        had = [push for push in pushes if push.seq <= live.had_through]
+        if had:  # the device had these, and the site never heard its ack: now it has
+            counted = token not in self._test_tokens
+            for push in had:
+                if counted:
+                    self.metrics.delivered.inc()
+                self._out.append(PushDelivered(token, push.push_id, now, push.push_type))
+            self._out.append(AckAtSite(token, live.had_through))
+            log.info("device %s had %d pushes the site had not heard it ack", short(token),
+                     len(had))
         for push in pushes:
             if push.seq <= live.sent_through or push.expiration == 0:
                 continue  # had, or now-or-never for a connection that has ended
@@ -770,6 +785,7 @@ class Delivery:
             self._send(live, push, now)
         if not complete:
             return
+        live.had_through = 0
         if live.more:
             live.more = False
             self._out.append(LoadBacklog(token, link, live.sent_through))
