@@ -46,8 +46,12 @@ class Node:
     def prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns] if self.netns else []
 
-    def healthy(self) -> bool:
-        url = f"http://{self.host}:{self.http_port}/healthz?js-enabled-only=true"
+    def healthy(self, current: bool = False) -> bool:
+        """JetStream runs here; with `current`, also every stream here has caught up (the
+        nats role's wait before it restarts the next node of a running site)."""
+        url = f"http://{self.host}:{self.http_port}/healthz"
+        if not current:
+            url += "?js-enabled-only=true"
         if self.netns:  # from inside its namespace
             check = ("import sys, urllib.request as u\ntry:\n sys.exit(u.urlopen(sys.argv[1],"
                      " timeout=1).status != 200)\nexcept OSError:\n sys.exit(1)")
@@ -90,7 +94,9 @@ class NatsCluster:
                 f"server_name: n{i}\nlisten: {host}:{client}\nhttp: {host}:{http}\n"
                 f'jetstream {{ store_dir: "{store}", max_memory_store: 256MB, '
                 f"max_file_store: 2GB{f', sync_interval: {sync}' if sync else ''} }}\n"
-                f"cluster {{ name: site, listen: {host}:{route}, routes: [ {routes} ] }}\n")
+                f"cluster {{ name: site, listen: {host}:{route}, routes: [ {routes} ] }}\n"
+                # as the nats role writes it (ansible/roles/nats/templates)
+                "lame_duck_grace_period: 2s\n")
             self.nodes.append(Node(f"n{i}", client, route, http, store, conf, host=host,
                                    netns=netns or None))
         for node in self.nodes:
@@ -111,10 +117,23 @@ class NatsCluster:
                 raise RuntimeError(f"NATS cluster not ready in {timeout} s: see {self.root}")
             time.sleep(0.1)
 
-    def kill(self, node: Node, sig: int = signal.SIGKILL) -> None:
+    def restart(self, node: Node, timeout: float = 60.0) -> float:
+        """Restart a node as systemd does with the nats role's unit (SIGUSR2: lame duck,
+        its clients and stream leaderships move to the others first), then wait until its
+        streams have caught up, as the role does before the next node; the seconds taken."""
+        started = time.monotonic()
+        self.kill(node, signal.SIGUSR2, wait=timeout)
+        self.launch(node)
+        while not node.healthy(current=True):
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"{node.name} not current again in {timeout} s")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    def kill(self, node: Node, sig: int = signal.SIGKILL, wait: float = 10.0) -> None:
         if node.proc is not None and node.proc.poll() is None:
             os.kill(node.proc.pid, sig)
-            node.proc.wait(10)
+            node.proc.wait(wait)
 
     def stop(self) -> None:
         for node in self.nodes:
