@@ -326,7 +326,7 @@ async def _discover(client: DeviceClient, args: argparse.Namespace) -> Browser |
     client.emit({"event": "discovered", **found.to_dict()})
     if not client.o.pin:
         client.trust(found.pin)
-    client.o.locate = Locator(browser, found.gateway_id)
+    client.o.locate = Locator(browser, found.gateway_id, pin=client.o.pin)
     return browser
 
 

@@ -25,7 +25,7 @@ from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.certs import pin_of_der
-from gateway.endpoints import Endpoint
+from gateway.endpoints import Endpoint, normalize_pin
 from gateway.internals import connection_of, datagram_transport_of, peer_certificate
 from gateway.protocol import ALPN, VERSIONS
 from gateway.protocol.messages import ByeReason, Hello
@@ -49,10 +49,6 @@ MOVE_ON = {"connect_failed", "lost", ByeReason.HEARTBEAT_TIMEOUT, ByeReason.HELL
 
 class PinMismatch(Exception):
     pass
-
-
-def normalize_pin(pin: str) -> str:
-    return pin.removeprefix("sha256/")
 
 
 @dataclass

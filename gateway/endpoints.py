@@ -17,6 +17,11 @@ FAILED_FOR = 60.0  # seconds a failed gateway is tried only if every other faile
 Endpoint = tuple[str, int]  # address, port
 
 
+def normalize_pin(pin: str) -> str:
+    """A pin as `lpgw pin` prints it (sha256/<base64>) or bare: the base64."""
+    return pin.removeprefix("sha256/")
+
+
 @dataclass
 class Endpoints:
     failed: dict[Endpoint, float] = field(default_factory=dict)  # -> when (monotonic)

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from zeroconf import ServiceInfo
 
-from gateway.net.browse import Ambiguous, NotFound, parse, pick
+from gateway.net.browse import Ambiguous, NotFound, parse, pick, usable
 from gateway.net.discovery import Identity, instance_label, txt_records
 from tests.conftest import ROOT
 from tests.netns import (
@@ -189,6 +189,23 @@ def test_pick_one_gateway_or_say_why_not():
         pick([deck5, deck6], instance="Deck 9")
     with pytest.raises(NotFound, match=r"^no lpgw gateway found$"):
         pick([])
+    # gateways of one site: one id, one pin; any of them will do, asked for or not
+    site = Identity("Ward A", "site-ward", "sha256/s", 4433, ("quic",))
+    ward_a = parse(info_for(site, None, "10.0.0.3"))
+    ward_b = parse(info_for(Identity("Ward B", "site-ward", "sha256/s", 4433, ("quic",)),
+                            None, "10.0.0.4"))
+    assert pick([ward_a, ward_b]) is ward_a
+    assert pick([deck5, ward_a, ward_b], gateway_id="site-ward") is ward_a
+    impostor = parse(info_for(Identity("Ward C", "site-ward", "sha256/other", 4433,
+                                       ("quic",)), None, "10.0.0.5"))
+    with pytest.raises(Ambiguous, match=r"advertise id site-ward with different pins"):
+        pick([ward_a, impostor], gateway_id="site-ward")
+    # a device that knows the site's pin moves among those with it; an impostor beside
+    # them cannot make it give up (with only the impostor left, it refuses that key)
+    assert usable([ward_a, impostor, deck5, ward_b], "site-ward", "sha256/s") == [ward_a,
+                                                                                ward_b]
+    assert usable([impostor], "site-ward", "s") == [impostor]
+    assert usable([ward_a, impostor], "site-ward", None) == [ward_a, impostor]
 
 
 async def test_the_gateway_reports_its_network(gateway_factory, tmp_path):

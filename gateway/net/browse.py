@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from gateway.endpoints import Endpoint, Endpoints
+from gateway.endpoints import Endpoint, Endpoints, normalize_pin
 from gateway.net.discovery import PROTOCOL_VERSION, SERVICE_TYPES
 
 # After the first answer, how long to wait for others before calling it "the only one".
@@ -84,9 +84,11 @@ def matches(found: Found, instance: str | None, gateway_id: str | None) -> bool:
 
 def pick(found: list[Found], instance: str | None = None,
          gateway_id: str | None = None) -> Found:
-    """The one gateway these criteria name; NotFound or Ambiguous (with the choices) if not."""
+    """The one gateway (or site) these criteria name; NotFound or Ambiguous (with the
+    choices) if not. The gateways of a site advertise one id and one pin (the site's): any
+    of them will do, and the Locator picks one for each connection."""
     chosen = [f for f in found if matches(f, instance, gateway_id)]
-    if len(chosen) == 1:
+    if len(chosen) == 1 or (chosen and len({(f.gateway_id, f.pin) for f in chosen}) == 1):
         return chosen[0]
     wanted = " and ".join(w for w in (instance and f"instance {instance!r}",
                                       gateway_id and f"gateway id {gateway_id}") if w)
@@ -95,6 +97,10 @@ def pick(found: list[Found], instance: str | None = None,
         raise NotFound(f"no lpgw gateway{' with ' + wanted if wanted else ''} found"
                        + (f" (seen: {seen})" if seen else ""))
     names = "; ".join(f"{f.instance!r} (id {f.gateway_id})" for f in chosen)
+    if len({f.gateway_id for f in chosen}) == 1:
+        raise Ambiguous(f"{len(chosen)} gateways advertise id {chosen[0].gateway_id} with "
+                        f"different pins: {names}; a site's gateways share one (check them "
+                        "with `lpgw pin`, or choose one with --instance)")
     raise Ambiguous(f"{len(chosen)} gateways found: {names}; choose one with --instance "
                     "or --gateway-id")
 
@@ -203,21 +209,35 @@ class Browser:
             self._azc = None
 
 
+def usable(found: list[Found], gateway_id: str, pin: str | None) -> list[Found]:
+    """The advertisements of this gateway (or site) to choose among: those with the
+    expected pin when any has it (another pin beside them is a misconfigured gateway or
+    an impostor on the Wi-Fi, and must not make the device give up); else all of them
+    (the device then refuses the key it is offered)."""
+    mine = [f for f in found if f.gateway_id == gateway_id]
+    if pin is None:
+        return mine
+    right = [f for f in mine if normalize_pin(f.pin) == normalize_pin(pin)]
+    return right or mine
+
+
 class Locator:
     """Where a chosen gateway is now: the device asks before every connection attempt."""
 
-    def __init__(self, browser: Browser, gateway_id: str, timeout: float = 10.0) -> None:
+    def __init__(self, browser: Browser, gateway_id: str, timeout: float = 10.0,
+                 pin: str | None = None) -> None:
         self.browser = browser
         self.gateway_id = gateway_id
+        self.pin = pin
         self.timeout = timeout
         self.endpoints = Endpoints()
 
     async def __call__(self, avoid: Endpoint | None = None) -> tuple[str, int, str]:
         """(address, port, advertised pin); `avoid` just failed. Every gateway of a site
         advertises the site's id: any of them will do, the one that failed last."""
-        found = [f for f in await self.browser.wait(
-            lambda fs: any(f.gateway_id == self.gateway_id for f in fs), self.timeout)
-            if f.gateway_id == self.gateway_id]
+        found = usable(await self.browser.wait(
+            lambda fs: any(f.gateway_id == self.gateway_id for f in fs), self.timeout),
+            self.gateway_id, self.pin)
         if not found:
             raise NotFound(f"no lpgw gateway with gateway id {self.gateway_id} found")
         pins = {(a, f.port): f.pin for f in found for a in f.addresses}
