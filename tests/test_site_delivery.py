@@ -194,6 +194,27 @@ async def test_the_queue_bound_and_collapse_are_counted_once_for_the_site(site, 
         await back.next("push", timeout=0.5)
 
 
+async def test_pushes_and_lookups_waiting_for_the_site_are_bounded(site, devices):
+    """cluster.max_keeps bounds what waits for the site at once: pushes being kept and
+    unknown tokens being looked up (a flood of either). Past it: 503 at once, with the
+    setting's name, counted; below it everything goes on as usual."""
+    a = await site({"max_keeps": 16})
+    phone = devices(a, "tls", reconnect=False)
+    token = await phone.welcome()
+    for tokens in ([token] * 80, [uuid.uuid4().hex * 2 for _ in range(80)]):
+        replies = await asyncio.gather(*(send(a, t, {"n": n})
+                                         for n, t in enumerate(tokens)))
+        busy = [r for r in replies if not r["ok"] and "cluster.max_keeps" in r["message"]]
+        others = [r for r in replies if r not in busy]
+        assert busy and others, replies
+        assert all(r["reason"] == "ServiceUnavailable" for r in busy)
+        assert all(r["ok"] if tokens[0] == token else r["reason"] == "BadDeviceToken"
+                   for r in others), others
+    assert a.metrics.value("lpgw_cluster_not_kept_total", why="busy") >= 2
+    assert a.metrics.value("lpgw_cluster_keeps_waiting") == 0
+    assert (await send(a, token, {"n": "after"}))["ok"]
+
+
 async def test_every_gateway_checks_a_push_against_the_site_registry(site, devices, keys):
     """A token no gateway of the site issued is 400 BadDeviceToken on every gateway; one
     issued on A is known on B within moments; an unregistration on A is 410 on B; an

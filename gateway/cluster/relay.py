@@ -189,7 +189,9 @@ class SiteRelay:
         elif isinstance(work, RecordDevice):
             self._spawn(self._record(work))
         elif isinstance(work, LookUpDevice):
-            self._spawn(self._look_up(work, self._future(work.ticket)))
+            future = self._future(work.ticket)
+            if self._take_slot(future):
+                self._spawn(self._look_up(work, future))
         elif isinstance(work, LoadBacklog):
             self._spawn(self._load(work))
         elif isinstance(work, AckAtSite):
@@ -278,9 +280,12 @@ class SiteRelay:
         """The site's registry, asked about a token this gateway does not know (yet); if it
         knows it, the push is submitted again, and its answer is this ticket's."""
         try:
-            known = await asyncio.wait_for(self.devices.look_up(work.token),
-                                           self.accept_timeout)
-        except (*NATS_ERRORS, nats.errors.TimeoutError) as exc:
+            try:
+                known = await asyncio.wait_for(self.devices.look_up(work.token),
+                                               self.accept_timeout)
+            finally:
+                self._free_slot()  # a push submitted again takes a slot of its own
+        except NATS_ERRORS as exc:
             self.metrics.cluster_not_kept.labels("lookup").inc()
             result = Kept(None, f"the site's registry did not answer ({type(exc).__name__}); "
                                 "send it again")
@@ -303,15 +308,26 @@ class SiteRelay:
 
     def _keep(self, work: KeepPush) -> None:
         future = self._future(work.ticket)
+        if self._take_slot(future):
+            self._spawn(self._publish(work, future))
+
+    def _take_slot(self, future: asyncio.Future[Kept]) -> bool:
+        """One of cluster.max_keeps: a push waiting for the site's quorum, or a token
+        being looked up in the site's registry (both are requests a flood could pile up);
+        none left: answered busy at once."""
         if self._keeping >= self.max_keeps:
             self.metrics.cluster_not_kept.labels("busy").inc()
             future.set_result(Kept(None, f"the site has {self._keeping} pushes waiting for "
                                          "its quorum (cluster.max_keeps); send it again "
                                          "later"))
-            return
+            return False
         self._keeping += 1
         self.metrics.cluster_keeps.set(self._keeping)
-        self._spawn(self._publish(work, future))
+        return True
+
+    def _free_slot(self) -> None:
+        self._keeping -= 1
+        self.metrics.cluster_keeps.set(self._keeping)
 
     async def _publish(self, work: KeepPush, future: asyncio.Future[Kept]) -> None:
         try:
@@ -338,8 +354,7 @@ class SiteRelay:
             result = Kept(None, "the site did not keep the push (an internal error); "
                                 "send it again")
         finally:
-            self._keeping -= 1
-            self.metrics.cluster_keeps.set(self._keeping)
+            self._free_slot()
         if not future.done():
             future.set_result(result)
         if result.seq is not None:
