@@ -365,6 +365,7 @@ class Gateway:
             await asyncio.sleep(self.config.delivery.expire_interval)
             try:
                 self.delivery.expire(time.time())
+                self.pump.run()  # in a site: the devices pruned, forgotten there too
             except Exception:
                 log.exception("expiry sweep failed")
 

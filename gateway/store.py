@@ -433,16 +433,16 @@ class Store:
             self._db.execute("DELETE FROM pushes WHERE token=?", (token,))
 
     @_storage
-    def prune_devices(self, unseen_since: float, keep: set[str], limit: int) -> int:
+    def prune_devices(self, unseen_since: float, keep: set[str], limit: int) -> list[str]:
         """Delete up to `limit` devices last seen before `unseen_since` (not those in
-        `keep`), with their pushes; how many went."""
+        `keep`), with their pushes; the ones that went."""
         with self._tx():
             tokens = [r[0] for r in self._db.execute(
                 "SELECT token FROM devices WHERE last_seen < ? ORDER BY last_seen LIMIT ?",
                 (unseen_since, limit + len(keep))) if r[0] not in keep][:limit]
             self._db.executemany("DELETE FROM pushes WHERE token=?", [(t,) for t in tokens])
             self._db.executemany("DELETE FROM devices WHERE token=?", [(t,) for t in tokens])
-        return len(tokens)
+        return tokens
 
     @_storage
     def count_devices(self) -> int:

@@ -215,6 +215,53 @@ async def test_pushes_and_lookups_waiting_for_the_site_are_bounded(site, devices
     assert (await send(a, token, {"n": "after"}))["ok"]
 
 
+async def test_a_device_unseen_too_long_is_forgotten_by_the_whole_site(site, devices):
+    """delivery.unregistered_after_days, in a site: a device unseen that long (its record
+    in the site's registry says so) is pruned by a gateway's sweep, deleted from the
+    site's registry, and forgotten by every other gateway's copy (a push for it is then
+    BadDeviceToken everywhere). The deletion holds only for the record the gateway knew:
+    one written again meanwhile (the phone back on another gateway) stays."""
+    import dataclasses
+
+    from nats.js.errors import NotFoundError
+
+    from gateway.cluster.devices import devices_bucket, encode
+
+    a, b = await site(), await site()
+    phones = [devices(a, "tls", reconnect=False) for _ in range(2)]
+    gone, stays = [await phone.welcome() for phone in phones]
+    await eventually(lambda: b.site_view.connected(gone) and b.site_view.connected(stays))
+    for phone in phones:
+        await phone.stop()
+    await eventually(lambda: not b.site_view.connected(gone)
+                     and not b.site_view.connected(stays))
+    kv = await a.site.js.key_value(devices_bucket(site.name))
+    month_ago = time.time() - 31 * 86400
+    for token in (gone, stays):  # a month has passed: the site's record and each copy
+        await kv.put(token, encode(dataclasses.replace(a.store.device(token),
+                                                       last_seen=month_ago)))
+        for gw in (a, b):
+            gw.store.seen(token, month_ago)
+    stale = (await kv.get(stays)).revision
+    await kv.put(stays, encode(dataclasses.replace(a.store.device(stays),
+                                                   last_seen=time.time())))
+    # B's sweep would prune it if it had not heard of the new record: the delete of the
+    # revision it knew (made here directly) must leave the new one
+    await b.site_devices._delete(stays, stale)
+    assert (await kv.get(stays)).revision > stale
+
+    b.delivery.expire(time.time())
+    b.pump.run()
+    await eventually(lambda: a.store.device(gone) is None)  # A's copy: through the watch
+    assert b.store.device(gone) is None
+    with pytest.raises(NotFoundError):
+        await kv.get(gone)
+    reply = await send(a, gone, {"n": 1})
+    assert not reply["ok"] and reply["reason"] == "BadDeviceToken", reply
+    assert a.store.device(stays) is not None and b.store.device(stays) is not None
+    assert b.metrics.value("lpgw_devices_pruned_total") == 1
+
+
 async def test_every_gateway_checks_a_push_against_the_site_registry(site, devices, keys):
     """A token no gateway of the site issued is 400 BadDeviceToken on every gateway; one
     issued on A is known on B within moments; an unregistration on A is 410 on B; an

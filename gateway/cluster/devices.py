@@ -35,6 +35,7 @@ log = logging.getLogger("lpgw.cluster")
 
 WORKERS = 4
 RETRY_AFTER = 1.0
+WRONG_LAST_SEQUENCE = 10071  # JetStream: the record was written again since the revision
 
 
 def devices_bucket(site: str) -> str:
@@ -83,6 +84,7 @@ class SiteDevices:
         self._watcher: KeyValue.KeyWatcher | None = None
         self._same: dict[str, bytes] = {}  # token -> digest of the site's record as known
         self._known: dict[str, bytes] = {}  # the same, but for the last-seen time
+        self._revision: dict[str, int] = {}  # token -> the site's revision of it, as known
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._unmirrored: dict[str, DeviceRecord] = {}  # the local store failed: again later
@@ -154,18 +156,32 @@ class SiteDevices:
     async def _write(self, token: str) -> None:
         assert self._kv is not None
         device = self.storage.device(token)
-        if device is None:  # forgotten here (a self-test's device): for the site too
+        if device is None:  # forgotten here (pruned, a self-test's device): for the site too
             self._known.pop(token, None)
+            revision = self._revision.pop(token, None)
             if self._same.pop(token, None) is not None:
-                await self._kv.delete(token)
+                await self._delete(token, revision)
             return
         value = encode(device)
         digest = _digest(value)
         if self._same.get(token) == digest:
             return
-        await self._kv.put(token, value)
+        self._revision[token] = await self._kv.put(token, value)
         self._same[token] = digest
         self._known[token] = _digest(encode(device, False))
+
+    async def _delete(self, token: str, revision: int | None) -> None:
+        """Delete the site's record only if it is still the one this gateway knew: every
+        gateway prunes the same unseen devices, and the phone may have just come back
+        to another gateway, whose newer record must stay (it comes back here through the
+        watch). The bucket keeps a small delete marker per token (history 1)."""
+        assert self._kv is not None
+        try:
+            await self._kv.delete(token, last=revision)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            log.debug("%s written again in the site meanwhile: kept", short(token))
 
     # --- the site's records, here ----------------------------------------------------
 
@@ -186,9 +202,11 @@ class SiteDevices:
             return
         if entry.operation is not None or not entry.value:  # deleted: forgotten
             self._known.pop(token, None)
+            self._revision.pop(token, None)
             if self._same.pop(token, None) is not None:
                 self._forget(token)
             return
+        self._revision[token] = entry.revision or 0
         digest = _digest(entry.value)
         if self._same.get(token) == digest:
             return  # ours, or known already

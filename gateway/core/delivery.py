@@ -809,9 +809,11 @@ class Delivery:
             self._expired(token)
         self._records = None  # recounted at the next new install: forgets and prunes
         if pruned:
-            self.metrics.devices_pruned.inc(pruned)
-            log.info("pruned %d devices unseen for %.0f days, with their queues", pruned,
+            self.metrics.devices_pruned.inc(len(pruned))
+            log.info("pruned %d devices unseen for %.0f days, with their queues", len(pruned),
                      self.settings.forget_after / 86400)
+            if self.site is not None:  # forgotten for the site too (every gateway's copy)
+                self._out.extend(DeviceChanged(token) for token in pruned)
         return len(gone)
 
     # --- the wall clock -------------------------------------------------------------

@@ -52,8 +52,8 @@ class Storage(Protocol):
 
     def forget_device(self, token: str) -> bool: ...
 
-    def prune_devices(self, unseen_since: float, keep: set[str], limit: int) -> int:
-        """Delete up to `limit` devices unseen since then (not `keep`); how many went."""
+    def prune_devices(self, unseen_since: float, keep: set[str], limit: int) -> list[str]:
+        """Delete up to `limit` devices unseen since then (not `keep`); the ones that went."""
         ...
 
     def count_devices(self) -> int: ...
