@@ -118,11 +118,25 @@ class DeviceClient:
         self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._ack_to = 0
+        self._runner: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> str:
-        """Connect and stay connected; returns the reason it gave up."""
+        """Connect and stay connected; returns the reason it gave up ("stopped" after
+        `stop`, at once even while it waits to reconnect or is connecting)."""
+        self._runner = asyncio.current_task()
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            if not self._stopping or self._runner is None:
+                raise
+            self._runner.uncancel()  # our own cancel (stop): an answer, not an error
+            return "stopped"
+        finally:
+            self._runner = None
+
+    async def _run(self) -> str:
         delay = self.o.backoff_min
         avoid: Endpoint | None = None
         while True:
@@ -158,6 +172,8 @@ class DeviceClient:
         if self.session is not None and self.session.closed is None:
             self.session.close(ByeReason.CLIENT)
             self._flush()
+        elif self._runner is not None and not self._runner.done():
+            self._runner.cancel()  # waiting to reconnect, or connecting: nobody to tell
         self._close()
         self._finish("stopped")
 

@@ -167,3 +167,27 @@ def test_an_unknown_event_loop_stops_the_start_with_exit_2(tmp_path):
                           env={**os.environ, "LPGW_EVENT_LOOP": "libuv"})
     assert done.returncode == 2
     assert "LPGW_EVENT_LOOP: 'libuv' is neither uvloop nor asyncio" in done.stderr
+
+
+def test_a_device_waiting_to_reconnect_quits_at_once(tmp_path):
+    """`quit` (or Ctrl-D) while the device waits between attempts, or is connecting to a
+    gateway that does not answer, ends it at once: it used to finish the attempt first
+    (up to its connect timeout)."""
+    from gateway.service import free_port
+
+    port = free_port("127.0.0.1")  # nobody listens: every QUIC attempt times out
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "device", "--host", "127.0.0.1", "--port",
+         str(port), "--pin", "sha256/" + "A" * 43 + "=", "--transport", "quic"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        time.sleep(1.5)  # importing, then the first attempt under way
+        began = time.monotonic()
+        proc.stdin.write(b"quit\n")
+        proc.stdin.flush()
+        assert proc.wait(5) == 0
+        assert time.monotonic() - began < 1.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
