@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 
 from gateway import faults
 from gateway.cluster.site import Site, open_bucket
+from gateway.cluster.writes import NewestWrites, wrong_last_sequence
 from gateway.core.metrics import Metrics
 from gateway.core.storage import Storage
 from gateway.core.tokens import short
@@ -34,8 +35,6 @@ from gateway.records import DeviceRecord, StorageFailed, is_token
 log = logging.getLogger("lpgw.cluster")
 
 WORKERS = 4
-RETRY_AFTER = 1.0
-WRONG_LAST_SEQUENCE = 10071  # JetStream: the record was written again since the revision
 
 
 def devices_bucket(site: str) -> str:
@@ -85,8 +84,7 @@ class SiteDevices:
         self._same: dict[str, bytes] = {}  # token -> digest of the site's record as known
         self._known: dict[str, bytes] = {}  # the same, but for the last-seen time
         self._revision: dict[str, int] = {}  # token -> the site's revision of it, as known
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._queued: set[str] = set()
+        self._writes = NewestWrites(self._write, metrics, "device", WORKERS)
         self._unmirrored: dict[str, DeviceRecord] = {}  # the local store failed: again later
         self._tasks: list[asyncio.Task] = []
         self.mirrored = 0
@@ -103,11 +101,10 @@ class SiteDevices:
                 break
             self._take(entry)
         self._tasks = [asyncio.create_task(self._watch())]
-        self._tasks += [asyncio.create_task(self._work()) for _ in range(WORKERS)]
+        self._writes.start()
 
     async def stop(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain(), 1.0)
+        await self._writes.stop(within=1.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -115,35 +112,13 @@ class SiteDevices:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()
 
-    async def _drain(self) -> None:
-        while self._queued:
-            await asyncio.sleep(0.02)
-
     def status(self) -> dict[str, int]:
-        return {"site_devices": len(self._same), "records_waiting": len(self._queued)}
+        return {"site_devices": len(self._same), "records_waiting": len(self._writes.queued)}
 
     # --- this gateway's changes, to the site -----------------------------------------
 
     def changed(self, token: str) -> None:
-        if token not in self._queued:
-            self._queued.add(token)
-            self._queue.put_nowait(token)
-
-    async def _work(self) -> None:
-        while True:
-            token = await self._queue.get()
-            try:
-                await self._write(token)
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                self.metrics.cluster_errors.labels("device").inc()
-                faults.bounded(log, "device", "record of %s not written: %s", short(token),
-                               exc)
-                await asyncio.sleep(RETRY_AFTER)
-                self._queue.put_nowait(token)
-                continue
-            except Exception as exc:  # a bug, or the local store failing: this device only
-                faults.record(self.metrics, "cluster_device", exc, short(token))
-            self._queued.discard(token)
+        self._writes.want(token)
 
     async def record(self, token: str) -> None:
         """Write the device's record now (a hello waits for it), unless the site has it
@@ -179,7 +154,7 @@ class SiteDevices:
         try:
             await self._kv.delete(token, last=revision)
         except nats.js.errors.APIError as exc:
-            if exc.err_code != WRONG_LAST_SEQUENCE:
+            if not wrong_last_sequence(exc):
                 raise
             log.debug("%s written again in the site meanwhile: kept", short(token))
 

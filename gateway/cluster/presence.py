@@ -26,23 +26,20 @@ import time
 from typing import Any
 
 import nats
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from gateway import faults
 from gateway.cluster.site import Site, open_bucket
+from gateway.cluster.writes import NewestWrites, wrong_last_sequence
 from gateway.core.metrics import Metrics
 from gateway.core.site import SiteView
-from gateway.core.tokens import short
 
 log = logging.getLogger("lpgw.cluster")
 
 GATEWAY_EVERY = 5.0  # seconds between a gateway's "alive" writes
 GATEWAY_TTL = 15.0  # a gateway unheard of this long is gone
 WORKERS = 8  # presence writes in flight at most
-RETRY_AFTER = 1.0  # seconds before a write that failed (NATS away) is tried again
-# JetStream's codes for "the subject's last sequence is not the one expected"
-WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 def presence_bucket(site: str) -> str:
@@ -68,8 +65,7 @@ class Presence:
         self._alive: KeyValue | None = None
         self._wanted: dict[str, str | None] = {}  # token -> transport held here, None: gone
         self._epochs: dict[str, int] = {}  # token -> revision of our entry
-        self._dirty: asyncio.Queue[str] = asyncio.Queue()
-        self._queued: set[str] = set()
+        self._writes = NewestWrites(self._write, metrics, "presence", WORKERS)
         self._tasks: list[asyncio.Task] = []
         self.known: dict[str, dict[str, Any]] = {}  # the site's gateways, as last read
 
@@ -79,7 +75,7 @@ class Presence:
                                      self.replicas, deadline)
         self._alive = await open_bucket(self.site.js, gateways_bucket(self.site.name),
                                         self.replicas, deadline, ttl=GATEWAY_TTL)
-        self._tasks = [asyncio.create_task(self._work()) for _ in range(WORKERS)]
+        self._writes.start()
         if self.view is not None:
             self.view.alive = set(await self.gateways()) | {self.gateway_id}
             watcher = await self._kv.watchall()
@@ -91,8 +87,7 @@ class Presence:
 
     async def stop(self) -> None:
         """Write what is still wanted (bounded), then say this gateway is gone."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain(), 2.0)
+        await self._writes.stop(within=2.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -127,10 +122,6 @@ class Presence:
             return
         self.view.holders[entry.key] = str(gateway)
 
-    async def _drain(self) -> None:
-        while self._queued:
-            await asyncio.sleep(0.02)
-
     # --- from the shell (the pump): never blocks ------------------------------------
 
     def arrived(self, token: str, transport: str) -> None:
@@ -142,27 +133,9 @@ class Presence:
 
     def _want(self, token: str, transport: str | None) -> None:
         self._wanted[token] = transport
-        if token not in self._queued:
-            self._queued.add(token)
-            self._dirty.put_nowait(token)
+        self._writes.want(token)
 
     # --- the writers ----------------------------------------------------------------
-
-    async def _work(self) -> None:
-        while True:
-            token = await self._dirty.get()
-            try:
-                await self._write(token)
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                self.metrics.cluster_errors.labels("presence").inc()
-                faults.bounded(log, "presence", "presence of %s not written: %s",
-                               short(token), exc)
-                await asyncio.sleep(RETRY_AFTER)
-                self._dirty.put_nowait(token)  # still queued: tried again
-                continue
-            except Exception as exc:  # a bug: this token only
-                faults.record(self.metrics, "cluster_presence", exc, short(token))
-            self._queued.discard(token)
 
     async def _write(self, token: str) -> None:
         assert self._kv is not None
@@ -178,14 +151,10 @@ class Presence:
             return
         try:
             await self._kv.delete(token, last=epoch)
-        except KeyWrongLastSequenceError:
-            self.metrics.cluster_presence_moved.inc()  # another gateway holds it now
-        except nats.js.errors.BadRequestError as exc:
-            # nats-py 2.16 turns a wrong last sequence into KeyWrongLastSequenceError for
-            # create and update but not for delete: JetStream's code says it (10071)
-            if exc.err_code not in WRONG_LAST_SEQUENCE:
+        except nats.js.errors.APIError as exc:
+            if not wrong_last_sequence(exc):
                 raise
-            self.metrics.cluster_presence_moved.inc()
+            self.metrics.cluster_presence_moved.inc()  # another gateway holds it now
         # gone for the site (or someone else's now); a failure above keeps both, retried
         self._epochs.pop(token, None)
         if self._wanted.get(token, "") is None:
@@ -242,7 +211,7 @@ class Presence:
 
     def status(self) -> dict[str, Any]:
         return {"held_here": sum(1 for t in self._wanted.values() if t is not None),
-                "writes_waiting": len(self._queued),
+                "writes_waiting": len(self._writes.queued),
                 "gateways": {gid: {"name": g.get("name"), "devices": g.get("devices"),
                                    "seconds_ago": round(max(0.0, time.time() - g["at"]), 1)
                                    if isinstance(g.get("at"), int | float) else None}

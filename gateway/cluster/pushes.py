@@ -38,6 +38,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
 from gateway.cluster.site import until_ready
+from gateway.cluster.writes import wrong_last_sequence
 from gateway.records import StoredPush
 
 DUPLICATE_WINDOW = 120.0  # seconds: an apns-id sent again within it is kept once
@@ -45,11 +46,9 @@ DUPLICATE_WINDOW = 120.0  # seconds: an apns-id sent again within it is kept onc
 # now) but is never handed out later: the stream drops it after this many seconds
 NOW_OR_NEVER_TTL = 5.0
 HEADER = "lpgw-push"  # the push's fields (not the payload) as JSON
-# JetStream's error codes for a refused publish: the device's subject holds
-# max_msgs_per_subject already (discard new per subject), and a collapse id's subject
-# holds a push already (Nats-Expected-Last-Subject-Sequence: 0)
+# JetStream's error code for a publish refused because the device's subject holds
+# max_msgs_per_subject already (discard new per subject)
 SUBJECT_FULL = 10077
-WRONG_LAST_SEQUENCE = 10071
 ROOM_ATTEMPTS = 4
 PURGE_TIMEOUT = 2.0
 
@@ -145,7 +144,7 @@ class SitePushes:
                 ack = await self.js.publish(subject, push.payload_json.encode(),
                                             stream=self.stream, headers=headers, msg_ttl=ttl)
             except APIError as exc:
-                if exc.err_code == WRONG_LAST_SEQUENCE:
+                if wrong_last_sequence(exc):
                     del headers["Nats-Expected-Last-Subject-Sequence"]
                     headers["Nats-Rollup"] = "sub"
                     collapsed += 1
