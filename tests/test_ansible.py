@@ -766,13 +766,15 @@ def test_the_wheelhouse_takes_only_the_nats_server_built_from_the_pinned_source(
 
 def test_nats_role_renders_a_site_that_nats_server_accepts_and_runs(tmp_path):
     """The nats role's configuration for a 3-node site, rendered by Ansible for each host of
-    a small inventory, is accepted by the pinned nats-server (-t) and, started (loopback,
-    this test's ports), forms a JetStream cluster that a gateway joins with the role's
-    user and password (cluster.user, cluster.password_file)."""
+    a small inventory, with TLS (nats_tls_*) and without, is accepted by the pinned
+    nats-server (-t); the TLS one, started (loopback, this test's ports), forms a
+    JetStream cluster (routes verifying each other) that a gateway joins over TLS 1.3 with
+    the site's CA and the role's user and password (cluster.ca_file, cluster.user,
+    cluster.password_file)."""
     import asyncio
     import time as _time
 
-    from bench.lib.natscluster import NATS_SERVER
+    from bench.lib.natscluster import NATS_SERVER, make_tls
     from gateway import config as config_mod
     from gateway.cluster.site import connect
     from gateway.service import free_port
@@ -785,37 +787,49 @@ def test_nats_role_renders_a_site_that_nats_server_accepts_and_runs(tmp_path):
     # the role's defaults as the lowest precedence there is (inventory group `all`), so that
     # the hosts' own variables win as they do in the role
     defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
+    # the files the role's TLS task writes from the vault, where it writes them
+    tls = make_tls(tmp_path / "etc" / "tls", ["127.0.0.1"])
     inventory = tmp_path / "hosts.yml"
     inventory.write_text(yaml.safe_dump({
         "all": {"vars": {**defaults, "lpgw_cluster_site": "ward9",
                          "nats_gateway_password": "g" * 24,
-                         "nats_route_password": "r/o:u@te" + "x" * 16}},
+                         "nats_route_password": "r/o:u@te" + "x" * 16,
+                         "nats_etc": str(tmp_path / "etc"),
+                         **{f"nats_tls_{k}": tls[k].read_text()
+                            for k in ("cert", "key", "ca")}}},
         "nats": {"hosts": hosts}}))
     playbook = tmp_path / "render.yml"
+    template = str(role / "templates" / "nats-server.conf.j2")
     playbook.write_text(yaml.safe_dump([{
         "name": "Render the nats role's configuration", "hosts": "nats",
         "connection": "local", "gather_facts": False,
         "tasks": [{"name": "Render", "ansible.builtin.template": {
-            "src": str(role / "templates" / "nats-server.conf.j2"),
-            "dest": str(tmp_path) + "/{{ inventory_hostname }}.conf", "mode": "0600"}}],
+            "src": template, "dest": str(tmp_path) + "/{{ inventory_hostname }}.conf",
+            "mode": "0600"}},
+                  {"name": "Render without TLS", "vars": {"nats_tls_cert": ""},
+                   "ansible.builtin.template": {
+                       "src": template, "mode": "0600",
+                       "dest": str(tmp_path) + "/{{ inventory_hostname }}-plain.conf"}}],
     }]))
     proc = _run([_which("ansible-playbook"), "-i", str(inventory), "-e",
                  f"ansible_python_interpreter={sys.executable}", str(playbook)],
                 env=_env(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in hosts:
-        text = (tmp_path / f"{name}.conf").read_text()
-        assert "sync_interval: always" in text and 'name: "ward9"' in text
-        checked = subprocess.run([NATS_SERVER, "-t", "-c", str(tmp_path / f"{name}.conf")],
-                                 capture_output=True, text=True, timeout=30)
-        assert checked.returncode == 0, checked.stdout + checked.stderr
+        for conf in (f"{name}.conf", f"{name}-plain.conf"):
+            text = (tmp_path / conf).read_text()
+            assert "sync_interval: always" in text and 'name: "ward9"' in text
+            assert ('min_version: "1.3"' in text) == (conf == f"{name}.conf")
+            checked = subprocess.run([NATS_SERVER, "-t", "-c", str(tmp_path / conf)],
+                                     capture_output=True, text=True, timeout=30)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
     procs = [subprocess.Popen([NATS_SERVER, "-c", str(tmp_path / f"{name}.conf")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name in hosts]
     try:
         password = tmp_path / "nats.password"
         password.write_text("g" * 24 + "\n")
-        urls = [f"nats://127.0.0.1:{h['nats_client_port']}" for h in hosts.values()]
+        urls = [f"tls://127.0.0.1:{h['nats_client_port']}" for h in hosts.values()]
         import socket
         deadline = _time.monotonic() + 20
         for h in hosts.values():  # listening
@@ -829,7 +843,8 @@ def test_nats_role_renders_a_site_that_nats_server_accepts_and_runs(tmp_path):
         async def joined(user: str, secret) -> int:
             cfg = config_mod.from_dict({"sip": {"enabled": False}, "cluster": {
                 "enabled": True, "site": "ward9", "servers": urls, "user": user,
-                "password_file": str(secret), "connect_timeout": 2.0}}).cluster
+                "password_file": str(secret), "connect_timeout": 2.0,
+                "ca_file": str(tls["ca"])}}).cluster
             nc = await connect(cfg)
             try:
                 deadline = _time.monotonic() + 30

@@ -417,3 +417,38 @@ async def test_a_box_moving_into_a_site_keeps_its_phones_tokens(nats_cluster, ga
     await other.stop(drain=0.1)
     refused = import_site("other", **key)
     assert refused.returncode == 1 and "would change every device token" in refused.stderr
+
+
+async def test_a_site_over_tls_to_nats(tmp_path, gateway_factory, devices):
+    """TLS 1.3 between gateways and nats-servers, and between the nodes (routes verify each
+    other), as the nats role configures it with nats_tls_*: a gateway with the site's CA
+    (cluster.ca_file) joins and keeps a push; one with another CA, or without TLS, is
+    refused at start, and says why."""
+    from bench.lib.natscluster import make_tls
+
+    cluster = NatsCluster(tmp_path / "nats")
+    try:
+        cluster.start(tls=True)
+        assert all(url.startswith("tls://") for url in cluster.urls)
+        site = {"enabled": True, "site": "secure", "servers": cluster.urls, "replicas": 3,
+                "connect_timeout": 5.0, "ca_file": str(cluster.tls["ca"])}
+        gw = await gateway_factory(tmp_path / "gw", cluster=site, **NO_SIP)
+        assert gw.site.nc.connected_url.scheme == "tls"
+        phone = devices(gw, "tls", reconnect=False)
+        token = await phone.welcome()
+        assert (await send(gw, token, {"n": 1}))["ok"]
+        assert (await phone.next("push"))["payload"] == {"n": 1}
+
+        stranger = make_tls(tmp_path / "other-ca", ["127.0.0.1"])
+        wrong = config.from_dict({**NO_SIP, "cluster": {
+            **site, "ca_file": str(stranger["ca"]), "connect_timeout": 1.0}}).cluster
+        with pytest.raises(SiteUnavailable, match=r"cannot reach the site's NATS.*"
+                                                  r"CERTIFICATE_VERIFY_FAILED|certificate"):
+            await join(wrong, b"k" * 32, "sha256/x")
+        plain = config.from_dict({**NO_SIP, "cluster": {
+            **site, "ca_file": "", "connect_timeout": 1.0,
+            "servers": [u.replace("tls://", "nats://") for u in cluster.urls]}}).cluster
+        with pytest.raises(SiteUnavailable, match="cannot reach the site's NATS"):
+            await join(plain, b"k" * 32, "sha256/x")
+    finally:
+        cluster.stop()

