@@ -553,12 +553,23 @@ def run(path: str | None, offline: bool, as_json: bool,
         checks += asyncio.run(online_checks(cfg))
     ok = all(c.ok is not False for c in checks)
     seconds = round(time.monotonic() - started, 2)
+    if cfg is not None and not offline:
+        _report(cfg, ok, [c.name for c in checks if c.ok is False])
     if as_json:
         print_(json.dumps({"ok": ok, "seconds": seconds,
                            "checks": [asdict(c) for c in checks]}))
     else:
         print_(render(checks, ok, seconds))
     return 0 if ok else 1
+
+
+def _report(cfg: config.Config, ok: bool, failed: list[str]) -> None:
+    """Tell the running gateway how the self-test went (its /metrics says it, for the
+    alert on a failing self-test); a gateway that does not answer is already a failed
+    check above."""
+    with contextlib.suppress(OSError, TimeoutError, ValueError):
+        asyncio.run(control.request(cfg.control_path, {
+            "op": "selftest_report", "ok": ok, "failed": failed[:64]}, 3))
 
 
 def render(checks: list[Check], ok: bool, seconds: float) -> str:

@@ -37,12 +37,14 @@ from gateway.core.delivery import Delivery, DeliverySettings, Rejected
 from gateway.core.installs import InstallPolicy
 from gateway.core.metrics import Metrics
 from gateway.core.site import SiteView
+from gateway.gauges import State, StateCollector
 from gateway.net.discovery import Identity, NetworkService
 from gateway.notify import Notifier
 from gateway.protocol.messages import CALL_ACTIONS
 from gateway.protocol.session import SessionSettings
 from gateway.records import StorageFailed
 from gateway.sip.bridge import Route
+from gateway.sip.register import RegState
 from gateway.sip.transaction import TxState
 from gateway.store import SECRET_FILE, Store, StoreError, token_secret
 from gateway.transport import quic, tls
@@ -61,6 +63,14 @@ if TYPE_CHECKING:
     from gateway.cluster.site import Site
 
 log = logging.getLogger("lpgw")
+
+
+def _not_after(cert_path: Path) -> float:
+    """When the certificate expires (Unix time); 0 when it cannot be read."""
+    try:
+        return certs.load_cert(cert_path).not_valid_after_utc.timestamp()
+    except (OSError, ValueError):
+        return 0.0
 
 DRAIN_SECONDS = 5.0  # at most this long for devices to take their last pushes and go
 STATUS_EVERY = 10.0
@@ -173,6 +183,10 @@ class Gateway:
             timers=TimerWheel(asyncio.get_running_loop(), tick_for(c.protocol.heartbeat),
                               metrics=metrics))
         self.listening = Listening(c.listen.host or "::", 0, [])
+        # read when /metrics is (gateway/gauges.py): the alerts' series
+        self.state = State(__version__, c.state_path, _not_after(c.cert_path),
+                           registrations=self._registrations, pbx_reachable=self._pbx_ok)
+        metrics.registry.register(StateCollector(self.state))
         self.started_at = 0.0
         self.last_reload: dict | None = None
         self._tcp: asyncio.AbstractServer | None = None
@@ -269,7 +283,8 @@ class Gateway:
                 self.sip = await start_sip(c.sip, self.delivery, self.store, self.metrics,
                                            c.name, self.pump, keeper=self.relay)
             self._control = ControlServer(c.control_path, self.delivery, self.store,
-                                          self.pump, self.status, keeper=self.relay)
+                                          self.pump, self.status, keeper=self.relay,
+                                          state=self.state)
             await self._control.start()
             if self.site is not None:
                 from gateway.cluster.remote import RemoteControl  # NATS: only for a site
@@ -430,6 +445,7 @@ class Gateway:
             self._quic_config.load_cert_chain(*cert_files)
         if self._api_ctx is not None:
             self._api_ctx.load_cert_chain(*self._api_cert(new))
+        self.state.cert_not_after = _not_after(new.cert_path)
         if pin != self.pin:
             log.warning("the gateway's key changed: phones pinned to sha256/%s will refuse "
                         "it until they get sha256/%s", self.pin, pin)
@@ -613,6 +629,16 @@ class Gateway:
                 **(self.presence.status() if self.presence is not None else {}),
                 **(self.site_devices.status() if self.site_devices is not None else {}),
                 **(self.relay.status() if self.relay is not None else {})}
+
+    def _registrations(self) -> list[tuple[str, bool]]:
+        pbx = self.sip.bridge.pbx if self.sip is not None else None
+        if pbx is None:
+            return []
+        return [(r.account.user, r.state == RegState.REGISTERED) for r in pbx.registrations]
+
+    def _pbx_ok(self) -> bool | None:
+        pbx = self.sip.bridge.pbx if self.sip is not None else None
+        return None if pbx is None else pbx.pbx_ok
 
     def _clock_status(self) -> dict:
         """Steps of the wall clock this run has seen (a Pi has no RTC)."""

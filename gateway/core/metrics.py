@@ -1,13 +1,38 @@
-"""Counters for everything the gateway counts; one registry per gateway instance."""
+"""Counters for everything the gateway counts; one registry per gateway instance.
+
+Every counter with a known set of labels exists at zero from the start (`_zero`): a
+series that appears only with its first event makes `rate()` and alerts on it blind
+until then. Labels whose values live in an upper layer (SIP's methods and verdicts) are
+set to zero there.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from gateway.protocol.messages import CALL_ACTIONS, PUSH_TYPES
+
+TRANSPORTS = ("quic", "tls")
+# Delivery's verdicts on a device's hello
+HANDSHAKE_RESULTS = ("welcome", "unauthorized", "rate_limited", "device_limit", "unavailable")
+DROP_REASONS = ("collapsed", "queue_full")
+NOT_KEPT = ("busy", "timeout", "no_quorum", "contended", "lookup", "error")
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # process_* (CPU seconds, resident memory, open files, start time) and
+        # python_info, as every Prometheus client exports them
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.connected = Gauge("lpgw_devices_connected", "Devices connected now",
                                ["transport"], registry=r)
         self.handshakes = Counter("lpgw_handshakes", "Device hellos by outcome",
@@ -59,6 +84,11 @@ class Metrics:
             "From an INVITE read to the 180 sent once a device acknowledged the call",
             registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                  5, 10, 30))
+        self.sip_call_answers = Counter(
+            "lpgw_sip_call_answers", "What the gateway answered the PBX's INVITEs once their "
+            "devices had spoken or the call ended: 180 (a device rings), 603 (declined), 486 "
+            "(busy), 480 (no device reached), 487 (cancelled), 503 (the site could not keep "
+            "the call)", ["status"], registry=r)
         self.quic_initials_dropped = Counter(
             "lpgw_quic_initials_dropped", "New QUIC connections' first packets dropped while "
             "the gateway was busy (the phone retries)", registry=r)
@@ -144,6 +174,29 @@ class Metrics:
         self.clock_steps = Counter(
             "lpgw_clock_steps", "Steps of the wall clock seen against the monotonic clock "
             "(NTP's first sync on a board without RTC, a hand-set clock)", registry=r)
+
+        self._zero()
+
+    def _zero(self) -> None:
+        for push_type in PUSH_TYPES:
+            self.accepted.labels(push_type)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason)
+        for transport in TRANSPORTS:
+            self.connected.labels(transport)
+            self.slow_readers.labels(transport)
+            for result in HANDSHAKE_RESULTS:
+                self.handshakes.labels(transport, result)
+        for http in ("1.1", "2"):
+            self.api_requests.labels(http)
+        for action in CALL_ACTIONS:
+            self.call_actions.labels(action)
+        for reason in ("rate", "full"):
+            self.installs_refused.labels(reason)
+        for why in NOT_KEPT:
+            self.cluster_not_kept.labels(why)
+        for generation in range(3):
+            self.gc_pauses.labels(str(generation))
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when never set); for status output and tests."""

@@ -163,6 +163,15 @@ class SipBridge:
         self.pbx: PbxLink | None = None
         self.sources: SourcePolicy | None = None  # None: requests from anywhere (tests)
         self.digest: DigestPolicy | None = None  # inbound digest authentication, when on
+        # SIP's counters at zero from the start (core/metrics.py says why)
+        for method in {*(m.strip() for m in ALLOW.split(",")), *IN_DIALOG, "other"}:
+            metrics.sip_requests.labels(method)
+        for verdict in Verdict:
+            metrics.sip_auth.labels(verdict.value)
+        for outcome in ("forbidden", "dropped"):
+            metrics.sip_untrusted.labels(outcome)
+        for code in SIP_STATUS.values():
+            metrics.sip_call_answers.labels(str(code))
         self._invite_of: dict[str, ServerTransaction] = {}  # call id -> INVITE transaction
         self._call_of: dict[int, Call] = {}  # id(INVITE transaction) -> call
         self._trying: ServerTransaction | None = None  # an INVITE still owed its 100
@@ -459,6 +468,7 @@ class SipBridge:
         if status >= 200:
             del self._invite_of[call.id]
             self._call_of.pop(id(tx), None)
+        self.metrics.sip_call_answers.labels(str(status)).inc()
         with faults.contained(self.metrics, "sip_answer", f"call {call.id}"):
             self._reply(tx, status, now)
             if status == 180:

@@ -21,6 +21,7 @@ from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
 from gateway.core.storage import Storage
+from gateway.gauges import SelfTestResult, State
 from gateway.protocol.frames import HEADER, FrameDecoder, FrameError, MessageError, decode_body
 from gateway.protocol.frames import encode_frame as encode
 from gateway.transport.pump import Keeper, Pump
@@ -61,9 +62,10 @@ class _Waiting:
 class ControlServer:
     def __init__(self, path: Path, delivery: Delivery, storage: Storage, pump: Pump,
                  status: Callable[[], dict], metrics: Metrics | None = None,
-                 keeper: Keeper | None = None) -> None:
+                 keeper: Keeper | None = None, state: State | None = None) -> None:
         self.path = path
         self.keeper = keeper
+        self.state = state  # where `lpgw selftest`'s report is kept (for /metrics)
         self.delivery = delivery
         self.storage = storage
         self.pump = pump
@@ -146,6 +148,8 @@ class ControlServer:
             return {"ok": True, "status": self.status()}
         if op == "bind":
             return self._bind(request)
+        if op == "selftest_report":
+            return self._selftest_report(request)
         if op != "send":
             return {"ok": False, "reason": "BadRequest", "message": f"unknown op {op!r}"}
         try:
@@ -170,6 +174,20 @@ class ControlServer:
             return _Waiting(result.ticket, reply)  # answered once the site has kept it
         return reply
 
+
+    def _selftest_report(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`lpgw selftest` says how it went: kept for /metrics (the alert on a failing
+        self-test) until the next one."""
+        ok, failed = request.get("ok"), request.get("failed", [])
+        if not isinstance(ok, bool) or not isinstance(failed, list) or len(failed) > 64 \
+                or not all(isinstance(name, str) for name in failed):
+            return {"ok": False, "reason": "BadRequest",
+                    "message": "'ok' (true or false) and 'failed' (the names of the failed "
+                               "checks, at most 64)"}
+        if self.state is not None:
+            self.state.last_selftest = SelfTestResult(time.time(), ok,
+                                                      [name[:80] for name in failed])
+        return {"ok": True}
 
     def _bind(self, request: dict[str, Any]) -> dict[str, Any]:
         """Bind a device to a user (or unbind with user null), as /v1 does, for local tools."""
