@@ -27,9 +27,12 @@ EXIT_STATE = 3  # the state directory cannot be used as it is: damaged database,
 EXIT_NOT_FOUND = 5  # discovery found no gateway, or several and no way to choose
 
 
-def _load_config(path: str | None) -> config.Config:
+SYSTEM_CONFIG = Path("/etc/lpgw/lpgw.yaml")  # where the Ansible role and packages put it
+
+
+def _load_config(path: str | None, overrides: dict | None = None) -> config.Config:
     try:
-        return config.load(path)
+        return config.load(path, overrides)
     except config.ConfigError as exc:
         print(f"lpgw: bad configuration:\n{exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
@@ -39,15 +42,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway import service
     from gateway.store import DamagedStore, StoreError
 
-    cfg = _load_config(args.config)
-    logs.setup(args.log_level or cfg.log.level)
+    overrides = {"state_dir": args.state_dir} if args.state_dir else None
+    cfg = _load_config(args.config, overrides)
+    logs.setup(args.log_level or cfg.log.level, cfg.log.format)
     try:
         service.install_event_loop()
     except ValueError as exc:
         print(f"lpgw: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(service.run(cfg, args.config))
+        asyncio.run(service.run(cfg, args.config, overrides))
     except KeyboardInterrupt:
         pass
     except StoreError as exc:  # one line for the journal: what is wrong and what to do
@@ -390,11 +394,14 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("-c", "--config", help="YAML config file (default: embedded defaults)")
+        sp.add_argument("-c", "--config",
+                        help=f"YAML config file (default: {SYSTEM_CONFIG} if it exists, "
+                             "else the embedded defaults)")
         return sp
 
     run = with_config(sub.add_parser("run", help="run the gateway"))
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--state-dir", help="the state directory (over the file's state_dir)")
     run.set_defaults(func=cmd_run)
 
     test = with_config(sub.add_parser("selftest", help="check this gateway end to end"))
@@ -485,6 +492,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "config", "") is None and SYSTEM_CONFIG.exists():
+        args.config = str(SYSTEM_CONFIG)  # as an installed service reads it
     return args.func(args)
 
 

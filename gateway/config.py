@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from gateway.certs import load_public_key
+from gateway.core.push_rules import TOPIC_SUFFIX
 from gateway.records import is_token
 
 # what a config file may be: a real one is a few KB, 4 levels deep, a hundred values
@@ -275,6 +276,9 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = _k("info", "log level", choices=("debug", "info", "warning", "error"))
+    format: str = _k("text", "text: one readable line (time with its zone); json: one JSON "
+                             "object per line (time in UTC, level, logger, message, fields)",
+                     choices=("text", "json"))
 
 
 @dataclass(frozen=True)
@@ -326,10 +330,12 @@ class Config:
                 else self.state_path / "control.sock")
 
 
-def load(path: str | Path | None) -> Config:
-    """Read and check a config file; None means the embedded defaults."""
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and check a config file; None means the embedded defaults. `overrides` (top
+    level keys, from the command line: `lpgw run --state-dir`) win over the file, and are
+    checked as the file is."""
     if path is None:
-        return Config()
+        return from_dict(dict(overrides or {}), "the command line") if overrides else Config()
     source = str(path)
     try:
         with open(path, "rb") as f:
@@ -345,7 +351,11 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError([f"line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
                            "save the file as UTF-8"], source) from None
     data = _parse(text, source)
-    return from_dict(data if data is not None else {}, source)
+    if data is None:
+        data = {}
+    if overrides and isinstance(data, dict):
+        data = {**data, **overrides}
+    return from_dict(data, source)
 
 
 class _Loader(yaml.SafeLoader):
@@ -547,9 +557,12 @@ def _check(path: str, value: Any, kind: type, meta: Any, problems: list[str]) ->
     if hi is not None and value > hi:
         problems.append(f"{path}: must be at most {hi} (got {shown})")
         return None
-    if choices and value not in choices:
-        problems.append(f"{path}: must be one of {', '.join(choices)} (got {shown})")
-        return None
+    if choices:  # words are taken in any case (FULL, full), and kept as the choice spells it
+        chosen = [c for c in choices if str(c).lower() == str(value).lower()]
+        if not chosen:
+            problems.append(f"{path}: must be one of {', '.join(choices)} (got {shown})")
+            return None
+        value = chosen[0]
     return float(value) if kind is float else value  # after the range: a huge int overflows
 
 
@@ -650,6 +663,13 @@ def _api_checks(api: ApiConfig) -> list[str]:
         seen.add(p.key_id)
         if not p.topics:
             problems.append(f"{where}.topics: list at least one bundle id")
+        for topic in p.topics:
+            suffix = next((s for s in TOPIC_SUFFIX.values() if topic.endswith(s)), None)
+            if suffix is not None:
+                problems.append(
+                    f"{where}.topics: {topic!r} ends in {suffix!r}, a push type's suffix; "
+                    f"list the app's bundle id ({topic[: -len(suffix)]!r}): the suffix "
+                    "belongs in apns-topic, and a key for the app may send every push type")
         try:
             load_public_key(Path(p.key_file).read_bytes())
         except OSError as exc:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
@@ -404,14 +404,15 @@ class Gateway:
 
     # --- reload (SIGHUP) ---------------------------------------------------------------
 
-    async def reload(self, path: str | None) -> bool:
+    async def reload(self, path: str | None,
+                     overrides: dict[str, Any] | None = None) -> bool:
         """Re-read the config and certificate; apply what can change live, keep the rest.
 
         Devices stay connected. A bad config changes nothing and says why.
         """
         self.notifier.reloading()
         try:
-            new = config.load(path)
+            new = config.load(path, overrides)
             self._check_restart_only(new)
             await self._apply(new)
         except (config.ConfigError, OSError, ValueError) as exc:
@@ -477,7 +478,7 @@ class Gateway:
                 self.sip.kick()
             bridge.sources, bridge.digest = sip_trust(
                 new.sip, bridge.pbx.pbx.host if bridge.pbx else None, new.name, bridge.digest)
-        logs.setup(new.log.level)
+        logs.setup(new.log.level, new.log.format)
         self.config = new
         discovery_changed = (old.discovery != new.discovery or old.name != new.name
                              or pin != certs.spki_pin(certs.load_cert(old.cert_path)))
@@ -793,8 +794,10 @@ def watch_garbage_collector(metrics: Metrics) -> Callable[[], None]:
     return lambda: gc.callbacks.remove(on_gc) if on_gc in gc.callbacks else None
 
 
-async def run(cfg: Config, path: str | None = None) -> None:
-    """`lpgw run`: start, say where we are, reload on SIGHUP, drain on SIGTERM or SIGINT."""
+async def run(cfg: Config, path: str | None = None,
+              overrides: dict[str, Any] | None = None) -> None:
+    """`lpgw run`: start, say where we are, reload on SIGHUP (the file again, with the
+    command line's `overrides`), drain on SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop during start is clean
@@ -805,7 +808,7 @@ async def run(cfg: Config, path: str | None = None) -> None:
     reloads: set[asyncio.Task] = set()
 
     def on_hup() -> None:
-        task = asyncio.create_task(gateway.reload(path))
+        task = asyncio.create_task(gateway.reload(path, overrides))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
