@@ -210,6 +210,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Written from this very parser by shtab, so it never falls behind the commands."""
+    import shtab
+
+    print(shtab.complete(parser(), shell=args.shell))
+    return 0
+
+
 def cmd_pin(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     if not cfg.cert_path.exists():
@@ -389,7 +397,12 @@ async def _device_commands(client) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lpgw", description="local push gateway")
+    p = argparse.ArgumentParser(prog="lpgw", description=(
+        "lpgw, a local push gateway for Apple's Local Push Connectivity: the server the "
+        "NEAppPushProvider extensions of a site's iPhones stay connected to over QUIC or "
+        "TLS, on Wi-Fi out of reach of Apple's push service. It relays calls and messages "
+        "from the site's SIP PBX, and pushes from app servers through an APNs-compatible "
+        "HTTP/2 API. Without -c, commands read /etc/lpgw/lpgw.yaml if it exists."))
     p.add_argument("--version", action="version", version=f"lpgw {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -487,6 +500,12 @@ def parser() -> argparse.ArgumentParser:
     disc.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     disc.add_argument("--watch", action="store_true", help="keep printing changes")
     disc.set_defaults(func=cmd_discover)
+
+    comp = sub.add_parser("completion", help="print the shell completion script: bash or zsh "
+                          "(bash: lpgw completion bash > "
+                          "/usr/share/bash-completion/completions/lpgw)")
+    comp.add_argument("shell", choices=("bash", "zsh"))
+    comp.set_defaults(func=cmd_completion)
     return p
 
 

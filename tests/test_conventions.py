@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,3 +127,55 @@ def test_logs_as_text_with_the_time_zone_or_as_json_lines(tmp_path):
         assert all(r["logger"].startswith(("lpgw", "asyncio")) for r in logged)
     finally:
         _stop(proc)
+
+
+def _completion(shell: str) -> str:
+    done = subprocess.run([PY, "-m", "gateway.cli", "completion", shell], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    ("lpgw se", {"selftest", "send"}),
+    ("lpgw run --st", {"--state-dir"}),
+    ("lpgw completion ", {"bash", "zsh"}),
+])
+def test_bash_completes_commands_and_options(tmp_path, words, expected):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = tmp_path / "lpgw.bash"
+    script.write_text(_completion("bash"))
+    parts = words.split(" ")
+    probe = (f"source {script}\nCOMP_WORDS=({' '.join(repr(w) for w in parts)})\n"
+             f"COMP_CWORD={len(parts) - 1}\nCOMP_LINE={words!r}\nCOMP_POINT={len(words)}\n"
+             "_shtab_lpgw lpgw\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert {w.strip() for w in done.stdout.split()} == expected, done.stdout
+
+
+def test_zsh_loads_the_completion(tmp_path):
+    if shutil.which("zsh") is None:
+        pytest.skip("zsh not installed (scripts/test installs it)")
+    (tmp_path / "_lpgw").write_text(_completion("zsh"))
+    probe = (f"fpath=({tmp_path} $fpath); autoload -U compinit; compinit -u -d "
+             f"{tmp_path}/zcompdump; print -r -- $_comps[lpgw]")
+    done = subprocess.run(["zsh", "-f", "-c", probe], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "_lpgw"
+
+
+def test_the_man_page_is_written_from_the_cli_and_renders():
+    script = runpy.run_path(str(ROOT / "scripts" / "make-manpage"), run_name="tested")
+    page = ROOT / "docs" / "lpgw.1"
+    assert page.read_text() == script["text"](), \
+        "docs/lpgw.1 is behind the CLI: run .venv/bin/python scripts/make-manpage"
+    if shutil.which("man") is None:
+        return
+    shown = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True,
+                           timeout=30, env={**os.environ, "MANWIDTH": "80", "PAGER": "cat"})
+    assert shown.returncode == 0, shown.stderr
+    for command in ("lpgw run", "lpgw selftest", "lpgw completion", "--state-dir"):
+        assert command in shown.stdout
