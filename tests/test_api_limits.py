@@ -119,7 +119,8 @@ async def test_rapid_reset_is_answered_enhance_your_calm(gateway):
     took, seen, metrics, _ = await during("rapid_reset", proc, keys, token)
     calm = int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
     assert seen["goaway"] and all(c == calm for c in seen["goaway"]), seen
-    assert metric(metrics, "lpgw_api_errors_total", reason="rapid_reset") == len(seen["goaway"])
+    counted = metric(metrics, "lpgw_api_errors_total", reason="rapid_reset")
+    assert len(seen["goaway"]) <= counted <= len(seen["goaway"]) + seen["cut_short"]
     assert p99(took) < 100, f"p99 {p99(took):.1f} ms"
 
 
