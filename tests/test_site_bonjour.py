@@ -53,11 +53,13 @@ def test_a_phone_moves_to_another_gateway_of_the_site_when_its_own_goes_silent(l
     lab.plug(g2, "w0", f"{NET}.2/24")
     lab.plug(pd, "d0", f"{NET}.9/24")
     cluster = NatsCluster(tmp_path / "nats")
+    gateways: dict[str, dict] = {}
     try:
         cluster.start(places=[(nats.name, f"{NET}.{i}") for i in (11, 12, 13)])
         key = site_key(tmp_path / "site-key")
-        gateways = {f"{NET}.{i}": start_gateway(ns, tmp_path, f"ward-{i}", cluster.urls, key)
-                    for i, ns in ((1, g1), (2, g2))}
+        for i, ns in ((1, g1), (2, g2)):
+            gateways[f"{NET}.{i}"] = start_gateway(ns, tmp_path, f"ward-{i}", cluster.urls,
+                                                   key)
         pins = {gw["pin"] for gw in gateways.values()}
         assert len(pins) == 1  # the site's key pair: one pin on every gateway
 
@@ -89,4 +91,7 @@ def test_a_phone_moves_to_another_gateway_of_the_site_when_its_own_goes_silent(l
               f"{back:.1f} s")
         assert back < 15
     finally:
+        for gw in gateways.values():  # the cut-off one would wait for its NATS to drain
+            gw["proc"].kill()
+            gw["proc"].wait(10)
         cluster.stop()
