@@ -218,6 +218,26 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provider_token(args: argparse.Namespace) -> int:
+    """An APNs provider token (ES256 JWT: kid, iss = team, iat = now) for a trial without
+    Apple's .p8: made from any P-256 private key, e.g. one from openssl (README)."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_private_key(Path(args.key).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"lpgw: cannot read a private key from {args.key}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        print(f"lpgw: {args.key} is not a P-256 key (APNs provider keys are)", file=sys.stderr)
+        return EXIT_CONFIG
+    print(jwt.encode({"iss": args.team_id, "iat": int(time.time())}, key, algorithm="ES256",
+                     headers={"kid": args.key_id}))
+    return 0
+
+
 def cmd_pin(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     if not cfg.cert_path.exists():
@@ -501,6 +521,14 @@ def parser() -> argparse.ArgumentParser:
     disc.add_argument("--watch", action="store_true", help="keep printing changes")
     disc.set_defaults(func=cmd_discover)
 
+
+    token = sub.add_parser("provider-token", help="print an APNs provider token (ES256 JWT, "
+                           "valid an hour) signed with a P-256 key: for a trial without "
+                           "Apple's .p8")
+    token.add_argument("--key", required=True, help="PEM private key (P-256)")
+    token.add_argument("--team-id", required=True, help="10 characters: the JWT's iss")
+    token.add_argument("--key-id", required=True, help="10 characters: the JWT's kid")
+    token.set_defaults(func=cmd_provider_token)
     comp = sub.add_parser("completion", help="print the shell completion script: bash or zsh "
                           "(bash: lpgw completion bash > "
                           "/usr/share/bash-completion/completions/lpgw)")
