@@ -17,8 +17,12 @@ STATUS = {
 
 
 class ApiError(Exception):
-    def __init__(self, reason: str, message: str = "", timestamp: float | None = None) -> None:
+    def __init__(self, reason: str, message: str = "", timestamp: float | None = None,
+                 allow: str | None = None) -> None:
+        """`allow`: with MethodNotAllowed, the methods the path takes (the 405's Allow
+        header, which RFC 9110 requires)."""
         super().__init__(message or reason)
         self.reason = reason
         self.status = STATUS.get(reason, 400)
         self.timestamp = timestamp
+        self.allow = allow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
 import logging
 import urllib.parse
@@ -9,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import faults
@@ -60,7 +63,8 @@ def error_response(exc: ApiError, metrics: Metrics) -> Response:
         body["timestamp"] = int(exc.timestamp * 1000)
     if exc.reason not in ("Unregistered",) and str(exc) != exc.reason:
         body["message"] = str(exc)  # lpgw's addition: what exactly was wrong
-    return Response.json(exc.status, body)
+    return Response.json(exc.status, body,
+                         [("allow", exc.allow)] if exc.allow is not None else None)
 
 
 class RateLimiter:
@@ -111,6 +115,9 @@ class Router:
         path, _, query = req.path.partition("?")
         if path == "/3/device" or path.startswith("/3/device/"):
             return self._push(req, path, now)
+        if path == "/openapi.json":
+            self._method(req, "GET")
+            return Response(200, [("content-type", JSON)], openapi_json())
         if path == "/v1/health":
             self._method(req, "GET")
             return Response.json(200, {"status": "draining" if self.draining else "ok"})
@@ -167,6 +174,14 @@ class Router:
     def _device(self, req: Request, rest: str, now: float) -> Response:
         token, _, sub = rest.partition("/")
         token = token.lower()
+        # the path and its method first: a method a path does not take is 405 whatever
+        # the token (RFC 9110), before anything is looked up
+        if sub == "":
+            self._method(req, "GET")
+        elif sub != "user":
+            raise ApiError("BadPath", "no such path")
+        elif req.method not in ("PUT", "DELETE"):
+            raise ApiError("MethodNotAllowed", "use PUT or DELETE", allow="PUT, DELETE")
         key = self._principal(req, now)
         if not is_token(token):
             raise ApiError("BadDeviceToken", "a device token is 64 hex characters")
@@ -174,10 +189,7 @@ class Router:
         if device is None or not self._may_see(key, device.topic):
             raise ApiError("BadDeviceToken", "no device has this token")
         if sub == "":
-            self._method(req, "GET")
             return Response.json(200, self._describe(device, self.delivery.connected(), None))
-        if sub != "user":
-            raise ApiError("BadPath", "no such path")
         if req.method == "PUT":
             body = apns.json_body(req.body or b"null")
             user = body.get("user") if isinstance(body, dict) else None
@@ -187,12 +199,10 @@ class Router:
             self.delivery.device_changed(token)
             log.info("device %s bound to user %s by %s", short(token), user, key.name)
             return Response.json(200, {"token": token, "user": user})
-        if req.method == "DELETE":
-            self.storage.bind_user(token, None)
-            self.delivery.device_changed(token)
-            log.info("device %s unbound by %s", short(token), key.name)
-            return Response(204)
-        raise ApiError("MethodNotAllowed", "use PUT or DELETE")
+        self.storage.bind_user(token, None)  # DELETE
+        self.delivery.device_changed(token)
+        log.info("device %s unbound by %s", short(token), key.name)
+        return Response(204)
 
     def _status_of(self, key: ProviderKey) -> dict:
         """/status as a provider key sees it: the gateway, and its own apps' devices only
@@ -237,7 +247,15 @@ class Router:
     @staticmethod
     def _method(req: Request, allowed: str) -> None:
         if req.method != allowed:
-            raise ApiError("MethodNotAllowed", f"use {allowed}")
+            raise ApiError("MethodNotAllowed", f"use {allowed}", allow=allowed)
+
+
+@functools.cache
+def openapi_json() -> bytes:
+    """This API's OpenAPI 3.1 description (gateway/openapi.yaml, also docs/openapi.yaml),
+    as JSON: read once, when first asked for."""
+    text = importlib.resources.files("gateway").joinpath("openapi.yaml").read_text()
+    return json.dumps(yaml.safe_load(text)).encode()
 
 
 def internal_error(metrics: Metrics) -> Response:
