@@ -45,6 +45,16 @@ class ProviderAuth:
         self._cache: OrderedDict[str, tuple[ProviderKey, float]] = OrderedDict()
         self._cache_size = cache_size
 
+    @property
+    def has_admin(self) -> bool:
+        return bool(self._admin)
+
+    def is_admin(self, token: str) -> bool:
+        """The admin token (the console's sign-in), compared in constant time."""
+        admin = self._admin
+        return admin is not None and admin != "" and hmac.compare_digest(
+            token.encode(), admin.encode())
+
     def authenticate(self, authorization: str | None, now: float,
                      allow_admin: bool = False) -> ProviderKey:
         if not authorization:

@@ -8,7 +8,6 @@ import json
 import logging
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -16,7 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import faults
 from gateway.api import apns
+from gateway.api.console import Console
 from gateway.api.errors import ApiError
+from gateway.api.exchange import JSON, Request, Response
 from gateway.api.provider_auth import ProviderAuth, ProviderKey
 from gateway.core.delivery import Delivery, Rejected
 from gateway.core.metrics import Metrics
@@ -25,35 +26,6 @@ from gateway.core.tokens import short
 from gateway.records import is_token
 
 log = logging.getLogger("lpgw.api")
-
-JSON = "application/json"
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    http2: bool = True
-    # when it arrived on the monotonic clock (rate limits are intervals: a step of the wall
-    # clock must not empty every bucket for an hour); None: use the wall-clock `now`
-    mono: float | None = None
-
-
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-    after_commit: bool = False  # send only once the open group commit is on disk
-    ticket: int | None = None  # in a site: send once the site has kept this push
-
-    @classmethod
-    def json(cls, status: int, value: Any, headers: list | None = None) -> Response:
-        return cls(status, [("content-type", JSON), *(headers or [])],
-                   json.dumps(value).encode())
-
 
 def error_response(exc: ApiError, metrics: Metrics) -> Response:
     """An API failure as APNs answers it (status, reason, timestamp), counted."""
@@ -97,6 +69,7 @@ class Router:
         self.metrics_need_auth = metrics_need_auth
         self.draining = False
         self.group_commit = False  # the transport commits groups of pushes (one fsync each)
+        self.console = Console(delivery, storage, status)  # /console/: the admin's pages
 
     def handle(self, req: Request, now: float) -> Response:
         """The answer to one request; never raises. The shell adds the request's apns-id."""
@@ -115,6 +88,8 @@ class Router:
         path, _, query = req.path.partition("?")
         if path == "/3/device" or path.startswith("/3/device/"):
             return self._push(req, path, now)
+        if path == "/console" or path.startswith("/console/"):
+            return self.console.handle(req, path, query, now, self.auth)
         if path == "/openapi.json":
             self._method(req, "GET")
             return Response(200, [("content-type", JSON)], openapi_json())

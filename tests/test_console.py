@@ -1,0 +1,127 @@
+"""The operator console in a real browser (issue 18, point 2): Playwright driving Debian's
+Chromium (headless) against a real gateway process with real reference devices. Sign-in
+exchanges the admin token for a session cookie (HttpOnly, Secure, SameSite=Strict);
+nothing of the console answers without it; the page updates by itself; a test push
+sent from it reaches the phone; an action without the page's CSRF token is refused.
+With LPGW_SCREENSHOTS=1 its screenshots (desktop and phone) replace docs/console/'s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from gateway.service import free_port
+from tests.conftest import ROOT, Device, GatewayProcess, eventually
+
+ADMIN = "console-admin-token-0123456789abcdef"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    admin = tmp_path / "admin.token"
+    admin.write_text(ADMIN + "\n")
+    admin.chmod(0o600)
+    proc = GatewayProcess(tmp_path / "state", free_port("127.0.0.1"), {
+        "name": "Ward 3", "api": {"host": "127.0.0.1", "port": 0,
+                                  "admin_token_file": str(admin)}})
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+async def browser():
+    playwright = pytest.importorskip("playwright.async_api")
+    if not shutil.which("chromium"):
+        pytest.skip("Debian's chromium not installed (scripts/test installs it)")
+    async with playwright.async_playwright() as p:
+        launched = await p.chromium.launch(executable_path=CHROMIUM,
+                                           args=["--no-sandbox"])  # root, in a container
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def test_sign_in_watch_devices_and_send_a_test_push(gateway, browser, tmp_path):
+    base = f"https://localhost:{gateway.runtime['api_port']}"
+    context = await browser.new_context(ignore_https_errors=True,
+                                        viewport={"width": 1280, "height": 800})
+    page = await context.new_page()
+    phones: list[Device] = []
+    try:
+        # nothing without signing in
+        answer = await context.request.get(f"{base}/console/api/state")
+        assert answer.status == 401
+        await page.goto(f"{base}/console/")
+        assert page.url == f"{base}/console/sign-in"
+        await page.fill("#token", "not-the-token")
+        await page.click("#sign-in")
+        assert "that is not the admin token" in await page.inner_text("body")
+
+        first = Device(gateway.handle(), "tls")
+        phones.append(first)
+        token = await first.welcome()
+        await page.goto(f"{base}/console/sign-in")
+        await page.fill("#token", ADMIN)
+        await page.click("#sign-in")
+        await page.wait_for_url(f"{base}/console/")
+        cookie = next(c for c in await context.cookies() if c["name"] == "lpgw_console")
+        assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+        assert cookie["path"] == "/console"
+        await page.wait_for_selector("text=1 connected (QUIC 0, TLS 1)")
+        assert await page.inner_text("#name") == "Ward 3"
+        assert token[:12] in await page.inner_text("#device-rows")
+
+        # it updates by itself: a second phone appears without a reload
+        second = Device(gateway.handle(), "quic")
+        phones.append(second)
+        await second.welcome()
+        await page.wait_for_selector("text=2 connected (QUIC 1, TLS 1)", timeout=5000)
+
+        # a test push from the console reaches the phone
+        await page.click(f"tr[data-token='{token}'] button.test-push")
+        got = await first.next("push", timeout=5)
+        assert got["payload"]["aps"]["alert"]["body"] == "A test push from the console"
+        await page.wait_for_selector("text=test push: done")
+
+        # an action without the page's CSRF token (another site's form, say) is refused
+        status = await page.evaluate("""async (token) => (await fetch('/console/api/push',
+            {method: 'POST', headers: {'content-type': 'application/json'},
+             body: JSON.stringify({token})})).status""", token)
+        assert status == 403
+        with pytest.raises(TimeoutError):
+            await first.next("push", timeout=0.5)
+
+        # search narrows the list
+        await page.fill("#search", "no-such-device")
+        await page.wait_for_selector("text=page 1 of 1")
+        await eventually(lambda: _rows(page, 0), timeout=5)
+
+        shots = ROOT / "docs" / "console" if os.environ.get("LPGW_SCREENSHOTS") else tmp_path
+        shots.mkdir(exist_ok=True)
+        await page.fill("#search", "")
+        await page.wait_for_selector(f"tr[data-token='{token}']")
+        await page.screenshot(path=str(shots / "overview.png"), full_page=True)
+        await page.set_viewport_size({"width": 390, "height": 844})  # a phone
+        await page.screenshot(path=str(shots / "overview-phone.png"), full_page=True)
+
+        await page.click("#sign-out")
+        await page.wait_for_url(f"{base}/console/sign-in")
+        answer = await context.request.get(f"{base}/console/api/state")
+        assert answer.status == 401
+    finally:
+        for phone in phones:
+            await phone.stop()
+        await context.close()
+
+
+async def _rows(page, expected: int) -> bool:
+    return await page.locator("#device-rows tr").count() == expected
