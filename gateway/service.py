@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -37,10 +39,10 @@ from gateway.core.delivery import Delivery, DeliverySettings, Rejected
 from gateway.core.installs import InstallPolicy
 from gateway.core.metrics import Metrics
 from gateway.core.site import SiteView
-from gateway.gauges import State, StateCollector
+from gateway.gauges import State, StateCollector, clock_synchronised
 from gateway.net.discovery import Identity, NetworkService
 from gateway.notify import Notifier
-from gateway.protocol.messages import CALL_ACTIONS
+from gateway.protocol.messages import CALL_ACTIONS, PUSH_TYPES
 from gateway.protocol.session import SessionSettings
 from gateway.records import StorageFailed
 from gateway.sip.bridge import Route
@@ -74,6 +76,7 @@ def _not_after(cert_path: Path) -> float:
 
 DRAIN_SECONDS = 5.0  # at most this long for devices to take their last pushes and go
 STATUS_EVERY = 10.0
+SAMPLE_EVERY = 10.0  # seconds between samples of the push counters (the console's chart)
 STORAGE_CHECK_EVERY = 2.0  # while the store fails: how soon a freed disk is noticed
 STORAGE_HEADROOM = 1 << 20  # free bytes before that check tries a write
 # a reconnect storm after a Wi-Fi outage: 10,000 phones at once overflow the default of 100,
@@ -187,6 +190,8 @@ class Gateway:
         self.state = State(__version__, c.state_path, _not_after(c.cert_path),
                            registrations=self._registrations, pbx_reachable=self._pbx_ok)
         metrics.registry.register(StateCollector(self.state))
+        self.push_samples: collections.deque[tuple[float, int, int, int]] = \
+            collections.deque(maxlen=int(3600 / SAMPLE_EVERY) + 1)
         self.started_at = 0.0
         self.last_reload: dict | None = None
         self._tcp: asyncio.AbstractServer | None = None
@@ -298,6 +303,7 @@ class Gateway:
             await self.stop()
             raise
         self._tasks = [asyncio.create_task(self._sweep()),
+                       asyncio.create_task(self._sample_pushes()),
                        asyncio.create_task(self._report()),
                        asyncio.create_task(self._watch_storage()),
                        asyncio.create_task(self.notifier.watchdog())]
@@ -346,6 +352,7 @@ class Gateway:
         self.router = Router(self.delivery, self.store, provider_auth(self.config),
                              self.metrics, self.status, RateLimiter(a.rate_limit, a.rate_burst),
                              a.metrics_need_auth)
+        self.router.console.history = self.push_history
         self._api_ctx = tls.server_context(*self._api_cert(self.config), http_server.ALPN)
         factory = self._api_factory = http_server.ApiFactory(
             self._api_ctx, self.router, self.metrics, api_limits(self.config), self.pump,
@@ -374,6 +381,31 @@ class Gateway:
         except Exception as exc:
             log.error("discovery is off: %s", exc)
             self.network.error = str(exc)
+
+    async def _sample_pushes(self) -> None:
+        """The push counters every SAMPLE_EVERY s for the last hour (the console's chart):
+        a few integers a minute, whether anyone looks or not."""
+        while True:
+            self.push_samples.append(self._push_counts())
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    def _push_counts(self) -> tuple[float, int, int, int]:
+        m = self.metrics
+        return (round(time.time(), 1),
+                int(sum(m.value("lpgw_pushes_accepted_total", push_type=t)
+                        for t in PUSH_TYPES)),
+                int(m.value("lpgw_pushes_delivered_total")),
+                int(m.value("lpgw_pushes_expired_total")))
+
+    def push_history(self) -> dict:
+        """Pushes accepted, delivered and expired in each SAMPLE_EVERY s of the last hour
+        (the last span: from the newest sample until now)."""
+        samples = [*self.push_samples, self._push_counts()]
+        pairs = list(itertools.pairwise(samples))
+        return {"every": SAMPLE_EVERY, "at": [b[0] for _, b in pairs],
+                "accepted": [b[1] - a[1] for a, b in pairs],
+                "delivered": [b[2] - a[2] for a, b in pairs],
+                "expired": [b[3] - a[3] for a, b in pairs]}
 
     async def _sweep(self) -> None:
         while True:
@@ -621,6 +653,10 @@ class Gateway:
             "storage": self._storage_status(),
             "cluster": self._cluster_status(),
             "clock": self._clock_status(),
+            "certificate": {"expires": round(self.state.cert_not_after)}
+            if self.state.cert_not_after else None,
+            "selftest": dataclasses.asdict(self.state.last_selftest)
+            if self.state.last_selftest else None,
         }
 
     def _cluster_status(self) -> dict | None:
@@ -644,7 +680,7 @@ class Gateway:
     def _clock_status(self) -> dict:
         """Steps of the wall clock this run has seen (a Pi has no RTC)."""
         step = self.delivery.last_step
-        return {"steps": self.delivery.clock_steps,
+        return {"steps": self.delivery.clock_steps, "synchronised": clock_synchronised(),
                 "last_step": None if step is None else {"seconds": round(step.delta, 1),
                                                         "at": round(step.wall, 1)}}
 

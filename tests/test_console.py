@@ -28,7 +28,8 @@ def gateway(tmp_path):
     admin.chmod(0o600)
     proc = GatewayProcess(tmp_path / "state", free_port("127.0.0.1"), {
         "name": "Ward 3", "api": {"host": "127.0.0.1", "port": 0,
-                                  "admin_token_file": str(admin)}})
+                                  "admin_token_file": str(admin)},
+        "sip": {"enabled": True, "host": "127.0.0.1", "port": 0}})
     proc.start()
     try:
         yield proc
@@ -66,7 +67,7 @@ async def test_sign_in_watch_devices_and_send_a_test_push(gateway, browser, tmp_
         await page.click("#sign-in")
         assert "that is not the admin token" in await page.inner_text("body")
 
-        first = Device(gateway.handle(), "tls")
+        first = Device(gateway.handle(), "tls", auto_call="decline")
         phones.append(first)
         token = await first.welcome()
         await page.goto(f"{base}/console/sign-in")
@@ -99,6 +100,28 @@ async def test_sign_in_watch_devices_and_send_a_test_push(gateway, browser, tmp_
         assert status == 403
         with pytest.raises(TimeoutError):
             await first.next("push", timeout=0.5)
+
+        # bind the phone to a SIP user from the console; a SIPp call to that user rings
+        # it, the phone declines, and the call shows with its answer
+        page.once("dialog", lambda dialog: dialog.accept("nurse"))
+        await page.click(f"tr[data-token='{token}'] button.bind")
+        await page.wait_for_selector(f"tr[data-token='{token}'] >> text=nurse")
+        if shutil.which("sipp"):
+            from types import SimpleNamespace
+
+            from tests.test_sip import sipp
+            pbx = SimpleNamespace(sip=SimpleNamespace(port=gateway.runtime["sip_port"]))
+            code, out = await sipp(pbx, "uac_final.xml", "nurse", final=603, tmp=tmp_path)
+            assert code == 0, out
+            await page.wait_for_selector("#call-rows >> text=603 declined", timeout=5000)
+            assert "nurse" in await page.inner_text("#call-rows")
+        await page.wait_for_selector("#push-totals >> text=/[1-9][0-9]* accepted/")
+
+        # disconnect it: it is closed, and comes back (with backoff) by itself
+        await page.click(f"tr[data-token='{token}'] button.disconnect")
+        await page.wait_for_selector("text=disconnect: done")
+        assert (await first.next("disconnected", timeout=5))["reason"] == "unavailable"
+        await first.next("welcome", timeout=10)
 
         # search narrows the list
         await page.fill("#search", "no-such-device")

@@ -126,6 +126,8 @@ class Console:
         self.storage = storage
         self.status = status
         self.sessions = Sessions()
+        # the pushes of the last hour, sampled by the gateway (Gateway.push_history)
+        self.history: Callable[[], dict] = lambda: {}
 
     def handle(self, req: Request, path: str, query: str, now: float,
                auth: ProviderAuth) -> Response:
@@ -166,6 +168,8 @@ class Console:
             return self._push(body, now)
         if path == "/console/api/bind":
             return self._bind(body)
+        if path == "/console/api/disconnect":
+            return self._disconnect(body)
         return _json(404, {"reason": "BadPath", "message": "no such path"})
 
     # --- signing in -----------------------------------------------------------------
@@ -207,7 +211,7 @@ class Console:
         devices.sort(key=lambda d: (d.token not in connected, -d.last_seen))
         shown = devices[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
         queued = self.storage.pending_counts()
-        return {"now": now, "gateway": self.status(),
+        return {"now": now, "gateway": self.status(), "pushes": self.history(),
                 "devices": {"total": len(devices), "page": page, "page_size": PAGE_SIZE,
                             "items": [{"token": d.token, "topic": d.topic, "user": d.user,
                                        "transport": connected.get(d.token),
@@ -231,6 +235,15 @@ class Console:
         reply = {"ok": True, "push_id": accepted.push_id, "sent": accepted.sent}
         return Response(200, [("content-type", JSON), *SECURITY_HEADERS],
                         json.dumps(reply).encode(), ticket=accepted.ticket)
+
+    def _disconnect(self, body: dict[str, Any]) -> Response:
+        token = body.get("token")
+        if not isinstance(token, str) or not is_token(token):
+            return _json(400, {"reason": "BadDeviceToken", "message": "a device token"})
+        if not self.delivery.disconnect(token, "disconnected by an operator (console)"):
+            return _json(400, {"reason": "NotConnected",
+                               "message": "the device is not connected to this gateway"})
+        return _json(200, {"ok": True})
 
     def _bind(self, body: dict[str, Any]) -> Response:
         token, user = body.get("token"), body.get("user")

@@ -5,6 +5,7 @@
 let csrf = null;
 let page = 0;
 let search = "";
+let timer = null;
 const $ = (id) => document.getElementById(id);
 
 function text(tag, value, cls) {
@@ -21,6 +22,60 @@ function ago(seconds) {
   return `${Math.round(seconds / 86400)} days ago`;
 }
 
+function button(label, cls, onClick) {
+  const b = text("button", label, cls);
+  b.type = "button";
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+const ANSWERS = { 180: "ringing", 603: "603 declined", 486: "486 busy", 480: "480 unreachable",
+                  487: "487 cancelled", 503: "503 site unavailable" };
+
+function drawCalls(sip, now) {
+  const rows = $("call-rows");
+  rows.replaceChildren();
+  if (!sip) { $("ringing").textContent = "(SIP is off)"; return; }
+  const ringing = sip.calls.filter((c) => c.ringing).length;
+  $("ringing").textContent = `${sip.calls.length} under way (${ringing} ringing); last ${sip.recent_calls.length}`;
+  for (const c of [...sip.recent_calls].reverse()) {
+    const tr = document.createElement("tr");
+    tr.dataset.call = c.id;
+    tr.append(text("td", ago(now - c.ended)), text("td", c.user), text("td", c.from),
+              text("td", ANSWERS[c.status] || c.status, "answer"),
+              text("td", c.ringing_after === null ? "—" : `${c.ringing_after.toFixed(2)} s`),
+              text("td", `${c.seconds.toFixed(1)} s`));
+    rows.append(tr);
+  }
+}
+
+function drawChart(pushes, now) {
+  // per minute over the last hour, newest on the right: three bars a minute
+  const svg = $("chart");
+  svg.replaceChildren();
+  if (!pushes || !pushes.accepted) return;
+  const series = ["accepted", "delivered", "expired"];
+  const minutes = series.map(() => new Array(60).fill(0));
+  pushes.at.forEach((at, i) => {
+    const m = 59 - Math.floor(Math.max(0, now - at) / 60);
+    if (m >= 0) series.forEach((s, k) => { minutes[k][m] += pushes[s][i]; });
+  });
+  const top = Math.max(1, ...minutes.flat());
+  minutes.forEach((values, k) => values.forEach((v, m) => {
+    if (!v) return;
+    const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    const h = Math.max(1, 110 * v / top);
+    bar.setAttribute("class", series[k]);
+    bar.setAttribute("x", String(m * 10 + k * 3));
+    bar.setAttribute("y", String(115 - h));
+    bar.setAttribute("width", "3");
+    bar.setAttribute("height", String(h));
+    svg.append(bar);
+  }));
+  const sum = (k) => minutes[k].reduce((a, b) => a + b, 0);
+  $("push-totals").textContent = `${sum(0)} accepted, ${sum(1)} delivered, ${sum(2)} expired`;
+}
+
 function fact(list, name, value) {
   list.append(text("dt", name), text("dd", value));
 }
@@ -35,6 +90,9 @@ function draw(state) {
   const facts = $("facts");
   facts.replaceChildren();
   fact(facts, "Version", g.version);
+  if (g.certificate) fact(facts, "Certificate expires", `${new Date(g.certificate.expires * 1000).toLocaleDateString()} (in ${Math.round((g.certificate.expires - state.now) / 86400)} days)`);
+  if (g.selftest) fact(facts, "Last self-test", `${g.selftest.ok ? "passed" : "FAILED: " + g.selftest.failed.join(", ")} (${ago(state.now - g.selftest.at)})`);
+  else fact(facts, "Last self-test", "none reported (lpgw selftest)");
   fact(facts, "Gateway id", g.gateway_id);
   fact(facts, "Up for", ago(g.uptime).replace(" ago", ""));
   fact(facts, "Pin", g.pin);
@@ -42,7 +100,12 @@ function draw(state) {
   const net = g.network || {};
   fact(facts, "Bonjour", net.advertising ? `advertising on ${(net.addresses || []).join(", ")}` : `not advertising: ${net.reason || "off"}`);
   if (g.storage) fact(facts, "Disk", g.storage.free_mib !== undefined ? `${g.storage.free_mib} MiB free` : "unknown");
-  if (g.clock) fact(facts, "Clock steps", g.clock.steps);
+  if (g.clock) fact(facts, "Clock", `${g.clock.synchronised === true ? "synchronised" : g.clock.synchronised === false ? "NOT synchronised" : "unknown"}; ${g.clock.steps} steps seen`);
+  const pbx = g.sip && g.sip.pbx;
+  if (pbx) fact(facts, "PBX", `${pbx.pbx}: ${pbx.reachable ? "answers" : "does not answer"}; ` +
+    pbx.registrations.map((r) => `${r.user} ${r.state}`).join(", "));
+  drawCalls(g.sip, state.now);
+  drawChart(state.pushes, state.now);
   const c = g.devices.connected;
   $("connected").textContent = `${c.quic + c.tls} connected (QUIC ${c.quic}, TLS ${c.tls}); ${state.devices.total} known`;
   const rows = $("device-rows");
@@ -54,11 +117,17 @@ function draw(state) {
               text("td", d.user), text("td", d.transport || "no"),
               text("td", ago(state.now - d.last_seen)), text("td", d.queued));
     const actions = document.createElement("td");
-    const push = text("button", "Test push");
-    push.type = "button";
-    push.className = "test-push";
-    push.addEventListener("click", () => act("/console/api/push", { token: d.token }, "test push"));
-    actions.append(push);
+    actions.className = "actions";
+    actions.append(
+      button("Test push", "test-push", () => act("/console/api/push", { token: d.token }, "test push")),
+      button(d.user ? "Unbind" : "Bind user", "bind", () => {
+        const user = d.user ? null : window.prompt("SIP user to bind this device to", "");
+        if (d.user || user) act("/console/api/bind", { token: d.token, user }, d.user ? "unbind" : "bind");
+      }));
+    if (d.transport) {
+      actions.append(button("Disconnect", "disconnect",
+        () => act("/console/api/disconnect", { token: d.token }, "disconnect")));
+    }
     tr.append(actions);
     rows.append(tr);
   }
@@ -70,6 +139,7 @@ function draw(state) {
 }
 
 async function refresh() {
+  if (timer === null && csrf !== null) return;  // signing out
   const query = new URLSearchParams({ q: search, page: String(page) });
   try {
     const answer = await fetch(`/console/api/state?${query}`, { credentials: "same-origin" });
@@ -98,9 +168,13 @@ document.addEventListener("DOMContentLoaded", () => {
   $("prev").addEventListener("click", () => { page = Math.max(0, page - 1); refresh(); });
   $("next").addEventListener("click", () => { page += 1; refresh(); });
   $("sign-out").addEventListener("click", async () => {
-    await act("/console/api/sign-out", {}, "sign out");
+    clearInterval(timer);  // no poll may race the navigation below
+    timer = null;
+    await fetch("/console/api/sign-out", {
+      method: "POST", credentials: "same-origin",
+      headers: { "content-type": "application/json", "x-csrf-token": csrf || "" }, body: "{}" });
     window.location = "/console/sign-in";
   });
   refresh();
-  setInterval(refresh, 2000);
+  timer = setInterval(refresh, 2000);
 });

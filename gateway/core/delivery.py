@@ -380,6 +380,16 @@ class Delivery:
         if any(kept for _, _, _, kept in done):
             self._out.append(AckAtSite(token, seq))
 
+    def disconnect(self, token: str, why: str) -> bool:
+        """An operator ends the device's connection (it comes back with backoff, as after
+        `unavailable`); False if it is not connected here."""
+        live = self._live.get(token)
+        if live is None:
+            return False
+        log.info("device %s disconnected: %s", short(token), why)
+        self._out.append(CloseLink(live.link, ByeReason.UNAVAILABLE, None, why))
+        return True
+
     def device_changed(self, token: str) -> None:
         """The device's record changed (the API bound it to a user): tell the site."""
         if self.site is not None:

@@ -8,6 +8,7 @@ which the shell takes after every input.
 from __future__ import annotations
 
 import codecs
+import collections
 import logging
 import re
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from gateway.sip.trust import DigestPolicy, SourcePolicy, Verdict
 log = logging.getLogger("lpgw.sip")
 
 ALLOW = "INVITE, ACK, CANCEL, OPTIONS, MESSAGE, BYE"
+RECENT_CALLS = 100  # calls' ends kept for the console
 IN_DIALOG = {"BYE", "INFO", "UPDATE", "PRACK", "REFER", "NOTIFY"}
 REQUIRED = ("via", "to", "from", "call-id", "cseq")
 REASON_TEXT = re.compile(r'text\s*=\s*"((?:[^"\\]|\\.)*)"', re.I)
@@ -163,6 +165,10 @@ class SipBridge:
         self.pbx: PbxLink | None = None
         self.sources: SourcePolicy | None = None  # None: requests from anywhere (tests)
         self.digest: DigestPolicy | None = None  # inbound digest authentication, when on
+        # the last RECENT_CALLS calls' ends, for the console and /status; and when each
+        # ringing call rang (bounded by the calls under way)
+        self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT_CALLS)
+        self._rang: dict[str, float] = {}
         # SIP's counters at zero from the start (core/metrics.py says why)
         for method in {*(m.strip() for m in ALLOW.split(",")), *IN_DIALOG, "other"}:
             metrics.sip_requests.labels(method)
@@ -464,11 +470,14 @@ class SipBridge:
         status = SIP_STATUS[answered.outcome]
         tx = self._invite_of.get(call.id)
         if tx is None:
+            if status >= 200:
+                self._rang.pop(call.id, None)
             return
         if status >= 200:
             del self._invite_of[call.id]
             self._call_of.pop(id(tx), None)
         self.metrics.sip_call_answers.labels(str(status)).inc()
+        self._remember(call, status, now)
         with faults.contained(self.metrics, "sip_answer", f"call {call.id}"):
             self._reply(tx, status, now)
             if status == 180:
@@ -550,4 +559,16 @@ class SipBridge:
 
     def status(self, now: float) -> dict:
         return {"calls": self.calls.describe(), "transactions": len(self.tx.server),
-                "pbx": self.pbx.status(now) if self.pbx else None}
+                "pbx": self.pbx.status(now) if self.pbx else None,
+                "recent_calls": list(self.recent)}
+
+    def _remember(self, call: Call, status: int, now: float) -> None:
+        if status < 200:
+            self._rang.setdefault(call.id, now)
+            return
+        rang = self._rang.pop(call.id, None)
+        self.recent.append({
+            "id": call.id, "user": call.user, "from": call.caller.uri, "status": status,
+            "started": round(call.started, 3), "ended": round(now, 3),
+            "ringing_after": None if rang is None else round(rang - call.started, 3),
+            "seconds": round(now - call.started, 3)})
