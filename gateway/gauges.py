@@ -42,6 +42,9 @@ class SelfTestResult:
     at: float  # wall-clock seconds
     ok: bool
     failed: list[str] = field(default_factory=list)  # names of the checks that failed
+    # each check (name, ok, detail), when the console ran it; `lpgw selftest` prints its own
+    checks: list[dict] = field(default_factory=list)
+    running: bool = False  # the console's run is under way
 
 
 @dataclass

@@ -563,6 +563,14 @@ def run(path: str | None, offline: bool, as_json: bool,
     return 0 if ok else 1
 
 
+async def in_gateway(cfg: config.Config) -> list[Check]:
+    """The self-test as the console runs it, inside the running gateway: its certificate,
+    its disk, and every online check (a device over each transport, SIP, the API, Bonjour,
+    the site), each a client of the gateway like `lpgw selftest`'s."""
+    now = datetime.datetime.now(datetime.UTC)
+    return [*_certificate_checks(cfg, now), _disk_check(cfg), *await online_checks(cfg)]
+
+
 def _report(cfg: config.Config, ok: bool, failed: list[str]) -> None:
     """Tell the running gateway how the self-test went (its /metrics says it, for the
     alert on a failing self-test); a gateway that does not answer is already a failed

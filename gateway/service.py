@@ -39,7 +39,7 @@ from gateway.core.delivery import Delivery, DeliverySettings, Rejected
 from gateway.core.installs import InstallPolicy
 from gateway.core.metrics import Metrics
 from gateway.core.site import SiteView
-from gateway.gauges import State, StateCollector, clock_synchronised
+from gateway.gauges import SelfTestResult, State, StateCollector, clock_synchronised
 from gateway.net.discovery import Identity, NetworkService
 from gateway.notify import Notifier
 from gateway.protocol.messages import CALL_ACTIONS, PUSH_TYPES
@@ -190,6 +190,7 @@ class Gateway:
         self.state = State(__version__, c.state_path, _not_after(c.cert_path),
                            registrations=self._registrations, pbx_reachable=self._pbx_ok)
         metrics.registry.register(StateCollector(self.state))
+        self._selftest: asyncio.Task | None = None
         self.push_samples: collections.deque[tuple[float, int, int, int]] = \
             collections.deque(maxlen=int(3600 / SAMPLE_EVERY) + 1)
         self.started_at = 0.0
@@ -353,6 +354,7 @@ class Gateway:
                              self.metrics, self.status, RateLimiter(a.rate_limit, a.rate_burst),
                              a.metrics_need_auth)
         self.router.console.history = self.push_history
+        self.router.console.selftest = self.start_selftest
         self._api_ctx = tls.server_context(*self._api_cert(self.config), http_server.ALPN)
         factory = self._api_factory = http_server.ApiFactory(
             self._api_ctx, self.router, self.metrics, api_limits(self.config), self.pump,
@@ -381,6 +383,32 @@ class Gateway:
         except Exception as exc:
             log.error("discovery is off: %s", exc)
             self.network.error = str(exc)
+
+    def start_selftest(self) -> bool:
+        """Run the self-test inside the gateway now (the console's button); False while
+        one is under way. Its result is kept as `lpgw selftest`'s report is."""
+        if self._selftest is not None and not self._selftest.done():
+            return False
+        last = self.state.last_selftest
+        self.state.last_selftest = SelfTestResult(
+            last.at if last else 0.0, last.ok if last else False,
+            last.failed if last else [], last.checks if last else [], running=True)
+        self._selftest = asyncio.get_running_loop().create_task(self._run_selftest())
+        return True
+
+    async def _run_selftest(self) -> None:
+        from gateway import selftest
+
+        try:
+            checks = await selftest.in_gateway(self.config)
+        except Exception as exc:  # a bug in a check: said, not raised
+            faults.record(self.metrics, "selftest", exc)
+            checks = [selftest.Check("selftest", False, f"{type(exc).__name__}: {exc}")]
+        self.state.last_selftest = SelfTestResult(
+            time.time(), all(c.ok is not False for c in checks),
+            [c.name for c in checks if c.ok is False],
+            [{"name": c.name, "ok": c.ok, "detail": c.detail[:300], "fix": c.fix[:300]}
+             for c in checks])
 
     async def _sample_pushes(self) -> None:
         """The push counters every SAMPLE_EVERY s for the last hour (the console's chart):
@@ -543,6 +571,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        if self._selftest is not None:
+            self._selftest.cancel()
         await self._stop_step("commit", self._last_commit)
         await self._stop_step("byes", self._byes)
         await self._stop_step("quiet", lambda: self._quiet(drain))

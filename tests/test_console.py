@@ -117,6 +117,13 @@ async def test_sign_in_watch_devices_and_send_a_test_push(gateway, browser, tmp_
             assert "nurse" in await page.inner_text("#call-rows")
         await page.wait_for_selector("#push-totals >> text=/[1-9][0-9]* accepted/")
 
+        # the self-test, run from the page inside the gateway, each check shown
+        await page.click("#run-selftest")
+        await page.wait_for_selector("#checks >> text=device over tls", timeout=20000)
+        summary = await page.inner_text("#checks li.summary")
+        checks = await page.inner_text("#checks")
+        assert summary.startswith("passed"), checks
+
         # disconnect it: it is closed, and comes back (with backoff) by itself
         await page.click(f"tr[data-token='{token}'] button.disconnect")
         await page.wait_for_selector("text=disconnect: done")

@@ -128,6 +128,8 @@ class Console:
         self.sessions = Sessions()
         # the pushes of the last hour, sampled by the gateway (Gateway.push_history)
         self.history: Callable[[], dict] = lambda: {}
+        # starts the self-test inside the gateway (Gateway.start_selftest); False: one runs
+        self.selftest: Callable[[], bool] = lambda: False
 
     def handle(self, req: Request, path: str, query: str, now: float,
                auth: ProviderAuth) -> Response:
@@ -170,6 +172,11 @@ class Console:
             return self._bind(body)
         if path == "/console/api/disconnect":
             return self._disconnect(body)
+        if path == "/console/api/selftest":
+            started = self.selftest()
+            return _json(202 if started else 409, {
+                "ok": started, "message": "the self-test runs; the page shows it when done"
+                if started else "a self-test is under way"})
         return _json(404, {"reason": "BadPath", "message": "no such path"})
 
     # --- signing in -----------------------------------------------------------------
@@ -234,7 +241,8 @@ class Console:
             return _json(400, {"reason": exc.reason, "message": str(exc)})
         reply = {"ok": True, "push_id": accepted.push_id, "sent": accepted.sent}
         return Response(200, [("content-type", JSON), *SECURITY_HEADERS],
-                        json.dumps(reply).encode(), ticket=accepted.ticket)
+                        json.dumps(reply).encode(), ticket=accepted.ticket,
+                        after_commit=accepted.ticket is not None)  # a site keeps it first
 
     def _disconnect(self, body: dict[str, Any]) -> Response:
         token = body.get("token")

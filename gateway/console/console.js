@@ -32,6 +32,25 @@ function button(label, cls, onClick) {
 const ANSWERS = { 180: "ringing", 603: "603 declined", 486: "486 busy", 480: "480 unreachable",
                   487: "487 cancelled", 503: "503 site unavailable" };
 
+function drawSelftest(test, now) {
+  const list = $("checks");
+  list.replaceChildren();
+  const button = $("run-selftest");
+  button.disabled = Boolean(test && test.running);
+  if (!test || (!test.at && test.running)) {
+    list.append(text("li", test && test.running ? "running…" : "none yet: run it now, or `lpgw selftest` on the box", "na"));
+    return;
+  }
+  list.append(text("li", `${test.ok ? "passed" : "FAILED"} ${ago(now - test.at)}${test.running ? "; running again…" : ""}`,
+                   test.ok ? "ok summary" : "failed summary"));
+  for (const c of test.checks) {
+    const li = text("li", `${c.name}: ${c.detail}`, c.ok === true ? "ok" : c.ok === false ? "failed" : "na");
+    if (c.fix) li.append(text("span", c.fix, "fix"));
+    list.append(li);
+  }
+  if (!test.checks.length && test.failed.length) list.append(text("li", `failed: ${test.failed.join(", ")}`, "failed"));
+}
+
 function drawCalls(sip, now) {
   const rows = $("call-rows");
   rows.replaceChildren();
@@ -91,8 +110,7 @@ function draw(state) {
   facts.replaceChildren();
   fact(facts, "Version", g.version);
   if (g.certificate) fact(facts, "Certificate expires", `${new Date(g.certificate.expires * 1000).toLocaleDateString()} (in ${Math.round((g.certificate.expires - state.now) / 86400)} days)`);
-  if (g.selftest) fact(facts, "Last self-test", `${g.selftest.ok ? "passed" : "FAILED: " + g.selftest.failed.join(", ")} (${ago(state.now - g.selftest.at)})`);
-  else fact(facts, "Last self-test", "none reported (lpgw selftest)");
+  drawSelftest(g.selftest, state.now);
   fact(facts, "Gateway id", g.gateway_id);
   fact(facts, "Up for", ago(g.uptime).replace(" ago", ""));
   fact(facts, "Pin", g.pin);
@@ -157,13 +175,15 @@ async function act(path, body, what) {
     body: JSON.stringify(body),
   });
   const reply = await answer.json();
-  $("message").textContent = answer.ok ? `${what}: done (${reply.push_id || "ok"})`
-                                       : `${what}: refused, ${reply.reason}: ${reply.message}`;
+  $("message").textContent = answer.ok
+    ? `${what}: ${reply.message || "done"}${reply.push_id ? ` (${reply.push_id})` : ""}`
+    : `${what}: refused, ${reply.reason || ""}: ${reply.message}`;
   refresh();
   return reply;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  $("run-selftest").addEventListener("click", () => act("/console/api/selftest", {}, "self-test"));
   $("search").addEventListener("input", (e) => { search = e.target.value; page = 0; refresh(); });
   $("prev").addEventListener("click", () => { page = Math.max(0, page - 1); refresh(); });
   $("next").addEventListener("click", () => { page += 1; refresh(); });
