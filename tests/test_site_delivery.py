@@ -245,6 +245,7 @@ async def test_a_device_unseen_too_long_is_forgotten_by_the_whole_site(site, dev
     stale = (await kv.get(stays)).revision
     await kv.put(stays, encode(dataclasses.replace(a.store.device(stays),
                                                    last_seen=time.time())))
+    await eventually(lambda: b.store.device(stays).last_seen > month_ago + 86400)
     # B's sweep would prune it if it had not heard of the new record: the delete of the
     # revision it knew (made here directly) must leave the new one
     await b.site_devices._delete(stays, stale)

@@ -155,7 +155,7 @@ class NatsCluster:
                 f"cluster {{ name: site, listen: {host}:{route}, routes: [ {routes} ]"
                 f"{route_tls} }}\n{client_tls}"
                 # as the nats role writes it (ansible/roles/nats/templates)
-                "lame_duck_grace_period: 2s\n")
+                "lame_duck_grace_period: 2s\nlame_duck_duration: 30s\n")
             self.nodes.append(Node(f"n{i}", client, route, http, store, conf, host=host,
                                    netns=netns or None))
         for node in self.nodes:
