@@ -92,6 +92,9 @@ async def test_sign_in_watch_devices_and_send_a_test_push(gateway, browser, tmp_
         got = await first.next("push", timeout=5)
         assert got["payload"]["aps"]["alert"]["body"] == "A test push from the console"
         await page.wait_for_selector("text=test push: done")
+        await page.click(f"tr[data-token='{token}'] button.open-device")
+        await page.wait_for_selector(f"#device-pushes >> text={got['id']}: delivered")
+        assert token in await page.inner_text("#device-facts")
 
         # an action without the page's CSRF token (another site's form, say) is refused
         status = await page.evaluate("""async (token) => (await fetch('/console/api/push',

@@ -486,14 +486,31 @@ async def test_killing_the_stream_leader_under_api_load(site, keys, devices, nat
                      timeout=20, step=0.2)
 
 
-async def test_a_rolling_restart_of_the_site_loses_no_accepted_push(site, keys, devices,
-                                                                   nats_cluster):
+async def test_a_rolling_restart_of_the_site_loses_no_accepted_push(
+        keys, devices, gateway_factory, tmp_path):
     """An upgrade as the nats role does it: one nats-server at a time stopped as its
     systemd unit stops it (SIGUSR2, lame duck), started, and the next only once its
     streams are current again (/healthz). Meanwhile an app server pushes 20/s through two
     gateways: the quorum is never lost (nearly every push 200, never 500), and every push
-    answered 200 reaches the phone (by apns-id)."""
-    a, b = await site(), await site()
+    answered 200 reaches the phone (by apns-id). A cluster of its own, holding one site
+    as a real one does (the module's holds every other test's streams and buckets, whose
+    leaderships a lame duck moves one by one)."""
+    from bench.lib.natscluster import NatsCluster
+
+    nats_cluster = NatsCluster(tmp_path / "nats")
+    await asyncio.to_thread(nats_cluster.start)
+    try:
+        await _rolling_restart(nats_cluster, keys, devices, gateway_factory, tmp_path)
+    finally:
+        await asyncio.to_thread(nats_cluster.stop)
+
+
+async def _rolling_restart(nats_cluster, keys, devices, gateway_factory, tmp_path) -> None:
+    key = site_key(tmp_path / "site-key")
+    a, b = [await gateway_factory(
+        tmp_path / name, name=name, tls=key, cluster=site_config(nats_cluster, "rolling"),
+        api={"host": "127.0.0.1", "port": 0, "providers": keys.providers()})
+        for name in ("gw1", "gw2")]
     phone = devices(a, "tls", topic=TOPIC)
     token = await phone.welcome()
     await eventually(lambda: b.store.device(token) is not None)
@@ -525,7 +542,8 @@ async def test_a_rolling_restart_of_the_site_loses_no_accepted_push(site, keys, 
           f"s; {len(ok)} of {len(answers)} answered 200, {statuses.count(503)} 503")
     assert set(statuses) <= {200, 503}, set(statuses)
     assert len(took) == 3 and len(answers) > 100
-    assert statuses.count(503) <= len(answers) // 50  # the quorum held: a handful at most
+    # the quorum held: a few 503 at most, while a stream's leadership moves (a second)
+    assert statuses.count(503) <= len(answers) // 20
     await eventually(lambda: ok <= {e["id"] for e in phone.log if e["event"] == "push"},
                      timeout=20, step=0.2)
 

@@ -151,6 +151,8 @@ class Console:
                                "message": "sign in at /console/sign-in first"})
         if path == "/console/api/state":
             return _json(200, self._state(session, query, now))
+        if path == "/console/api/device":
+            return self._device(query)
         if req.method != "POST":
             return _json(405, {"reason": "MethodNotAllowed", "message": "use POST"})
         sent = _header(req, "x-csrf-token") or ""
@@ -225,6 +227,20 @@ class Console:
                                        "last_seen": d.last_seen,
                                        "queued": queued.get(d.token, 0)} for d in shown]},
                 "csrf": session.csrf}
+
+    def _device(self, query: str) -> Response:
+        token = (urllib.parse.parse_qs(query).get("token") or [""])[0].lower()
+        device = self.storage.device(token) if is_token(token) else None
+        if device is None:
+            return _json(404, {"reason": "BadDeviceToken", "message": "no such device"})
+        return _json(200, {
+            "token": device.token, "topic": device.topic, "user": device.user,
+            "push_types": list(device.push_types),
+            "transport": self.delivery.connected().get(device.token),
+            "created": device.created_at, "last_seen": device.last_seen,
+            "unregistered": device.unregistered_at,
+            "queued": self.storage.count_pending(device.token),
+            "pushes": self.delivery.pushes_of(device.token)})
 
     # --- actions: the core's own paths ----------------------------------------------
 

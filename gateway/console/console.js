@@ -32,6 +32,33 @@ function button(label, cls, onClick) {
 const ANSWERS = { 180: "ringing", 603: "603 declined", 486: "486 busy", 480: "480 unreachable",
                   487: "487 cancelled", 503: "503 site unavailable" };
 
+let shown = null;  // the device whose page is open
+
+async function openDevice(token) {
+  shown = token;
+  const answer = await fetch(`/console/api/device?token=${token}`, { credentials: "same-origin" });
+  if (!answer.ok) { $("message").textContent = "that device is gone"; return; }
+  const d = await answer.json();
+  const facts = $("device-facts");
+  facts.replaceChildren();
+  fact(facts, "Token", d.token);
+  fact(facts, "App", d.topic);
+  fact(facts, "User", d.user);
+  fact(facts, "Push types", d.push_types.join(", "));
+  fact(facts, "Connected", d.transport || "no");
+  fact(facts, "Known since", new Date(d.created * 1000).toLocaleString());
+  fact(facts, "Last seen", new Date(d.last_seen * 1000).toLocaleString());
+  fact(facts, "Queued", d.queued);
+  if (d.unregistered) fact(facts, "Unregistered", new Date(d.unregistered * 1000).toLocaleString());
+  const list = $("device-pushes");
+  list.replaceChildren();
+  for (const p of d.pushes) {
+    list.append(text("li", `${new Date(p.at * 1000).toLocaleTimeString()} ${p.id}: ${p.fate}`, "fate"));
+  }
+  if (!d.pushes.length) list.append(text("li", "none lately", "na"));
+  $("device").hidden = false;
+}
+
 function drawSelftest(test, now) {
   const list = $("checks");
   list.replaceChildren();
@@ -131,7 +158,9 @@ function draw(state) {
   for (const d of state.devices.items) {
     const tr = document.createElement("tr");
     tr.dataset.token = d.token;
-    tr.append(text("td", d.token.slice(0, 12) + "…", "token"), text("td", d.topic),
+    const tokenCell = text("td", "", "token");
+    tokenCell.append(button(d.token.slice(0, 12) + "…", "open-device", () => openDevice(d.token)));
+    tr.append(tokenCell, text("td", d.topic),
               text("td", d.user), text("td", d.transport || "no"),
               text("td", ago(state.now - d.last_seen)), text("td", d.queued));
     const actions = document.createElement("td");
@@ -154,6 +183,7 @@ function draw(state) {
   $("prev").disabled = state.devices.page === 0;
   $("next").disabled = state.devices.page + 1 >= pages;
   $("updated").textContent = new Date(state.now * 1000).toLocaleTimeString();
+  if (shown) openDevice(shown);
 }
 
 async function refresh() {
@@ -183,6 +213,7 @@ async function act(path, body, what) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  $("close-device").addEventListener("click", () => { shown = null; $("device").hidden = true; });
   $("run-selftest").addEventListener("click", () => act("/console/api/selftest", {}, "self-test"));
   $("search").addEventListener("input", (e) => { search = e.target.value; page = 0; refresh(); });
   $("prev").addEventListener("click", () => { page = Math.max(0, page - 1); refresh(); });

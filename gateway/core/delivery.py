@@ -7,6 +7,7 @@ module decides what is stored, sent, re-sent, collapsed and dropped, and returns
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -78,6 +79,7 @@ class Rejected(Exception):
 SENT_BOUND = 1024
 # devices pruned in one sweep at most: a long-idle site's first sweep stays short
 PRUNE_BATCH = 1000
+RECENT_PUSHES = 1000  # pushes whose fate the console shows, all devices together
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,9 @@ class Delivery:
         self._warned: dict[str, float] = {}
         # the self-test's own devices: out of the operators' counters, deleted once gone
         self._test_tokens = selftest_tokens(token_secret, gateway_id)
+        # (when, token, push id, fate) of the last RECENT_PUSHES pushes: the console's
+        self.recent_pushes: collections.deque[tuple[float, str, str, str]] = \
+            collections.deque(maxlen=RECENT_PUSHES)
         # a full or failing disk: (since, what failed) until a write works again
         self.storage_error: tuple[float, str] | None = None
         self._storage_logged = float("-inf")
@@ -373,6 +378,7 @@ class Delivery:
         done = [live.sent.pop(s) for s in sorted(live.sent) if s <= seq]
         counted = token not in self._test_tokens
         for push_id, accepted_at, push_type, _ in done:
+            self._fate(token, push_id, "delivered", now)
             if counted:
                 self.metrics.delivered.inc()
                 self.metrics.latency.observe(max(0.0, now - accepted_at))
@@ -418,6 +424,7 @@ class Delivery:
     def _delivered(self, token: str, pushes: list[tuple[str, float]], now: float) -> None:
         counted = token not in self._test_tokens
         for push_id, accepted_at in pushes:
+            self._fate(token, push_id, "delivered", now)
             if counted:
                 self.metrics.delivered.inc()
                 self.metrics.latency.observe(max(0.0, now - accepted_at))
@@ -690,6 +697,7 @@ class Delivery:
         if expiration == 0:
             if live is None:
                 self._expired(token)
+                self._fate(token, push_id, "expired on arrival (away)", now)
                 log.info("push %s to %s expired on arrival (its device is away)", push_id,
                          short(token))
                 return Accepted(push_id, None, sent=False, stored=False)
@@ -697,6 +705,7 @@ class Delivery:
             live.ephemeral[seq] = (push_id, now)
             self._send(live, StoredPush(token, seq, push_id, req.push_type, priority, 0,
                                         payload_json, req.collapse_id, now), now)
+            self._fate(token, push_id, "sent (now or never)", now)
             return Accepted(push_id, seq, sent=True, stored=False)
         if group:
             self._storage.begin()
@@ -704,6 +713,11 @@ class Delivery:
             token, push_id, req.push_type, priority, expiration, req.collapse_id,
             payload_json, now, self.settings.queue_limit)
         counted = token not in self._test_tokens
+        for gone_id in collapsed:
+            self._fate(token, gone_id, "collapsed (a newer push replaced it)", now)
+        for gone_id in evicted:
+            self._fate(token, gone_id, "dropped (queue full)", now)
+        self._fate(token, push_id, "queued" if live is None else "sent", now)
         if collapsed and counted:
             self.metrics.dropped.labels("collapsed").inc(len(collapsed))
         if evicted and counted:
@@ -738,6 +752,7 @@ class Delivery:
         assert self.site is not None
         if expiration == 0 and live is None and not self.site.connected(token):
             self._expired(token)
+            self._fate(token, push_id, "expired on arrival (away)", now)
             log.info("push %s to %s expired on arrival (its device is away)", push_id,
                      short(token))
             return Accepted(push_id, None, sent=False, stored=False)
@@ -745,6 +760,7 @@ class Delivery:
         push = StoredPush(token, 0, push_id, req.push_type, priority, expiration,
                           payload_json, req.collapse_id, now)
         self._out.append(KeepPush(self._tickets, push, token not in self._test_tokens))
+        self._fate(token, push_id, "accepted (for the site)", now)
         return Accepted(push_id, None, sent=False, stored=expiration != 0,
                         ticket=self._tickets)
 
@@ -815,8 +831,9 @@ class Delivery:
         except StorageFailed as exc:
             self._storage_failed("expire", exc, now)
             return 0
-        for token, _ in gone:
+        for token, gone_id in gone:
             self._expired(token)
+            self._fate(token, gone_id, "expired", now)
         self._records = None  # recounted at the next new install: forgets and prunes
         if pruned:
             self.metrics.devices_pruned.inc(len(pruned))
@@ -865,6 +882,17 @@ class Delivery:
     @property
     def clock_steps(self) -> int:
         return self._clock.steps if self._clock is not None else 0
+
+    def _fate(self, token: str, push_id: str, fate: str, now: float) -> None:
+        """What became of a push, for the console's device page: the last RECENT_PUSHES
+        of all devices together (bounded; not the self-test's)."""
+        if token not in self._test_tokens:
+            self.recent_pushes.append((round(now, 3), token, push_id, fate))
+
+    def pushes_of(self, token: str) -> list[dict]:
+        """The device's pushes among the recent ones, newest first: id, fate, when."""
+        return [{"at": at, "id": push_id, "fate": fate}
+                for at, t, push_id, fate in reversed(self.recent_pushes) if t == token]
 
     def _expired(self, token: str, n: int = 1) -> None:
         if token not in self._test_tokens:
