@@ -189,7 +189,7 @@ class Gateway:
         # read when /metrics is (gateway/gauges.py): the alerts' series
         self.state = State(__version__, c.state_path, _not_after(c.cert_path),
                            registrations=self._registrations, pbx_reachable=self._pbx_ok)
-        metrics.registry.register(StateCollector(self.state))
+        metrics.exposed.register(StateCollector(self.state))
         self._selftest: asyncio.Task | None = None
         self.push_samples: collections.deque[tuple[float, int, int, int]] = \
             collections.deque(maxlen=int(3600 / SAMPLE_EVERY) + 1)

@@ -395,6 +395,25 @@ class Store:
         return [_device(r) for r in self._db.execute(sql + " ORDER BY last_seen DESC", args)]
 
     @_storage
+    def device_page(self, search: str, offset: int, limit: int
+                    ) -> tuple[int, list[DeviceRecord]]:
+        """One page of devices, the most recently seen first, those whose token, topic or
+        user contain `search` (any case): (how many match, the page). For the console: a
+        page costs an index walk, not every record."""
+        where, args = "", []
+        if search:
+            pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace(
+                "_", "\\_") + "%"
+            where = (" WHERE token LIKE ? ESCAPE '\\' OR topic LIKE ? ESCAPE '\\'"
+                     " OR user LIKE ? ESCAPE '\\'")
+            args = [pattern] * 3
+        total = self._db.execute(f"SELECT count(*) FROM devices{where}", args).fetchone()[0]
+        rows = self._db.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices{where} ORDER BY last_seen DESC "
+            "LIMIT ? OFFSET ?", [*args, limit, offset])
+        return total, [_device(r) for r in rows]
+
+    @_storage
     def devices_of_user(self, user: str, now: float | None = None,
                   topics: tuple[str, ...] | None = None) -> list[str]:
         """The registered devices bound to a user, most recently seen first (every call),

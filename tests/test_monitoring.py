@@ -64,7 +64,7 @@ def test_the_dashboard_json_is_its_script_s_output():
 def _families(gw) -> dict[str, list]:
     from prometheus_client import generate_latest
 
-    text = generate_latest(gw.metrics.registry).decode()
+    text = generate_latest(gw.metrics.exposed).decode()
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 

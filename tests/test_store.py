@@ -454,3 +454,21 @@ def test_a_schema_1_database_is_brought_up_to_date_in_place(tmp_path):
         assert store.device("ab" * 32).user is None
     finally:
         store.close()
+
+
+def test_a_page_of_devices_for_the_console(store):
+    """The console's list: newest seen first, a page at a time, a search in token, app or
+    user (any case), and %, _ and \\ in a search taken literally."""
+    for i in range(120):
+        device(store, f"{i:064x}", now=NOW + i, topic="com.example.nurse" if i % 2 else "x.y",
+               user="Ward_3%" if i == 7 else None)
+    total, page = store.device_page("", 0, 50)
+    assert total == 120 and len(page) == 50
+    assert page[0].token == f"{119:064x}" and page[49].token == f"{70:064x}"
+    total, page = store.device_page("", 100, 50)
+    assert total == 120 and len(page) == 20
+    assert store.device_page("NURSE", 0, 50)[0] == 60
+    assert [d.token for d in store.device_page("ward_3%", 0, 50)[1]] == [f"{7:064x}"]
+    assert store.device_page("ward_3_", 0, 50)[0] == 0  # _ is not a wildcard
+    assert store.device_page("3%", 0, 50)[0] == 1  # % is a percent sign
+    assert store.device_page("\\", 0, 50)[0] == 0

@@ -213,19 +213,14 @@ class Console:
         except ValueError:
             page = 0
         connected = self.delivery.connected()
-        devices = self.storage.devices()
-        if search:
-            devices = [d for d in devices if search in d.token or search in d.topic.lower()
-                       or search in (d.user or "").lower()]
-        devices.sort(key=lambda d: (d.token not in connected, -d.last_seen))
-        shown = devices[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
-        queued = self.storage.pending_counts()
+        total, shown = self.storage.device_page(search, page * PAGE_SIZE, PAGE_SIZE)
         return {"now": now, "gateway": self.status(), "pushes": self.history(),
-                "devices": {"total": len(devices), "page": page, "page_size": PAGE_SIZE,
+                "devices": {"total": total, "page": page, "page_size": PAGE_SIZE,
                             "items": [{"token": d.token, "topic": d.topic, "user": d.user,
                                        "transport": connected.get(d.token),
                                        "last_seen": d.last_seen,
-                                       "queued": queued.get(d.token, 0)} for d in shown]},
+                                       "queued": self.storage.count_pending(d.token)}
+                                      for d in shown]},
                 "csrf": session.csrf}
 
     def _device(self, query: str) -> Response:

@@ -101,7 +101,7 @@ class Router:
             if self.metrics_need_auth:
                 self._principal(req, now)
             return Response(200, [("content-type", CONTENT_TYPE_LATEST)],
-                            generate_latest(self.metrics.registry))
+                            generate_latest(self.metrics.exposed))
         if path == "/status":
             self._method(req, "GET")
             key = self._principal(req, now)

@@ -58,6 +58,11 @@ class Storage(Protocol):
 
     def count_devices(self) -> int: ...
 
+    def device_page(self, search: str, offset: int, limit: int
+                    ) -> tuple[int, list[DeviceRecord]]:
+        """(how many devices match `search` in token, topic or user, one page of them)."""
+        ...
+
     # --- pushes ----------------------------------------------------------------------
 
     def accept_push(self, token: str, push_id: str, push_type: str, priority: int,
