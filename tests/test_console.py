@@ -92,6 +92,7 @@ async def test_sign_in_watch_devices_and_send_a_test_push(gateway, browser, tmp_
         got = await first.next("push", timeout=5)
         assert got["payload"]["aps"]["alert"]["body"] == "A test push from the console"
         await page.wait_for_selector("text=test push: done")
+        await page.wait_for_selector(f"tr[data-token='{token}'] td.last-push >> text=delivered")
         await page.click(f"tr[data-token='{token}'] button.open-device")
         await page.wait_for_selector(f"#device-pushes >> text={got['id']}: delivered")
         assert token in await page.inner_text("#device-facts")
@@ -150,6 +151,10 @@ async def test_sign_in_watch_devices_and_send_a_test_push(gateway, browser, tmp_
         await page.wait_for_url(f"{base}/console/sign-in")
         answer = await context.request.get(f"{base}/console/api/state")
         assert answer.status == 401
+        text = await (await context.request.get(f"{base}/metrics")).text()
+        assert 'lpgw_console_sign_ins_total{result="refused"} 1.0' in text
+        assert 'lpgw_console_sign_ins_total{result="ok"} 1.0' in text
+        assert "lpgw_console_sessions 0.0" in text
     finally:
         for phone in phones:
             await phone.stop()

@@ -24,6 +24,7 @@ from typing import Any
 from gateway.api.exchange import JSON, Request, Response
 from gateway.api.provider_auth import ProviderAuth
 from gateway.core.delivery import Delivery, Rejected
+from gateway.core.metrics import Metrics
 from gateway.core.model import PushRequest
 from gateway.core.storage import Storage
 from gateway.records import is_token
@@ -121,7 +122,8 @@ def _json(status: int, value: Any) -> Response:
 
 class Console:
     def __init__(self, delivery: Delivery, storage: Storage,
-                 status: Callable[[], dict]) -> None:
+                 status: Callable[[], dict], metrics: Metrics) -> None:
+        self.metrics = metrics
         self.delivery = delivery
         self.storage = storage
         self.status = status
@@ -161,6 +163,7 @@ class Console:
                                "message": "the page's CSRF token is missing or wrong"})
         if path == "/console/api/sign-out":
             self.sessions.drop(_cookie_of(req))
+            self.metrics.console_sessions.set(len(self.sessions))
             return _json(200, {"ok": True})
         try:
             body = json.loads(req.body or b"{}")
@@ -188,16 +191,20 @@ class Console:
 
     def _sign_in(self, req: Request, now: float, auth: ProviderAuth) -> Response:
         if not self.sessions.allow_attempt(now):
+            self.metrics.console_sign_ins.labels("limited").inc()
             return _page(429, b"Too many sign-in attempts: wait a minute.\n",
                          "text/plain; charset=utf-8")
         form = urllib.parse.parse_qs((req.body or b"").decode("utf-8", "replace"))
         given = (form.get("token") or [""])[0].strip()
         if not auth.is_admin(given):
+            self.metrics.console_sign_ins.labels("refused").inc()
             why = ("that is not the admin token" if auth.has_admin
                    else "this gateway has no admin token (api.admin_token_file)")
             return _page(403, f"Not signed in: {why}. Go back and try again.\n".encode(),
                          "text/plain; charset=utf-8")
         sid, _ = self.sessions.create(now)
+        self.metrics.console_sign_ins.labels("ok").inc()
+        self.metrics.console_sessions.set(len(self.sessions))
         cookie = (f"{COOKIE}={sid}; Path=/console; Max-Age={int(SESSION_TTL)}; HttpOnly; "
                   "Secure; SameSite=Strict")
         return Response(303, [("location", "/console/"), ("set-cookie", cookie),
@@ -214,12 +221,14 @@ class Console:
             page = 0
         connected = self.delivery.connected()
         total, shown = self.storage.device_page(search, page * PAGE_SIZE, PAGE_SIZE)
+        last = self.delivery.last_fates({d.token for d in shown})
         return {"now": now, "gateway": self.status(), "pushes": self.history(),
                 "devices": {"total": total, "page": page, "page_size": PAGE_SIZE,
                             "items": [{"token": d.token, "topic": d.topic, "user": d.user,
                                        "transport": connected.get(d.token),
                                        "last_seen": d.last_seen,
-                                       "queued": self.storage.count_pending(d.token)}
+                                       "queued": self.storage.count_pending(d.token),
+                                       "last_push": last.get(d.token)}
                                       for d in shown]},
                 "csrf": session.csrf}
 

@@ -69,7 +69,7 @@ class Router:
         self.metrics_need_auth = metrics_need_auth
         self.draining = False
         self.group_commit = False  # the transport commits groups of pushes (one fsync each)
-        self.console = Console(delivery, storage, status)  # /console/: the admin's pages
+        self.console = Console(delivery, storage, status, metrics)  # /console/
 
     def handle(self, req: Request, now: float) -> Response:
         """The answer to one request; never raises. The shell adds the request's apns-id."""

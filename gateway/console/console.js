@@ -162,7 +162,8 @@ function draw(state) {
     tokenCell.append(button(d.token.slice(0, 12) + "…", "open-device", () => openDevice(d.token)));
     tr.append(tokenCell, text("td", d.topic),
               text("td", d.user), text("td", d.transport || "no"),
-              text("td", ago(state.now - d.last_seen)), text("td", d.queued));
+              text("td", ago(state.now - d.last_seen)), text("td", d.queued),
+              text("td", d.last_push ? `${d.last_push.fate}, ${ago(state.now - d.last_push.at)}` : "—", "last-push"));
     const actions = document.createElement("td");
     actions.className = "actions";
     actions.append(

@@ -894,6 +894,14 @@ class Delivery:
         return [{"at": at, "id": push_id, "fate": fate}
                 for at, t, push_id, fate in reversed(self.recent_pushes) if t == token]
 
+    def last_fates(self, tokens: set[str]) -> dict[str, dict]:
+        """Each of these devices' newest push among the recent ones: fate and when."""
+        out: dict[str, dict] = {}
+        for at, token, push_id, fate in reversed(self.recent_pushes):
+            if token in tokens and token not in out:
+                out[token] = {"at": at, "id": push_id, "fate": fate}
+        return out
+
     def _expired(self, token: str, n: int = 1) -> None:
         if token not in self._test_tokens:
             self.metrics.expired.inc(n)

@@ -189,6 +189,12 @@ class Metrics:
             "what: refused (push, device, unregister) or deferred and redone later (last_seen, "
             "ack, expire)", ["what"], registry=r)
 
+        self.console_sessions = Gauge(
+            "lpgw_console_sessions", "Console sessions signed in now (at most 32; a further "
+            "sign-in ends the oldest)", registry=r)
+        self.console_sign_ins = Counter(
+            "lpgw_console_sign_ins", "Console sign-in attempts by result: ok, refused (not "
+            "the admin token), limited (past 10 a minute)", ["result"], registry=r)
         self.clock_steps = Counter(
             "lpgw_clock_steps", "Steps of the wall clock seen against the monotonic clock "
             "(NTP's first sync on a board without RTC, a hand-set clock)", registry=r)
@@ -215,6 +221,8 @@ class Metrics:
             self.cluster_not_kept.labels(why)
         for generation in range(3):
             self.gc_pauses.labels(str(generation))
+        for result in ("ok", "refused", "limited"):
+            self.console_sign_ins.labels(result)
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when never set); for status output and tests."""
